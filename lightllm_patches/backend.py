@@ -1,0 +1,216 @@
+"""The model worker: LightLLM's continuous-batching backend with CaraServe's model and LoRA.
+
+| ours | upstream | why |
+|---|---|---|
+| `CaraBackend.init_model` | `ModeBackend.init_model` | builds `CaraLlamaModel` on the configured device (upstream: nccl + `torch.cuda.set_device`, a model-type if/elif over 20 models) and the instance's `LoraRuntime`. |
+| `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the adapter and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys); upstream calls `torch.cuda.current_device()`. |
+| `CaraBackend.forward` | `ContinuesBatchBackend.forward` | inputs on the device, the step's `LoraBatch`, the seedable sampler. |
+| `CaraBackend.filter_batch` / `remove_batch` | `ModeBackend.*` | release per-request state (generator, adapter reference) of finished requests. |
+| `CaraModelRpcServer` / `CaraModelRpcClient` | `ModelRpcServer` / `ModelRpcClient` | select `CaraBackend`; expose the LoRA control calls. |
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lightllm.server.io_struct import ReqRunStatus
+from lightllm.server.router.model_infer.infer_batch import InferBatch, InferReq, requests_mapping
+from lightllm.server.router.model_infer.mode_backend.continues_batch.impl import ContinuesBatchBackend
+from lightllm.server.router.model_infer.model_rpc import ModelRpcClient, ModelRpcServer
+
+from .configs import InstanceConfig
+from .device import resolve_device, resolve_dtype
+from .lora.runtime import LoraRuntime
+from .model import CaraLlamaModel
+from .sampling import make_generator, sample, split_extra
+
+log = logging.getLogger("caraserve.backend")
+
+
+def _device_tensor(values, dtype, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def prepare_prefill_inputs(batch: InferBatch, device: torch.device):
+    """Upstream `prepare_prefill_inputs` with tensors on `device` (and no prompt cache)."""
+    reqs, input_ids, start_loc, seq_len, req_idx = [], [], [], [], []
+    start = 0
+    for request_id in batch.request_ids:
+        req: InferReq = requests_mapping[request_id]
+        assert req.req_status == ReqRunStatus.RUNNING
+        reqs.append(req)
+        new_ids = req.input_token_ids[req.cur_kv_len :]
+        input_ids.append(np.asarray(new_ids, dtype=np.int64))
+        start_loc.append(start)
+        seq_len.append(len(req.input_token_ids))
+        req_idx.append(req.req_idx)
+        start += len(new_ids)
+    kwargs = {
+        "batch_size": len(reqs),
+        "total_token_num": sum(seq_len),
+        "max_len_in_batch": max(len(x) for x in input_ids),
+        "input_ids": torch.from_numpy(np.concatenate(input_ids)).to(device),
+        "b_req_idx": _device_tensor(req_idx, torch.int32, device),
+        "b_start_loc": _device_tensor(start_loc, torch.int32, device),
+        "b_seq_len": _device_tensor(seq_len, torch.int32, device),
+        "b_ready_cache_len": _device_tensor([r.cur_kv_len for r in reqs], torch.int32, device),
+        "is_prefill": True,
+    }
+    return kwargs, reqs
+
+
+def prepare_decode_inputs(batch: InferBatch, device: torch.device):
+    """Upstream `prepare_decode_inputs` with tensors on `device`."""
+    reqs, input_ids, start_loc, seq_len, req_idx = [], [], [], [], []
+    start = 0
+    for request_id in batch.request_ids:
+        req: InferReq = requests_mapping[request_id]
+        assert req.req_status == ReqRunStatus.RUNNING
+        assert req.cur_kv_len == len(req.input_token_ids) - 1
+        reqs.append(req)
+        input_ids.append(req.input_token_ids[-1])
+        start_loc.append(start)
+        seq_len.append(len(req.input_token_ids))
+        req_idx.append(req.req_idx)
+        start += seq_len[-1]
+    kwargs = {
+        "batch_size": len(reqs),
+        "total_token_num": sum(seq_len),
+        "max_len_in_batch": max(seq_len),
+        "input_ids": _device_tensor(input_ids, torch.int64, device),
+        "b_req_idx": _device_tensor(req_idx, torch.int32, device),
+        "b_start_loc": _device_tensor(start_loc, torch.int32, device),
+        "b_seq_len": _device_tensor(seq_len, torch.int32, device),
+        "is_prefill": False,
+    }
+    return kwargs, reqs
+
+
+class CaraBackend(ContinuesBatchBackend):
+    def init_model(self, kvargs):
+        config: InstanceConfig = kvargs["cara_config"]
+        self.config = config
+        self.tp_rank, self.world_size = 0, 1
+        self.is_multimodal = False
+        self.is_splitfuse_mode = False
+        self.return_all_prompt_logprobs = False
+        self.use_dynamic_prompt_cache = False
+        self.radix_cache = None
+        self.cache = {}
+        self.logger = log
+        self.eos_id = kvargs["eos_id"]
+        self.device = resolve_device(config.device)
+        if config.torch_threads > 0:
+            torch.set_num_threads(config.torch_threads)
+        dtype = resolve_dtype(config.dtype, self.device)
+        self.model = CaraLlamaModel({
+            "tp_rank": 0,
+            "world_size": 1,
+            "weight_dir": config.model_dir,
+            "max_total_token_num": config.max_total_token_num,
+            "load_way": "HF",
+            "mode": [],
+            "max_req_num": config.running_max_req_size + 8,
+            "max_seq_length": config.max_req_total_len + 8,
+            "data_type": {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype],
+            "device": self.device,
+            "shm_prefix": kvargs["shm_prefix"],
+        })
+        self.generators: dict[int, torch.Generator] = {}
+        self.lora = LoraRuntime(config, self.model)
+        log.info("model ready on %s (%s), LoRA mode %s", self.device, dtype, config.lora.mode)
+
+    def add_batch(self, batch_id, reqs):
+        for r in reqs:
+            extra = split_extra(r["sampling_param"])
+            r_id = r["request_id"]
+            if r_id in requests_mapping:
+                continue  # a paused request coming back keeps its state
+            self.lora.attach_request(r_id, extra["adapter"])
+            if r["sampling_param"].get("top_k", -1) != 1:
+                self.generators[r_id] = make_generator(extra["seed"], self.device)
+        batch = InferBatch.init_batch(
+            batch_id, reqs, self.model.data_type, self.device, self.model.req_manager,
+            self.model.vocab_size, self.radix_cache,
+        )
+        self.cache[batch_id] = batch
+        ans = {}
+        for req_id in batch.request_ids:
+            req: InferReq = requests_mapping[req_id]
+            ans[req_id] = (req.req_status, req.cur_kv_len, req.get_output_len(), [], req.finish_status.value, None)
+        return ans
+
+    def forward(self, batch_id, is_prefill):
+        batch: InferBatch = self.cache.pop(batch_id)
+        prepare = prepare_prefill_inputs if is_prefill else prepare_decode_inputs
+        kwargs, reqs = prepare(batch, self.device)
+        lora_batch = self.lora.build_batch(reqs, kwargs)
+        logits = self.model.forward(**kwargs, lora=lora_batch)
+        next_ids, next_probs = sample(logits, reqs, self.eos_id, self.generators)
+        output = {}
+        for req, token, prob in zip(reqs, next_ids, next_probs):
+            req.cur_kv_len = len(req.input_token_ids)
+            req.input_token_ids.append(token)
+            req.out_token_id_count[token] += 1
+            req.update_finish_status(self.eos_id)
+            metadata = {"id": int(token), "logprob": float(np.log(max(prob, 1e-45)))}
+            output[req.r_id] = (
+                req.req_status, req.cur_kv_len, req.get_output_len(), [(int(token), metadata)],
+                req.finish_status.value, None,
+            )
+        self.cache[batch.batch_id] = batch
+        return output
+
+    def _release(self, request_ids) -> None:
+        for r_id in request_ids:
+            self.generators.pop(r_id, None)
+            self.lora.detach_request(r_id)
+
+    def filter_batch(self, batch_id, req_id_list, finished_req_id_list):
+        super().filter_batch(batch_id, req_id_list, finished_req_id_list)
+        self._release(finished_req_id_list)
+
+    def remove_batch(self, batch_id):
+        request_ids = list(self.cache[batch_id].request_ids)
+        super().remove_batch(batch_id)
+        self._release(request_ids)
+
+    # ---- LoRA control (called by the router) -------------------------------------------
+
+    def lora_call(self, method: str, *args):
+        """Run one of `LoraRuntime.CONTROL_METHODS` (register, unregister, list, admit, stats)."""
+        if method not in LoraRuntime.CONTROL_METHODS:
+            raise ValueError(f"unknown LoRA control method {method!r}")
+        return getattr(self.lora, method)(*args)
+
+    def shutdown(self) -> None:
+        self.lora.shutdown()
+
+
+class CaraModelRpcServer(ModelRpcServer):
+    """Overrides `ModelRpcServer.exposed_init_model` to always use `CaraBackend`."""
+
+    def exposed_init_model(self, kvargs):
+        self.world_size = 1
+        self.backend = CaraBackend()
+        self.backend.init_model(kvargs)
+
+    def exposed_lora_call(self, method, *args):
+        return self.backend.lora_call(method, *args)
+
+
+class CaraModelRpcClient(ModelRpcClient):
+    """Adds the LoRA control call to upstream's client (tp = 1: direct, in-process calls)."""
+
+    def __init__(self):
+        super().__init__(CaraModelRpcServer(), world_size=1)
+
+    def lora_call(self, method: str, *args):
+        return self.model.exposed_lora_call(method, *args)
+
+    @property
+    def backend(self) -> Optional[CaraBackend]:
+        return getattr(self.model, "backend", None)

@@ -1,0 +1,188 @@
+"""Config dataclasses of one instance, and the glue that turns any of them into CLI flags.
+
+Every field carries its help text in `metadata["help"]`; `add_arguments` makes one
+`--field-name` flag per field, so the docs of every flag live next to the field.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def option(default: Any, help: str, choices: Optional[tuple] = None, **kw) -> Any:
+    """A dataclass field with its CLI help (and optional choices)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _flag(name: str, prefix: str) -> str:
+    return "--" + (prefix + name).replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple = ()) -> None:
+    """Add one flag per field of dataclass `cls` (nested dataclasses are not expanded)."""
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(f.type) or f.metadata.get("cli") is False:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = {"dest": prefix + f.name, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = default
+        elif isinstance(default, list):
+            kwargs["nargs"] = "*"
+            kwargs["default"] = default
+            kwargs["type"] = type(default[0]) if default else str
+        else:
+            kwargs["default"] = default
+            kwargs["type"] = _field_type(f, default)
+        group.add_argument(_flag(f.name, prefix), **kwargs)
+
+
+def _field_type(f, default):
+    if default is None:
+        return {"Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
+    return type(default)
+
+
+def from_namespace(cls, ns: argparse.Namespace, prefix: str = "", **overrides):
+    """Build `cls` from parsed flags (fields absent from `ns` keep their defaults)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if hasattr(ns, key):
+            values[f.name] = getattr(ns, key)
+    values.update(overrides)
+    return cls(**values)
+
+
+def to_cli(config, prefix: str = "", skip: tuple = ()) -> list[str]:
+    """The flags that reproduce `config` (for starting an instance process)."""
+    args: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in skip or dataclasses.is_dataclass(value) or f.metadata.get("cli") is False:
+            continue
+        flag = _flag(f.name, prefix)
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            args += [flag, *map(str, value)]
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+LORA_MODES = ("cached", "on-demand", "pipeline", "cpu-assist")
+DECODE_KERNELS = ("mbgmv", "bgmv")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA serving: adapter pool, loading mode and kernels of one instance."""
+
+    mode: str = option("cpu-assist", "How cold adapters are brought to the device: cached (all "
+                       "preloaded: the ideal), on-demand (load fully, then prefill; running batch waits: "
+                       "S-LoRA), pipeline (layer-wise async load, device waits per layer: vLLM/SGLang), "
+                       "cpu-assist (CaraServe: CPU computes the LoRA term of layers not yet loaded)",
+                       choices=LORA_MODES)
+    adapters: Optional[str] = option(None, "Directory whose subdirectories are PEFT adapters, all "
+                                     "registered at start (name = subdirectory name)")
+    pool_mb: float = option(256.0, "Device memory for adapter weights, in MiB (rank-row pages)")
+    max_rank: int = option(64, "Largest adapter rank accepted; also the slot size of the bgmv pool")
+    decode_kernel: str = option("mbgmv", "Decode kernel: mbgmv (heterogeneous ranks, paged pool) or "
+                                "bgmv (Punica, padded to the batch's max rank, slot pool)",
+                                choices=DECODE_KERNELS)
+    layer_group_size: int = option(1, "Layers per copy in pipelined loading (1 = layer by layer)")
+    link: str = option("auto", "Host->device link: cuda (real copies on a side stream), emulated "
+                       "(CPU machine: a layer group is resident no earlier than bytes/bandwidth after "
+                       "its copy began), auto (cuda when the device is CUDA, else emulated)",
+                       choices=("auto", "cuda", "emulated"))
+    link_bandwidth_mbps: float = option(2000.0, "Emulated link bandwidth in MB/s (emulated link only)")
+    link_latency_us: float = option(20.0, "Emulated per-copy latency in microseconds (emulated link only)")
+
+    def validate(self) -> None:
+        if self.mode not in LORA_MODES:
+            raise ValueError(f"lora mode must be one of {LORA_MODES}, got {self.mode!r}")
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
+        if self.pool_mb <= 0:
+            raise ValueError("lora pool_mb must be > 0")
+        if not 1 <= self.max_rank <= 256:
+            raise ValueError("lora max_rank must be in 1..256")
+        if self.layer_group_size < 1:
+            raise ValueError("lora layer_group_size must be >= 1")
+        if self.link_bandwidth_mbps <= 0 or self.link_latency_us < 0:
+            raise ValueError("link bandwidth must be > 0 and latency >= 0")
+        if self.adapters is not None and not os.path.isdir(self.adapters):
+            raise ValueError(f"adapters directory {self.adapters!r} does not exist")
+
+
+@dataclass
+class SidecarConfig:
+    """CPU LoRA sidecar: worker processes that compute LoRA terms of layers not yet loaded."""
+
+    workers: int = option(0, "Worker processes (0 = one per core, at least 1)")
+    tokens_per_core: int = option(0, "Profiled tokens one core handles per layer within budget "
+                                  "(0 = profile at start)")
+    spin_iters: int = option(20000, "Flag polls before a worker starts yielding the core")
+    deadline_ms: float = option(200.0, "A layer not answered within this time falls back to the "
+                                "device copy and the worker is restarted")
+    pin_cores: bool = option(True, "Pin each worker to one core where the OS allows")
+
+    def validate(self) -> None:
+        if self.workers < 0 or self.tokens_per_core < 0 or self.spin_iters < 0:
+            raise ValueError("sidecar workers, tokens_per_core and spin_iters must be >= 0")
+        if self.deadline_ms <= 0:
+            raise ValueError("sidecar deadline_ms must be > 0")
+
+
+@dataclass
+class InstanceConfig:
+    """One CaraServe instance: a patched LightLLM server (HTTP server, router, model worker)."""
+
+    model_dir: str = option("", "HF llama model directory (safetensors + config + tokenizer)")
+    host: str = option("127.0.0.1", "Address the instance's HTTP server binds")
+    port: int = option(8100, "Port of the instance's HTTP server")
+    name: str = option("", "Instance name in logs and metrics (default: host:port)")
+    device: str = option("auto", "Compute device: auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    dtype: str = option("auto", "Model dtype: auto (float32 on CPU, float16 on CUDA), float32, "
+                        "float16, bfloat16")
+    tp: int = option(1, "Tensor-parallel degree (CaraServe supports 1)")
+    max_total_token_num: int = option(8192, "KV-cache capacity in tokens")
+    max_req_input_len: int = option(2048, "Longest prompt accepted, in tokens")
+    max_req_total_len: int = option(3072, "Longest prompt + output accepted, in tokens")
+    running_max_req_size: int = option(64, "Most requests in the running batch")
+    batch_max_tokens: int = option(0, "Most prompt tokens in one prefill batch (0 = derived)")
+    router_max_wait_tokens: int = option(10, "Decode steps between admissions of new requests")
+    torch_threads: int = option(0, "Intra-op threads of the model worker (0 = all cores)")
+    log_level: str = option("info", "Log level", choices=("debug", "info", "warning", "error"))
+    shm_prefix: str = option("", "Prefix of this instance's /dev/shm names (default: derived, unique)")
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sidecar: SidecarConfig = field(default_factory=SidecarConfig)
+
+    def validate(self) -> None:
+        if not self.model_dir or not os.path.isdir(self.model_dir):
+            raise ValueError(f"model_dir {self.model_dir!r} is not a directory")
+        if self.tp != 1:
+            raise ValueError("tensor parallelism (tp > 1) is not supported by CaraServe yet; use tp=1")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} out of range")
+        if not 0 < self.max_req_input_len < self.max_req_total_len <= self.max_total_token_num:
+            raise ValueError("need 0 < max_req_input_len < max_req_total_len <= max_total_token_num")
+        if self.running_max_req_size < 1:
+            raise ValueError("running_max_req_size must be >= 1")
+        self.lora.validate()
+        self.sidecar.validate()
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{self.host}:{self.port}"

@@ -1,0 +1,16 @@
+"""Process target for LightLLM's detokenizer that imports the patches first.
+
+Upstream `start_detokenization_process` is spawned by reference to its module, which imports
+LightLLM's model packages (through its tokenizer module) before any patch is applied; on a
+CPU-only machine that import fails. This wrapper lives in our package, so the child process
+imports `lightllm_patches` (and thus the patches) before LightLLM.
+"""
+from __future__ import annotations
+
+
+def start_detokenization_process(args, detokenization_port, httpserver_port, log_level, pipe_writer):
+    from ._global import set_log_level
+    from lightllm.server.detokenization.manager import start_detokenization_process as upstream
+
+    set_log_level(log_level)
+    upstream(args, detokenization_port, httpserver_port, pipe_writer)

@@ -1,0 +1,103 @@
+"""The llama transformer layer with multi-LoRA deltas, on CUDA or on the CPU.
+
+`CaraTransformerLayerInfer` overrides `LlamaTransformerLayerInfer`:
+
+- `_bind_func`: upstream binds its Triton kernels as instance attributes in `__init__`;
+  ours are plain methods that call the device's op set (`llama_ops.ops_for`), so nothing is
+  bound there and `bind_ops` installs the op set.
+- `_get_qkv`, `_get_o`, `_ffn`: the base projections as upstream, plus the LoRA delta of the
+  step's `LoraBatch` (`infer_state.lora`) for every targeted projection, before rotary.
+- norms, KV copy and attention kernels: through the op set (upstream: Triton only).
+"""
+from __future__ import annotations
+
+import torch
+
+from lightllm.models.llama.layer_infer.transformer_layer_infer import LlamaTransformerLayerInfer
+
+
+class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
+    def _bind_func(self):
+        self.ops = None
+
+    def bind_ops(self, ops) -> None:
+        self.ops = ops
+
+    # ---- norms -------------------------------------------------------------------------
+
+    def _att_norm(self, input, infer_state, layer_weight) -> torch.Tensor:
+        return self.ops.rmsnorm(input, layer_weight.att_norm_weight_, self.eps_)
+
+    def _ffn_norm(self, input, infer_state, layer_weight) -> torch.Tensor:
+        return self.ops.rmsnorm(input, layer_weight.ffn_norm_weight_, self.eps_)
+
+    # ---- projections with LoRA ---------------------------------------------------------
+
+    def _get_qkv(self, input, cache_kv, infer_state, layer_weight):
+        x = input.view(-1, self.embed_dim_)  # x: [tokens, hidden]
+        kv_dim = (self.tp_k_head_num_ + self.tp_v_head_num_) * self.head_dim_
+        q = torch.mm(x, layer_weight.q_weight_)  # q: [tokens, heads * head_dim]
+        kv = cache_kv.view(-1, kv_dim)  # kv: [tokens, 2 * kv_heads * head_dim]
+        torch.mm(x, layer_weight.kv_weight_, out=kv)
+        lora = infer_state.lora
+        if lora is not None:
+            # q and kv live in different buffers (kv is written straight into the KV cache),
+            # so the fused q|k|v delta goes through one scratch tensor.
+            delta = torch.zeros((x.shape[0], q.shape[1] + kv_dim), dtype=x.dtype, device=x.device)
+            if lora.add_delta(self.layer_num_, "qkv", x, delta):
+                q.add_(delta[:, : q.shape[1]])
+                kv.add_(delta[:, q.shape[1] :])
+        self.ops.rotary(
+            q.view(-1, self.tp_q_head_num_, self.head_dim_),
+            cache_kv[:, 0 : self.tp_k_head_num_, :],
+            infer_state.position_cos,
+            infer_state.position_sin,
+        )
+        return q, cache_kv
+
+    def _get_o(self, input, infer_state, layer_weight) -> torch.Tensor:
+        x = input.view(-1, self.tp_o_head_num_ * self.head_dim_)  # x: [tokens, heads * head_dim]
+        out = torch.mm(x, layer_weight.o_weight_)  # out: [tokens, hidden]
+        if infer_state.lora is not None:
+            infer_state.lora.add_delta(self.layer_num_, "o", x, out)
+        return out
+
+    def _ffn(self, input, infer_state, layer_weight) -> torch.Tensor:
+        x = input.view(-1, self.embed_dim_)  # x: [tokens, hidden]
+        lora = infer_state.lora
+        gate_up = torch.mm(x, layer_weight.gate_up_proj)  # gate_up: [tokens, 2 * intermediate]
+        if lora is not None:
+            lora.add_delta(self.layer_num_, "gate_up", x, gate_up)
+        act = self.ops.silu_and_mul(gate_up)  # act: [tokens, intermediate]
+        out = torch.mm(act, layer_weight.down_proj)  # out: [tokens, hidden]
+        if lora is not None:
+            lora.add_delta(self.layer_num_, "down", act, out)
+        return out
+
+    # ---- KV cache and attention --------------------------------------------------------
+
+    def _copy_kv_to_mem_cache(self, buffer, mem_index, mem_manager):
+        self.ops.copy_kv(buffer, mem_index, mem_manager.kv_buffer[self.layer_num_])
+
+    def _context_attention_kernel(self, q, kv, infer_state, layer_weight, out=None) -> torch.Tensor:
+        if infer_state.use_dynamic_prompt_cache:
+            raise NotImplementedError("CaraServe does not support LightLLM's dynamic prompt cache")
+        o = torch.empty_like(q) if out is None else out
+        shape = (-1, self.tp_q_head_num_, self.head_dim_)
+        self.ops.prefill_attention(
+            q.view(shape),
+            kv[:, 0 : self.tp_k_head_num_, :],
+            kv[:, self.tp_k_head_num_ : self.tp_k_head_num_ + self.tp_v_head_num_, :],
+            o.view(shape),
+            infer_state,
+        )
+        return o
+
+    def _token_attention_kernel(self, q, infer_state, layer_weight, out=None) -> torch.Tensor:
+        o = torch.empty_like(q) if out is None else out
+        shape = (infer_state.batch_size, self.tp_q_head_num_, self.head_dim_)
+        self.ops.decode_attention(
+            q.view(shape), infer_state.mem_manager.kv_buffer[self.layer_num_], self.tp_k_head_num_,
+            o.view(shape), infer_state,
+        )
+        return o

@@ -1,0 +1,1 @@
+"""Multi-LoRA serving: host adapter store, device pool, host->device link, CPU sidecar, modes."""

@@ -1,0 +1,164 @@
+"""The router process of an instance: LightLLM's router with CaraServe's model worker.
+
+`CaraRouterManager` overrides `lightllm.server.router.manager.RouterManager`:
+
+- `wait_to_model_ready`: starts `CaraBackend` (in process; tp = 1) with the instance config,
+  and `CaraReqQueue` (adapter-aware admission); registers the adapters of `--adapters`.
+- `loop_for_netio_req`: also serves `ControlRequest`s (adapter load/unload/list, stats,
+  ping) and answers them on the control-reply socket.
+- `clean_up`: stops the CPU sidecar and releases shared memory.
+
+`start_router_process` replaces upstream's function of the same name (the process target).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import traceback
+
+import zmq
+import zmq.asyncio
+
+from lightllm.server.io_struct import AbortReq
+from lightllm.server.router.manager import RouterManager
+
+from .backend import CaraModelRpcClient
+from .configs import InstanceConfig
+from .control import ControlReply, ControlRequest
+from .lightllm_args import lightllm_args
+from .lora.adapter_store import AdapterError
+from .req_queue import CaraReqQueue
+
+log = logging.getLogger("caraserve.router")
+
+
+class CaraRouterManager(RouterManager):
+    def __init__(self, config: InstanceConfig, router_port, detokenization_port, control_reply_port):
+        self.config = config
+        super().__init__(lightllm_args(config), router_port, detokenization_port, model_rpc_ports=[])
+        context = zmq.asyncio.Context(1)
+        self.send_control_reply = context.socket(zmq.PUSH)
+        self.send_control_reply.connect(f"tcp://127.0.0.1:{control_reply_port}")
+        self.started_at = time.time()
+        self.steps = 0
+
+    async def wait_to_model_ready(self):
+        self.model_rpc = CaraModelRpcClient()
+        self.model_rpcs = [self.model_rpc]
+        await self.model_rpc.init_model({
+            "cara_config": self.config,
+            "eos_id": self.eos_id,
+            "shm_prefix": self.config.shm_prefix,
+            "world_size": 1,
+        })
+        self.req_queue = CaraReqQueue(self.args, self, admit_adapter=self._admit_adapter)
+        if self.config.lora.adapters:
+            self._register_adapter_dir(self.config.lora.adapters)
+
+    def _register_adapter_dir(self, root: str) -> None:
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if os.path.isfile(os.path.join(path, "adapter_config.json")):
+                info = self.model_rpc.lora_call("register", name, path)
+                log.info("registered adapter %s (rank %s)", name, info["rank"])
+
+    def _admit_adapter(self, adapter: str) -> bool:
+        return self.model_rpc.lora_call("admit", adapter)
+
+    # ---- control calls -------------------------------------------------------------------
+
+    def _stats(self) -> dict:
+        running = [] if self.running_batch is None else self.running_batch.reqs
+        return {
+            "name": self.config.display_name,
+            "lora_mode": self.config.lora.mode,
+            "decode_kernel": self.config.lora.decode_kernel,
+            "max_batch": self.config.running_max_req_size,
+            "running": [_req_view(r) for r in running],
+            "queued": [_req_view(r) for r in self.req_queue.waiting_req_list],
+            "kv_tokens_used": int(self.get_used_tokens()),
+            "kv_tokens_total": int(self.max_total_token_num),
+            "steps": self.steps,
+            "uptime_s": time.time() - self.started_at,
+            "lora": self.model_rpc.lora_call("stats"),
+        }
+
+    def _control(self, req: ControlRequest):
+        if req.method == "ping":
+            return "pong"
+        if req.method == "stats":
+            return self._stats()
+        return self.model_rpc.lora_call(req.method, *req.args)
+
+    def _answer(self, req: ControlRequest) -> None:
+        try:
+            reply = ControlReply(req.call_id, True, self._control(req))
+        except AdapterError as e:
+            reply = ControlReply(req.call_id, False, error=str(e), status=e.status)
+        except Exception as e:  # noqa: BLE001 - report, keep serving
+            log.error("control call %s failed: %s", req.method, traceback.format_exc())
+            reply = ControlReply(req.call_id, False, error=f"{type(e).__name__}: {e}", status=500)
+        self.send_control_reply.send_pyobj(reply)
+
+    async def loop_for_netio_req(self):
+        while True:
+            msg = await self.recv_from_httpserver.recv_pyobj()
+            if isinstance(msg, ControlRequest):
+                self._answer(msg)
+            elif isinstance(msg, AbortReq):
+                await self.abort(msg.group_req_id)
+                self.send_to_detokenization.send_pyobj(msg)
+            elif isinstance(msg, tuple) and len(msg) == 4:
+                self.add_req(*msg)
+            else:
+                log.error("router got an unknown message %r", type(msg))
+
+    async def _step(self):
+        self.steps += 1
+        await super()._step()
+
+    def clean_up(self):
+        backend = self.model_rpc.backend if hasattr(self, "model_rpc") else None
+        if backend is not None:
+            backend.shutdown()
+
+
+def _req_view(req) -> dict:
+    return {
+        "id": req.request_id,
+        "adapter": getattr(req.sample_params, "adapter", None),
+        "prompt_tokens": req.input_len,
+        "output_tokens": req.cur_output_len,
+        "max_new_tokens": req.max_output_len,
+    }
+
+
+def start_router_process(config: InstanceConfig, router_port, detokenization_port, control_reply_port, pipe_writer):
+    """Process target (replaces upstream `start_router_process`)."""
+    import signal
+
+    from ._global import set_log_level
+
+    set_log_level(config.log_level)
+    router = None
+    try:
+        router = CaraRouterManager(config, router_port, detokenization_port, control_reply_port)
+        asyncio.run(router.wait_to_model_ready())
+    except Exception:
+        pipe_writer.send(traceback.format_exc())
+        if router is not None:
+            router.clean_up()
+        raise
+
+    def _stop(signum, frame):
+        router.clean_up()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    pipe_writer.send("init ok")
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.create_task(router.loop_for_fwd())
+    loop.run_until_complete(router.loop_for_netio_req())
