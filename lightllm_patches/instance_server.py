@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from typing import AsyncIterator
@@ -209,14 +210,29 @@ def _prepare(config: InstanceConfig) -> InstanceConfig:
     return config
 
 
+class _Terminated(SystemExit):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(0)
+
+
 def serve(config: InstanceConfig) -> None:
     """Run one instance until SIGINT/SIGTERM; always stops its children and cleans /dev/shm."""
+    # uvicorn captures SIGTERM during `run()` and re-raises it afterwards with the handler that
+    # was installed before: make that one unwind the stack so the `finally` below runs.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     config = _prepare(config)
     set_log_level(config.log_level)
     router_port, detok_port, http_port, control_port = free_ports(4)
     args = lightllm_args(config)
     procs = []
     try:
+        from lightllm.server.metrics import monitor
+
+        # LightLLM's SamplingParams.verify is timed into this (global-registry) monitor.
+        monitor.init_api_server_monitor(args)
         metrics = InstanceMetrics(config.display_name, emulated_link=config.lora.link != "cuda")
         manager = CaraHttpServerManager(args, router_port, http_port, control_port, metrics)
         procs = start_children([

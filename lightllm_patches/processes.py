@@ -51,7 +51,7 @@ def start_children(targets: list[tuple], timeout_s: float = 600.0) -> list:
     return procs
 
 
-def stop_processes(procs: list, grace_s: float = 5.0) -> None:
+def stop_processes(procs: list, grace_s: float = 3.0) -> None:
     """SIGTERM, wait up to `grace_s`, then SIGKILL every process (and reap them)."""
     for proc in procs:
         if proc.is_alive():
