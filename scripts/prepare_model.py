@@ -24,7 +24,8 @@ from caraserve_router import model_prep  # noqa: E402
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Details: docs/MODELS.md",
+        epilog=__doc__.split("\n\n", 1)[1] + "\nDetails: docs/MODELS.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument(
