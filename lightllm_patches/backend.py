@@ -148,7 +148,10 @@ class CaraBackend(ContinuesBatchBackend):
         prepare = prepare_prefill_inputs if is_prefill else prepare_decode_inputs
         kwargs, reqs = prepare(batch, self.device)
         lora_batch = self.lora.build_batch(reqs, kwargs)
-        logits = self.model.forward(**kwargs, lora=lora_batch)
+        try:
+            logits = self.model.forward(**kwargs, lora=lora_batch)
+        finally:
+            self.lora.after_forward(lora_batch)
         next_ids, next_probs = sample(logits, reqs, self.eos_id, self.generators)
         output = {}
         for req, token, prob in zip(reqs, next_ids, next_probs):

@@ -108,6 +108,8 @@ class LoRAConfig:
                        choices=("auto", "cuda", "emulated"))
     link_bandwidth_mbps: float = option(2000.0, "Emulated link bandwidth in MB/s (emulated link only)")
     link_latency_us: float = option(20.0, "Emulated per-copy latency in microseconds (emulated link only)")
+    prefetch: bool = option(True, "Start loading a cold adapter when its request arrives (it may wait in "
+                            "the queue for several decode steps) instead of at admission into a batch")
 
     def validate(self) -> None:
         if self.mode not in LORA_MODES:

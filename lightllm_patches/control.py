@@ -24,3 +24,12 @@ class ControlReply:
     value: Any = None
     error: str = ""
     status: int = 500  # HTTP status for errors
+
+
+@dataclass
+class RequestFailed:
+    """The router could not take a request (e.g. its adapter was unloaded meanwhile)."""
+
+    group_req_id: int
+    message: str
+    status: int = 400

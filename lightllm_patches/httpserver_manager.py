@@ -21,7 +21,7 @@ import zmq.asyncio
 from lightllm.server.httpserver.manager import HttpServerManager, ReqStatus
 from lightllm.server.multimodal_params import MultimodalParams
 
-from .control import ControlReply, ControlRequest
+from .control import ControlReply, ControlRequest, RequestFailed
 from .lora.adapter_store import AdapterError
 from .sampling import CaraSamplingParams
 
@@ -70,10 +70,17 @@ class CaraHttpServerManager(HttpServerManager):
 
     async def control_loop(self):
         while True:
-            reply: ControlReply = await self.recv_control.recv_pyobj()
-            future = self.pending.get(reply.call_id)
+            msg = await self.recv_control.recv_pyobj()
+            if isinstance(msg, RequestFailed):
+                status = self.req_id_to_out_inf.get(msg.group_req_id)
+                if status is not None:
+                    status.failure = RequestError(msg.message, msg.status, "not_found" if msg.status == 404 else
+                                                  "invalid_request_error")
+                    status.event.set()
+                continue
+            future = self.pending.get(msg.call_id)
             if future is not None and not future.done():
-                future.set_result(reply)
+                future.set_result(msg)
 
     async def refresh_adapters(self) -> dict:
         self.adapters = await self.control("list")
@@ -125,6 +132,9 @@ class CaraHttpServerManager(HttpServerManager):
                     raise ConnectionAbortedError("client disconnected")
                 if not self.router_alive():
                     raise RequestError("the instance's model process died", 503, "server_error")
+                if getattr(status, "failure", None) is not None:
+                    self.req_id_to_out_inf.pop(group_request_id, None)
+                    raise status.failure
                 async with status.lock:
                     status.event.clear()
                     items = list(status.out_token_info_list)

@@ -26,7 +26,7 @@ from lightllm.server.router.manager import RouterManager
 
 from .backend import CaraModelRpcClient
 from .configs import InstanceConfig
-from .control import ControlReply, ControlRequest
+from .control import ControlReply, ControlRequest, RequestFailed
 from .lightllm_args import lightllm_args
 from .lora.adapter_store import AdapterError
 from .req_queue import CaraReqQueue
@@ -90,7 +90,28 @@ class CaraRouterManager(RouterManager):
             return "pong"
         if req.method == "stats":
             return self._stats()
+        if req.method == "unregister":
+            self._check_unused(*req.args)
         return self.model_rpc.lora_call(req.method, *req.args)
+
+    def _check_unused(self, adapter: str) -> None:
+        running = [] if self.running_batch is None else self.running_batch.reqs
+        users = [r for r in list(running) + list(self.req_queue.waiting_req_list)
+                 if getattr(r.sample_params, "adapter", None) == adapter and not r.finish_status.is_finished()]
+        if users:
+            raise AdapterError(f"adapter {adapter!r} is in use by {len(users)} request(s)", 409)
+
+    def add_req(self, prompt_ids, sampling_params, multimodal_params, group_req_id):
+        """Upstream `add_req`, refusing a request whose adapter is gone (it raced an unload)
+        and starting the adapter's load on arrival (prefetch)."""
+        adapter = getattr(sampling_params, "adapter", None)
+        if adapter is not None and not self.model_rpc.lora_call("is_known", adapter):
+            self.send_control_reply.send_pyobj(
+                RequestFailed(group_req_id, f"adapter {adapter!r} is not loaded on this instance", 404))
+            return
+        super().add_req(prompt_ids, sampling_params, multimodal_params, group_req_id)
+        if adapter is not None:
+            self.model_rpc.lora_call("prefetch", adapter)
 
     def _answer(self, req: ControlRequest) -> None:
         try:
