@@ -28,8 +28,8 @@ rank-residency-aware: the same, with the predicted cold start added to d_prefill
   adapter is not resident on i (by i's LoRA mode): cached 0; on-demand load (the whole
   batch stalls for it); pipeline max(0, load - prefill); cpu-assist overhead * prefill.
 random: uniform among candidates (seeded). round-robin: the next candidate after the last
-  choice, cyclically. first-fit (Punica): the first candidate in index order. most-idle:
-  least (n, i).
+  choice, cyclically. first-fit (Punica): the first instance in index order with batch room
+  (n < max_batch), else the first candidate. most-idle: least (n, i).
 dlora: see DLoRAPolicy.
 """
 from __future__ import annotations
@@ -166,11 +166,16 @@ class RoundRobinPolicy(Policy):
 
 
 class FirstFitPolicy(Policy):
-    """Punica: pack the first instance (in index order) that has room."""
+    """Punica: pack the first instance (in index order) with batch room; if every batch is
+    full, the first one whose own queue has room (only when max_queue > 0)."""
 
     name = "first-fit"
 
     def choose(self, request, instances, perf_model):
+        batch = self.config.max_batch
+        for i, inst in enumerate(instances):
+            if inst.healthy and inst.load < min(batch, inst.max_batch):
+                return i
         for i, inst in enumerate(instances):
             if inst.healthy and inst.load < self.limit(inst):
                 return i

@@ -118,6 +118,13 @@ def test_full_and_unhealthy_instances_are_skipped():
     assert make_policy("first-fit", cfg(max_queue=1)).choose(request(8), [full], PM) == 0
 
 
+def test_first_fit_prefers_batch_room_over_queue_room():
+    full, busy = instance([8, 8, 8, 8]), instance([8, 8])
+    # with queues allowed, the full instance 0 still has queue room, but instance 1 has batch room
+    assert make_policy("first-fit", cfg(max_queue=8)).choose(request(8), [full, busy], PM) == 1
+    assert make_policy("first-fit", cfg(max_queue=8)).choose(request(8), [full, instance([8] * 4)], PM) == 0
+
+
 @pytest.mark.parametrize("mode, cold_ms", [
     ("cached", 0.0),            # never cold
     ("on-demand", 32.0),        # load(64) = 32 ms before the prefill
