@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Simulate a CaraServe cluster: sweep policies x request rates x cluster sizes.
+
+Drives the live router's policy classes with a PerfModel (default: the reference GPU model
+"assumed, from paper figures", data/perf_models/paper_a100_llama2_7b.json) over a workload
+from the shared traces. Prints a table as it goes, writes --out JSON and PNG plots.
+Every number it produces is SIMULATED.
+
+Example (the paper's scale: 64 instances, ~300 req/s, 10 simulated minutes):
+    python scripts/simulate.py --instances 64 --rates 300 --duration 600 --out results/sim.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from caraserve_router.perf_model import KERNELS, PerfModel, PerfModelError  # noqa: E402
+from caraserve_router.policies import POLICIES, PolicyConfig, PolicyError  # noqa: E402
+from caraserve_router.scheduler_state import LORA_MODES  # noqa: E402
+from caraserve_router.simulator import SimConfig, SimulatorError, SweepSpec, run_sweep  # noqa: E402
+from caraserve_router.workload import ARRIVALS, LENGTHS, POPULARITY, WorkloadConfig, WorkloadError  # noqa: E402
+
+DEFAULT_PERF_MODEL = REPO / "data" / "perf_models" / "paper_a100_llama2_7b.json"
+PAPER_POLICIES = ("rank-aware", "rank-residency-aware", "random", "round-robin", "first-fit", "most-idle", "dlora")
+
+
+def csv_list(kind):
+    def parse(text):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--policies", type=csv_list(str), default=PAPER_POLICIES,
+                   help=f"comma-separated policies (default: all: {','.join(PAPER_POLICIES)})")
+    g.add_argument("--rates", type=csv_list(float), default=(300.0,),
+                   help="comma-separated request rates, req/s for the whole cluster (default 300)")
+    g.add_argument("--rate-per-instance", action="store_true",
+                   help="treat --rates as req/s per instance (total = rate x instances)")
+    g.add_argument("--instances", type=csv_list(int), default=(64,),
+                   help="comma-separated cluster sizes (default 64)")
+    g.add_argument("--perf-model", type=Path, default=DEFAULT_PERF_MODEL,
+                   help="PerfModel JSON: the shipped reference GPU model (default) or any profiled one")
+    w = p.add_argument_group("workload")
+    w.add_argument("--duration", type=float, default=600.0, help="seconds of arrivals (default 600)")
+    w.add_argument("--max-requests", type=int, default=None, help="cap on requests per run (default: none)")
+    w.add_argument("--arrival", choices=ARRIVALS, default="trace",
+                   help="arrival process: Azure trace timestamps rescaled to the rate, poisson, gamma (default trace)")
+    w.add_argument("--cv", type=float, default=1.0, help="gap coefficient of variation for --arrival gamma")
+    w.add_argument("--trace", default=None,
+                   help="Azure-format trace CSV (default ../shared/traces/AzureLLMInferenceTrace_conv.csv)")
+    w.add_argument("--length-source", choices=LENGTHS, default="sharegpt",
+                   help="where prompt/output lengths come from (default sharegpt)")
+    w.add_argument("--lengths", default=None,
+                   help="ShareGPT length CSV (default ../shared/traces/sharegpt_v3_firstturn_lengths_cl100k.csv)")
+    w.add_argument("--prompt-scale", type=float, default=0.5,
+                   help="multiply prompt lengths (default 0.5: see docs/SCHEDULER.md, paper-scale workload)")
+    w.add_argument("--output-scale", type=float, default=0.5, help="multiply output lengths (default 0.5)")
+    w.add_argument("--max-prompt", type=int, default=1024, help="clip prompts to this many tokens (default 1024)")
+    w.add_argument("--max-output", type=int, default=512, help="clip outputs to this many tokens (default 512)")
+    w.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for --length-source fixed")
+    w.add_argument("--output-len", type=int, default=128, help="output tokens for --length-source fixed")
+    w.add_argument("--num-adapters", type=int, default=128, help="distinct adapters (default 128)")
+    w.add_argument("--popularity", choices=POPULARITY, default="power", help="adapter popularity (default power)")
+    w.add_argument("--alpha", type=float, default=0.5, help="power-law alpha, < 1 skews to low indices (default 0.5)")
+    w.add_argument("--zipf-s", type=float, default=1.0, help="zipf exponent for --popularity zipf")
+    w.add_argument("--ranks", type=csv_list(int), default=(8, 16, 32, 64),
+                   help="ranks assigned round robin by adapter index (default 8,16,32,64)")
+    w.add_argument("--seed", type=int, default=0, help="workload and random-policy seed (default 0)")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--lora-mode", choices=LORA_MODES, default="cached",
+                   help="adapter loading mode of every instance (default cached)")
+    c.add_argument("--kernel", choices=KERNELS, default="bgmv", help="decode kernel (default bgmv, Punica)")
+    c.add_argument("--max-batch", type=int, default=32, help="running requests per instance (default 32)")
+    c.add_argument("--max-wait-steps", type=int, default=10,
+                   help="decode steps between prefill tries (LightLLM router_max_wait_tokens, default 10)")
+    c.add_argument("--max-prefill-tokens", type=int, default=None, help="prompt tokens per prefill batch")
+    c.add_argument("--adapter-capacity-ranks", type=int, default=None,
+                   help="device memory for adapters per instance, in rank units (default unlimited)")
+    c.add_argument("--sync-interval", type=float, default=1.0,
+                   help="seconds between router stats syncs / dlora rebalances (default 1)")
+    c.add_argument("--drain-limit", type=float, default=600.0,
+                   help="simulated seconds allowed after the last arrival; unfinished = SLO miss (default 600)")
+    s = p.add_argument_group("router / SLO")
+    s.add_argument("--slo-tpot-ms", type=float, default=40.0, help="per-token latency SLO, ms (default 40)")
+    s.add_argument("--slo-ttft-ms", type=float, default=None, help="optional TTFT SLO, ms")
+    s.add_argument("--mean-output-len", type=float, default=None,
+                   help="rank-aware's mean output length (default: the workload's mean)")
+    s.add_argument("--max-queue", type=int, default=0,
+                   help="requests an instance may queue beyond its batch; 0: the router holds them (default 0)")
+    s.add_argument("--prefill-factor", type=float, default=1.0,
+                   help="rank-aware's multiplier on predicted prefill (artifact: 1.5; default 1.0)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=None, help="write results JSON here (and plots beside it)")
+    o.add_argument("--plots", type=Path, default=None, help="directory for PNG plots (default: beside --out)")
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    o.add_argument("--progress-s", type=float, default=10.0, help="wall seconds between progress lines (0: off)")
+    return p
+
+
+def configs(args):
+    for name in args.policies:
+        if name not in POLICIES:
+            raise PolicyError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
+    wl = WorkloadConfig(arrival=args.arrival, rate=1.0, cv=args.cv, duration_s=args.duration,
+                        num_requests=args.max_requests, lengths=args.length_source, trace_path=args.trace,
+                        lengths_path=args.lengths, prompt_len=args.prompt_len, output_len=args.output_len,
+                        prompt_scale=args.prompt_scale, output_scale=args.output_scale,
+                        max_prompt_tokens=args.max_prompt, max_output_tokens=args.max_output,
+                        num_adapters=args.num_adapters, popularity=args.popularity, alpha=args.alpha,
+                        zipf_s=args.zipf_s, ranks=tuple(args.ranks), seed=args.seed)
+    sim = SimConfig(max_batch=args.max_batch, max_wait_steps=args.max_wait_steps,
+                    max_prefill_tokens=args.max_prefill_tokens, lora_mode=args.lora_mode, kernel=args.kernel,
+                    adapter_capacity_ranks=args.adapter_capacity_ranks, sync_interval_s=args.sync_interval,
+                    drain_limit_s=args.drain_limit, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
+                    progress_s=args.progress_s)
+    pol = PolicyConfig(slo_tpot_ms=args.slo_tpot_ms, max_batch=args.max_batch, max_queue=args.max_queue,
+                       seed=args.seed, prefill_factor=args.prefill_factor)
+    spec = SweepSpec(tuple(args.policies), tuple(args.rates), tuple(args.instances), args.rate_per_instance)
+    return spec, wl, sim, pol
+
+
+def plot(out: dict, samples: dict, spec: SweepSpec, directory: Path, stem: str, slo: float) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n in spec.instances:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for policy in spec.policies:
+            runs = sorted(out["results"][policy][f"instances={n}"].values(), key=lambda m: m["rate"])
+            rates = [m["rate"] for m in runs]
+            axes[0].plot(rates, [m["slo_attainment"] for m in runs], marker="o", label=policy)
+            axes[1].plot(rates, [m["tpot_ms_mean"] or float("nan") for m in runs], marker="o", label=policy)
+        axes[0].set(xlabel="request rate (req/s)", ylabel=f"SLO attainment (TPOT <= {slo:g} ms)",
+                    title=f"{n} instances (simulated)")
+        axes[1].set(xlabel="request rate (req/s)", ylabel="mean TPOT (ms)", title=f"{n} instances (simulated)")
+        axes[1].axhline(slo, color="grey", linestyle=":")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        path = directory / f"{stem}_n{n}_vs_rate.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        written.append(plot_cdf(samples, spec, n, directory, stem, slo, plt))
+    return written
+
+
+def plot_cdf(samples, spec, n, directory, stem, slo, plt) -> Path:
+    rate = max(r * n if spec.rate_per_instance else r for r in spec.rates)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in spec.policies:
+        vals = samples.get((policy, n, rate), [])
+        if vals:
+            ax.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))], label=policy)
+    ax.axvline(slo, color="grey", linestyle=":")
+    ax.set(xlabel="TPOT per request (ms)", ylabel="CDF", title=f"{n} instances, {rate:g} req/s (simulated)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = directory / f"{stem}_n{n}_tpot_cdf.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        pm = PerfModel.load(args.perf_model)
+        spec, wl, sim, pol = configs(args)
+    except (PerfModelError, PolicyError, SimulatorError, WorkloadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"SIMULATED cluster; perf model {args.perf_model}\n{pm.describe()}")
+    t0 = time.monotonic()
+    try:
+        res = run_sweep(spec, wl, sim, pol, pm, mean_output_len=args.mean_output_len, log=lambda s: print(s, flush=True))
+    except (WorkloadError, SimulatorError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    samples = res.pop("tpot_samples")
+    res["label"] = "simulated"
+    res["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.node(),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "perf_model": str(args.perf_model), "perf_model_metadata": pm.metadata,
+        "sweep": asdict(spec), "workload": asdict(wl) | {"rate": "per run"}, "sim": asdict(sim), "policy": asdict(pol),
+        "command": " ".join(sys.argv), "wall_s": time.monotonic() - t0,
+    }
+    print(f"done in {time.monotonic() - t0:.1f} s (wall)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1, default=str) + "\n")
+        print(f"wrote {args.out}")
+        if not args.no_plots:
+            for path in plot(res, samples, spec, args.plots or args.out.parent, args.out.stem, args.slo_tpot_ms):
+                print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
