@@ -68,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    # Keep stderr to our progress lines: no per-file progress bars from transformers, no
+    # deprecation warnings that PEFT triggers inside transformers.
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
     out = args.out if args.out is not None else demo_adapters.default_adapters_dir()
     try:
         demo_adapters.make_demo_adapters(
