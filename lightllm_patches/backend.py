@@ -10,7 +10,9 @@
 """
 from __future__ import annotations
 
+import collections
 import logging
+import time
 from typing import Optional
 
 import numpy as np
@@ -121,6 +123,8 @@ class CaraBackend(ContinuesBatchBackend):
         })
         self.generators: dict[int, torch.Generator] = {}
         self.lora = LoraRuntime(config, self.model)
+        # Step timings for profiling (scripts/profile_instance.py reads them through /step_samples).
+        self.step_samples = collections.deque(maxlen=8192)
         log.info("model ready on %s (%s), LoRA mode %s", self.device, dtype, config.lora.mode)
 
     def add_batch(self, batch_id, reqs):
@@ -147,12 +151,14 @@ class CaraBackend(ContinuesBatchBackend):
         batch: InferBatch = self.cache.pop(batch_id)
         prepare = prepare_prefill_inputs if is_prefill else prepare_decode_inputs
         kwargs, reqs = prepare(batch, self.device)
+        start = time.perf_counter()
         lora_batch = self.lora.build_batch(reqs, kwargs)
         try:
             logits = self.model.forward(**kwargs, lora=lora_batch)
         finally:
             self.lora.after_forward(lora_batch)
         next_ids, next_probs = sample(logits, reqs, self.eos_id, self.generators)
+        self._record_step(is_prefill, reqs, kwargs, start)
         output = {}
         for req, token, prob in zip(reqs, next_ids, next_probs):
             req.cur_kv_len = len(req.input_token_ids)
@@ -166,6 +172,25 @@ class CaraBackend(ContinuesBatchBackend):
             )
         self.cache[batch.batch_id] = batch
         return output
+
+    def _record_step(self, is_prefill, reqs, kwargs, start) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.step_samples.append({
+            "kind": "prefill" if is_prefill else "decode",
+            "batch": len(reqs),
+            "tokens": int(kwargs["input_ids"].shape[0]),
+            "ranks": [self.lora.request_rank(r.r_id) for r in reqs],
+            "kernel": self.config.lora.decode_kernel,
+            "ms": (time.perf_counter() - start) * 1000.0,
+            "t": time.time(),
+        })
+
+    def samples(self, clear: bool = False) -> list:
+        out = list(self.step_samples)
+        if clear:
+            self.step_samples.clear()
+        return out
 
     def _release(self, request_ids) -> None:
         for r_id in request_ids:

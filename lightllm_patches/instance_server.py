@@ -69,6 +69,7 @@ class InstanceApp:
         self.manager = manager
         self.metrics = metrics
         self.next_id = 0
+        self.client_ids: dict[int, str] = {}  # LightLLM request id -> the front end's request id
         self.app = FastAPI(title=f"CaraServe instance {config.display_name}")
         self._routes()
 
@@ -87,6 +88,7 @@ class InstanceApp:
         app.post("/v1/load_lora_adapter")(self.load_adapter)
         app.post("/v1/unload_lora_adapter")(self.unload_adapter)
         app.get("/stats")(self.stats)
+        app.get("/step_samples")(self.step_samples)
         app.get("/health")(self.health)
         app.get("/metrics")(self.prometheus)
         app.on_event("startup")(self._startup)
@@ -108,9 +110,20 @@ class InstanceApp:
     async def _start(self, body: GenerateRequest, request: Request):
         prompt = body.prompt()
         params = _sampling_params(body)
-        gen = self.manager.generate(prompt, params, self._new_id(), request=request)
+        req_id = self._new_id()
+        if body.request_id is not None:
+            self.client_ids[req_id] = body.request_id
+        gen = self._tracked(self.manager.generate(prompt, params, req_id, request=request), req_id)
         first = await gen.__anext__()  # raises the request's validation errors before any byte is sent
         return gen, first
+
+    async def _tracked(self, gen, req_id: int):
+        try:
+            async for item in gen:
+                yield item
+        finally:
+            self.client_ids.pop(req_id, None)
+            await gen.aclose()
 
     async def generate(self, body: GenerateRequest, request: Request):
         try:
@@ -186,7 +199,13 @@ class InstanceApp:
         return {"lora_name": body.lora_name, "unloaded": True}
 
     async def stats(self):
-        return await self.manager.control("stats", timeout=10.0)
+        stats = await self.manager.control("stats", timeout=10.0)
+        for req in stats["running"] + stats["queued"]:
+            req["request_id"] = self.client_ids.get(req["request_id"], str(req["request_id"]))
+        return stats
+
+    async def step_samples(self, clear: int = 0):
+        return await self.manager.control("samples", bool(clear), timeout=10.0)
 
     async def health(self):
         try:

@@ -70,19 +70,25 @@ class CaraRouterManager(RouterManager):
     # ---- control calls -------------------------------------------------------------------
 
     def _stats(self) -> dict:
+        """The instance's state in the shape `caraserve_router.scheduler_state` reads (ids are
+        LightLLM's; the HTTP process maps them to the front end's request ids)."""
         running = [] if self.running_batch is None else self.running_batch.reqs
+        lora = self.model_rpc.lora_call("stats")
+        ranks = {name: info["rank"] for name, info in self.model_rpc.lora_call("list").items()}
         return {
             "name": self.config.display_name,
+            "healthy": True,
             "lora_mode": self.config.lora.mode,
-            "decode_kernel": self.config.lora.decode_kernel,
+            "kernel": self.config.lora.decode_kernel,
             "max_batch": self.config.running_max_req_size,
-            "running": [_req_view(r) for r in running],
-            "queued": [_req_view(r) for r in self.req_queue.waiting_req_list],
+            "resident_adapters": [{"name": e["name"], "rank": e["rank"]} for e in lora["resident"]],
+            "running": [_req_view(r, ranks) for r in running],
+            "queued": [_req_view(r, ranks) for r in self.req_queue.waiting_req_list],
             "kv_tokens_used": int(self.get_used_tokens()),
             "kv_tokens_total": int(self.max_total_token_num),
             "steps": self.steps,
             "uptime_s": time.time() - self.started_at,
-            "lora": self.model_rpc.lora_call("stats"),
+            "lora": lora,
         }
 
     def _control(self, req: ControlRequest):
@@ -90,6 +96,8 @@ class CaraRouterManager(RouterManager):
             return "pong"
         if req.method == "stats":
             return self._stats()
+        if req.method == "samples":
+            return self.model_rpc.backend.samples(*req.args)
         if req.method == "unregister":
             self._check_unused(*req.args)
         return self.model_rpc.lora_call(req.method, *req.args)
@@ -146,13 +154,15 @@ class CaraRouterManager(RouterManager):
             backend.shutdown()
 
 
-def _req_view(req) -> dict:
+def _req_view(req, ranks: dict) -> dict:
+    adapter = getattr(req.sample_params, "adapter", None)
     return {
-        "id": req.request_id,
-        "adapter": getattr(req.sample_params, "adapter", None),
+        "request_id": req.request_id,
+        "adapter": adapter,
+        "rank": ranks.get(adapter, 0) if adapter else 0,
         "prompt_tokens": req.input_len,
-        "output_tokens": req.cur_output_len,
         "max_new_tokens": req.max_output_len,
+        "generated": req.cur_output_len,
     }
 
 

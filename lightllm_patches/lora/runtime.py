@@ -150,6 +150,10 @@ class LoraRuntime:
         if adapter is not None:
             self.pool.release(adapter)
 
+    def request_rank(self, r_id: int) -> int:
+        adapter = self.request_adapter.get(r_id)
+        return self.store.get(adapter).spec.rank if adapter is not None and adapter in self.store else 0
+
     def slice_ranks(self, entry, group: str) -> tuple:
         if entry is None:
             return (0,) * self.shapes.group(group).num_slices
@@ -190,6 +194,9 @@ class LoraRuntime:
                       "cpu_assisted_steps": self.counters["cpu_assisted_steps"]},
             "counters": dict(self.counters),
             "link_bytes": self.link.bytes_moved,
+            "page_bytes": self.pool.page_bytes,
+            "link_bandwidth_mbps": self.config.lora.link_bandwidth_mbps if self.link.emulated else None,
+            "link_latency_us": self.config.lora.link_latency_us if self.link.emulated else None,
             "sidecar": self.sidecar.stats() if self.sidecar is not None else None,
         }
 

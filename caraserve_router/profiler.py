@@ -1,0 +1,112 @@
+"""Profiling a running instance for the PerfModel: drive load over HTTP, read its step timings.
+
+The instance records the duration of every forward step with its batch size, token count and
+the adapter rank of every row (`/step_samples`); the profiler sends requests shaped to fill a
+grid (prefill: prompt length x rank; decode: batch size x rank mix) and turns the matching
+samples into the profile `PerfModel.fit` reads.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from .instance_client import InstanceClient
+from .perf_model import PerfModel
+
+log = logging.getLogger("caraserve.profiler")
+TOKEN_RANGE = (1000, 30000)  # ordinary BPE tokens, far from special ids
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    prefill_tokens: tuple = (16, 64, 128, 256)
+    batch_sizes: tuple = (1, 2, 4, 8)
+    decode_steps: int = 12
+    repeats: int = 2
+
+
+QUICK_GRID = ProfileGrid()
+FULL_GRID = ProfileGrid(prefill_tokens=(16, 32, 64, 128, 256, 512), batch_sizes=(1, 2, 4, 8, 16, 32),
+                        decode_steps=16, repeats=3)
+
+
+def _prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(*TOKEN_RANGE) for _ in range(length)]
+
+
+def _body(adapter: Optional[str], ids: list[int], new_tokens: int) -> dict:
+    return {"input_ids": ids, "adapter": adapter,
+            "parameters": {"max_new_tokens": new_tokens, "ignore_eos": True}}
+
+
+async def _run(client: InstanceClient, body: dict) -> None:
+    async for _ in client.generate_stream(body):
+        pass
+
+
+def _rank_mixes(adapters: dict[str, int], batch: int, rng: random.Random) -> list[list[Optional[str]]]:
+    """Adapter assignments for a batch: base only, each rank alone, and a random mix."""
+    names = sorted(adapters, key=lambda n: adapters[n])
+    mixes = [[None] * batch]
+    by_rank = {}
+    for n in names:
+        by_rank.setdefault(adapters[n], n)
+    mixes += [[n] * batch for n in by_rank.values()]
+    if len(names) > 1 and batch > 1:
+        mixes.append([rng.choice(names) for _ in range(batch)])
+    return mixes
+
+
+async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid: ProfileGrid = QUICK_GRID,
+                          seed: int = 0, progress=print) -> dict:
+    """Profile one instance; `adapters` maps loaded adapter names to their ranks."""
+    rng = random.Random(seed)
+    stats = await client.stats()
+    kernel = stats["kernel"]
+    ranks_for_prefill = [None] + ([max(adapters, key=adapters.get)] if adapters else [])
+    prefill, decode = [], []
+    # Warm up: first use of each adapter loads it; the profile wants steady-state steps.
+    for name in [None, *adapters]:
+        await _run(client, _body(name, _prompt(rng, 8), 2))
+    await client.samples(clear=True)
+    for tokens in grid.prefill_tokens:
+        for adapter in ranks_for_prefill:
+            for _ in range(grid.repeats):
+                await _run(client, _body(adapter, _prompt(rng, tokens), 1))
+        progress(f"  prefill {tokens} tokens done")
+    for s in await client.samples(clear=True):
+        if s["kind"] == "prefill" and s["batch"] == 1:
+            prefill.append({"tokens": s["tokens"], "rank": s["ranks"][0], "ms": s["ms"]})
+    for batch in grid.batch_sizes:
+        for mix in _rank_mixes(adapters, batch, rng):
+            await asyncio.gather(*[_run(client, _body(a, _prompt(rng, 8), grid.decode_steps)) for a in mix])
+            steps = [s for s in await client.samples(clear=True) if s["kind"] == "decode" and s["batch"] == batch]
+            if steps:
+                decode.append({"kernel": kernel, "ranks": sorted(steps[-1]["ranks"]),
+                               "ms": statistics.median(s["ms"] for s in steps)})
+        progress(f"  decode batch {batch} done")
+    lora = stats.get("lora") or {}
+    profile = {
+        "metadata": {"source": "profiled", "machine": platform.node() or "unknown", "device": stats.get("device", ""),
+                     "date": time.strftime("%Y-%m-%d"), "kernel": kernel, "instance": stats.get("name"),
+                     "emulated": {"device": True, "link": lora.get("link") == "emulated"}},
+        "prefill": prefill,
+        "decode": decode,
+    }
+    if lora.get("link_bandwidth_mbps"):
+        profile["link"] = {"bandwidth_gbps": lora["link_bandwidth_mbps"] / 1000.0,
+                           "bytes_per_rank": lora["page_bytes"], "latency_ms": lora["link_latency_us"] / 1000.0}
+    return profile
+
+
+async def quick_profile(client: InstanceClient, tokenizer, adapters: dict[str, dict], kernel: str) -> PerfModel:
+    """A small profile of `client`'s instance at start-up (the front end's fallback)."""
+    ranks = {name: int(info["rank"]) for name, info in adapters.items()}
+    profile = await collect_profile(client, ranks, QUICK_GRID, progress=lambda msg: log.info("quick profile:%s", msg))
+    return PerfModel.fit(profile)
