@@ -57,6 +57,7 @@ TARGET_GROUPS = {
 ALPHA_MODES = ("double", "rank", "const", "rslora")
 DEFAULT_STRENGTH = 0.1
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".manifest.lock"
 MANIFEST_VERSION = 1
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -358,6 +359,8 @@ def make_demo_adapters(
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}")
     alpha_for(ranks[0], alpha_mode, alpha)  # validates the mode
+    if strength < 0 or not math.isfinite(strength):
+        raise ValueError(f"strength must be a finite number >= 0, got {strength}")
     model_dir = Path(model_dir) if model_dir is not None else model_prep.prepare_default_model(log=log)
     info = model_prep.validate_model_dir(model_dir, check_tokenizer=False)
     base_cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
@@ -365,76 +368,78 @@ def make_demo_adapters(
     out.mkdir(parents=True, exist_ok=True)
     out = out.absolute()
 
-    old: dict[str, dict] = {}
-    try:
-        m = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-        if m.get("format_version") == MANIFEST_VERSION:
-            old = {a["name"]: a for a in m.get("adapters", [])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+    # One writer per adapter directory at a time (e.g. several instances starting at once).
+    with model_prep._file_lock(out / LOCK_NAME):
+        old: dict[str, dict] = {}
+        try:
+            m = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+            if m.get("format_version") == MANIFEST_VERSION:
+                old = {a["name"]: a for a in m.get("adapters", [])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
 
-    entries: list[dict] = []
-    todo: list[dict] = []
-    for i in range(count):
-        r = ranks[i % len(ranks)]
-        la, rs = alpha_for(r, alpha_mode, alpha)
-        name = demo_adapter_name(r, i)
-        e = {
-            "name": name, "rank": r, "lora_alpha": la,
-            "scaling": la / (math.sqrt(r) if rs else r), "use_rslora": rs,
-            "targets": tlist, "seed": _module_seed(seed, name) & 0x7FFFFFFF, "strength": float(strength),
-            "path": name,
-        }
-        entries.append(e)
-        prev = old.get(name)
-        same = prev is not None and all(prev.get(k) == e[k] for k in ("rank", "lora_alpha", "use_rslora", "targets", "seed", "strength"))
-        ok, why = adapter_files_ok(out / name, base_cfg, rank=r, lora_alpha=la, targets=tlist, use_rslora=rs) \
-            if same else (False, "new or different settings")
-        if ok and not force:
-            e["made"] = False
-            emit(f"[{i + 1}/{count}] {name}: exists, skipped")
-        else:
-            if (out / name).exists():
-                emit(f"[{i + 1}/{count}] {name}: remaking ({'forced' if force else why})")
-            e["made"] = True
-            todo.append(e)
+        entries: list[dict] = []
+        todo: list[dict] = []
+        for i in range(count):
+            r = ranks[i % len(ranks)]
+            la, rs = alpha_for(r, alpha_mode, alpha)
+            name = demo_adapter_name(r, i)
+            e = {
+                "name": name, "rank": r, "lora_alpha": la,
+                "scaling": la / (math.sqrt(r) if rs else r), "use_rslora": rs,
+                "targets": tlist, "seed": _module_seed(seed, name) & 0x7FFFFFFF, "strength": float(strength),
+                "path": name,
+            }
+            entries.append(e)
+            prev = old.get(name)
+            same = prev is not None and all(prev.get(k) == e[k] for k in ("rank", "lora_alpha", "use_rslora", "targets", "seed", "strength"))
+            ok, why = adapter_files_ok(out / name, base_cfg, rank=r, lora_alpha=la, targets=tlist, use_rslora=rs) \
+                if same else (False, "new or different settings")
+            if ok and not force:
+                e["made"] = False
+                emit(f"[{i + 1}/{count}] {name}: exists, skipped")
+            else:
+                if (out / name).exists():
+                    emit(f"[{i + 1}/{count}] {name}: remaking ({'forced' if force else why})")
+                e["made"] = True
+                todo.append(e)
 
-    if todo:
-        t0 = time.monotonic()
-        emit(f"loading base model {model_dir} ({info.num_layers} layers, hidden {info.hidden_size})")
-        base = _load_base(Path(model_dir))
-        emit(f"  loaded in {time.monotonic() - t0:.1f} s")
-        for e in todo:
-            t1 = time.monotonic()
-            i = entries.index(e)
-            target = out / e["name"]
-            tmp = out / f".{e['name']}.tmp-{uuid.uuid4().hex[:8]}"
-            make_random_adapter(
-                base, tmp, rank=e["rank"], target_modules=tlist, lora_alpha=e["lora_alpha"],
-                use_rslora=e["use_rslora"], seed=e["seed"], strength=strength,
-            )
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-            emit(f"[{i + 1}/{count}] {e['name']}: rank {e['rank']}, lora_alpha {e['lora_alpha']:g} "
-                 f"(scaling {e['scaling']:.3g}), {len(tlist)} modules x {info.num_layers} layers, "
-                 f"{_dir_size(target) / 2**20:.1f} MiB, {time.monotonic() - t1:.1f} s")
-    for e in entries:
-        e["size_bytes"] = _dir_size(out / e["name"])
+        if todo:
+            t0 = time.monotonic()
+            emit(f"loading base model {model_dir} ({info.num_layers} layers, hidden {info.hidden_size})")
+            base = _load_base(Path(model_dir))
+            emit(f"  loaded in {time.monotonic() - t0:.1f} s")
+            for e in todo:
+                t1 = time.monotonic()
+                i = entries.index(e)
+                target = out / e["name"]
+                tmp = out / f".{e['name']}.tmp-{uuid.uuid4().hex[:8]}"
+                make_random_adapter(
+                    base, tmp, rank=e["rank"], target_modules=tlist, lora_alpha=e["lora_alpha"],
+                    use_rslora=e["use_rslora"], seed=e["seed"], strength=strength,
+                )
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+                emit(f"[{i + 1}/{count}] {e['name']}: rank {e['rank']}, lora_alpha {e['lora_alpha']:g} "
+                     f"(scaling {e['scaling']:.3g}), {len(tlist)} modules x {info.num_layers} layers, "
+                     f"{_dir_size(target) / 2**20:.1f} MiB, {time.monotonic() - t1:.1f} s")
+        for e in entries:
+            e["size_bytes"] = _dir_size(out / e["name"])
 
-    keep = ("name", "rank", "lora_alpha", "scaling", "use_rslora", "targets", "seed", "strength", "path", "size_bytes")
-    _write_json(out / MANIFEST_NAME, {
-        "format_version": MANIFEST_VERSION,
-        "base_model": str(Path(model_dir).absolute()),
-        "base_model_name": Path(model_dir).name,
-        "paths_relative_to": "this manifest's directory",
-        "alpha_mode": alpha_mode,
-        "adapters": [{k: e[k] for k in keep} for e in entries],
-    })
-    stale = sorted(p.name for p in out.iterdir()
-                   if p.is_dir() and p.name.startswith("demo-") and p.name not in {e["name"] for e in entries})
-    if stale:
-        emit(f"note: {len(stale)} other demo adapter dir(s) in {out} are not in this set (left alone): {', '.join(stale[:5])}")
-    for p in out.glob(".demo-*.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    return [{**e, "path": str(out / e["path"])} for e in entries]
+        keep = ("name", "rank", "lora_alpha", "scaling", "use_rslora", "targets", "seed", "strength", "path", "size_bytes")
+        _write_json(out / MANIFEST_NAME, {
+            "format_version": MANIFEST_VERSION,
+            "base_model": str(Path(model_dir).absolute()),
+            "base_model_name": Path(model_dir).name,
+            "paths_relative_to": "this manifest's directory",
+            "alpha_mode": alpha_mode,
+            "adapters": [{k: e[k] for k in keep} for e in entries],
+        })
+        stale = sorted(p.name for p in out.iterdir()
+                       if p.is_dir() and p.name.startswith("demo-") and p.name not in {e["name"] for e in entries})
+        if stale:
+            emit(f"note: {len(stale)} other demo adapter dir(s) in {out} are not in this set (left alone): {', '.join(stale[:5])}")
+        for p in out.glob(".demo-*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        return [{**e, "path": str(out / e["path"])} for e in entries]

@@ -245,7 +245,7 @@ def test_demo_set_names_manifest_and_idempotence(tiny, tmp_path):
     res4 = make_demo_adapters(tiny, out, ranks=[2, 4], count=4, targets="attn", seed=5, strength=0.2, force=True,
                               log=logs.append)
     assert all(e["made"] for e in res4)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [demo_adapters.LOCK_NAME]
 
 
 @pytest.mark.parametrize("mode, alpha, expected", [
