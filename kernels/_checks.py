@@ -1,0 +1,47 @@
+"""Argument checks shared by the launchers: cheap attribute tests only, never a device sync."""
+from __future__ import annotations
+
+import torch
+
+# dtypes of x / A / B / out the launchers accept (y and scales are float32, descriptors int32).
+DATA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class KernelArgumentError(ValueError):
+    """A launcher argument has the wrong dtype, shape, layout or device."""
+
+
+def fail(op: str, message: str) -> None:
+    raise KernelArgumentError(f"{op}: {message}")
+
+
+def tensor(op: str, name: str, t, shape: tuple, dtype, device: torch.device) -> None:
+    """`t` is a contiguous tensor of `dtype` on `device` whose shape matches `shape`.
+
+    `shape` entries are ints (must match) or None (any size); `dtype` a dtype or a tuple of them.
+    """
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in dtypes:
+        fail(op, f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
+        fail(op, f"{name} must have shape {want}, got {list(t.shape)}")
+    if t.device != device:
+        fail(op, f"{name} is on {t.device}, expected {device} (all tensors on one device)")
+    if not t.is_contiguous():
+        fail(op, f"{name} must be contiguous (strides {t.stride()} for shape {list(t.shape)})")
+
+
+def same_dtype(op: str, **tensors: torch.Tensor) -> None:
+    """x / A / B / out share one data dtype."""
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        fail(op, "x/A/B/out must share one dtype, got " + ", ".join(f"{n}={d}" for n, d in dtypes.items()))
+
+
+def rank_room(op: str, rank: int, slot_rank: int) -> None:
+    """bgmv: the batch's max rank R fits in a slot of RS pages."""
+    if rank > slot_rank:
+        fail(op, f"y's rank dimension {rank} exceeds the slot size {slot_rank} of the stacked pool")
