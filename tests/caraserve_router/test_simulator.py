@@ -188,3 +188,34 @@ def test_policies_run_unchanged_and_rank_aware_beats_random_on_bgmv():
 
 def test_summarize_records_empty():
     assert summarize_records([], 40.0, None)["slo_attainment"] is None
+
+
+def test_simulate_script_writes_json_and_plots(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "simulate.py"
+    spec = importlib.util.spec_from_file_location("simulate_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sim.json"
+    rc = mod.main(["--instances", "2,3", "--rates", "4,8", "--duration", "5", "--arrival", "poisson",
+                   "--length-source", "fixed", "--prompt-len", "32", "--output-len", "16",
+                   "--policies", "rank-aware,random", "--progress-s", "0", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["label"] == "simulated" and res["meta"]["perf_model_metadata"]["source"]
+    assert len(res["runs"]) == 2 * 2 * 2
+    for policy in ("rank-aware", "random"):
+        for n in (2, 3):
+            for rate in ("4", "8"):
+                m = res["results"][policy][f"instances={n}"][f"rate={rate}"]
+                assert m["num_instances"] == n and m["policy"] == policy
+                assert 0 <= m["slo_attainment"] <= 1 and m["tpot_ms_mean"] > 0 and m["completed"] > 0
+    for n in (2, 3):
+        assert (tmp_path / f"sim_n{n}_vs_rate.png").stat().st_size > 0
+        assert (tmp_path / f"sim_n{n}_tpot_cdf.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "SIMULATED" in printed and "rank-aware" in printed
+    assert mod.main(["--policies", "nope", "--duration", "1"]) == 2
