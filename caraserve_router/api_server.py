@@ -519,7 +519,8 @@ def build_app(front: FrontEnd):
             return fail(str(e), *error_from(e))
         last = items[-1][1]
         return {"generated_text": ["".join(t for t, _ in items)], "count_output_tokens": len(items),
-                "finish_reason": last.get("finish_reason"), "prompt_tokens": last.get("prompt_tokens")}
+                "finish_reason": last.get("finish_reason"), "prompt_tokens": last.get("prompt_tokens"),
+                "token_ids": [e["token"]["id"] for _, e in items]}
 
     @app.post("/generate")
     async def generate(body: GenerateRequest):

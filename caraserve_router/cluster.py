@@ -75,16 +75,21 @@ class LocalLauncher:
         log.info("started instance %d (pid %d) on %s, log %s", handle.index, handle.proc.pid, handle.url,
                  handle.log_path)
 
+    @staticmethod
+    def signal_stop(handle: InstanceHandle) -> None:
+        """Ask the instance to stop (it stops its own children and cleans its shm)."""
+        if handle.proc is not None and handle.proc.poll() is None:
+            handle.proc.send_signal(signal.SIGTERM)
+
     def stop(self, handle: InstanceHandle, grace_s: float = 15.0) -> None:
         proc = handle.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
+        self.signal_stop(handle)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # anything of its group still alive
         except ProcessLookupError:
@@ -173,9 +178,11 @@ class Cluster:
                 log.exception("health check failed")
 
     def stop(self) -> None:
-        for h in self.handles:
-            if h.local:
-                self.launcher.stop(h)
+        local = [h for h in self.handles if h.local]
+        for h in local:  # all at once, then wait for each
+            self.launcher.signal_stop(h)
+        for h in local:
+            self.launcher.stop(h)
 
 
 def _tail(path: Optional[str], lines: int = 30) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 from .instance_client import InstanceClient, InstanceError, InstanceFailed, InstanceUnavailable
-from .scheduler_state import ClusterState, RequestInfo
+from .scheduler_state import ClusterState, RequestInfo, SchedulerStateError
 
 log = logging.getLogger("caraserve.dispatch")
 
@@ -139,13 +139,13 @@ class Dispatcher:
                                         err.get("type", "server_error"))
                 if not started:
                     started = True
-                    self.state.first_token(job.request_id)
+                    self._note(self.state.first_token, job.request_id)
                 else:
-                    self.state.token(job.request_id)
+                    self._note(self.state.token, job.request_id)
                 yield event
                 if event.get("finished"):
                     done = True
-                    self.state.finish(job.request_id)
+                    self._note(self.state.finish, job.request_id)
                     return
             if job.migrate_to is not None:
                 self._forget(job)
@@ -201,9 +201,15 @@ class Dispatcher:
             await stream.aclose()
 
     def _forget(self, job: Job) -> None:
+        self._note(self.state.fail, job.request_id)
+
+    @staticmethod
+    def _note(event, request_id) -> None:
+        """Update the view; the stats poll may have got there first (it reconciles the view
+        with what the instance reports), which is not an error."""
         try:
-            self.state.fail(job.request_id)
-        except Exception:  # noqa: BLE001 - it may already be gone from the view
+            event(request_id)
+        except SchedulerStateError:
             pass
 
     @property

@@ -97,15 +97,31 @@ def _apply_eos_rules(logits: torch.Tensor, reqs, eos_id: list[int]) -> None:
             logits[i, eos_id] = eos + eos.abs() * (factor ** (out_len - start) - 1)
 
 
-def _sample_row(probs: torch.Tensor, top_p: float, top_k: int, gen: torch.Generator):
-    sorted_probs, order = probs.sort(descending=True)
-    if 0 < top_k < sorted_probs.shape[0]:
-        sorted_probs[top_k:] = 0.0
+_NUCLEUS_CANDIDATES = 256
+
+
+def _candidates(probs: torch.Tensor, top_p: float, top_k: int):
+    """(probabilities, token ids or None) that top-k / top-p leave in play, without sorting
+    the whole vocabulary unless the nucleus really is that wide."""
+    vocab = probs.shape[0]
+    k = min(top_k if top_k > 0 else vocab, vocab)
+    if k == vocab and top_p >= 1.0:
+        return probs, None
+    vals, ids = probs.topk(min(k, _NUCLEUS_CANDIDATES))  # sorted, descending
+    if k > vals.shape[0] and (top_p >= 1.0 or float(vals.sum()) < top_p):
+        vals, ids = probs.topk(k)
     if top_p < 1.0:
-        cumulative = sorted_probs.cumsum(0)
-        sorted_probs[(cumulative - sorted_probs) > top_p] = 0.0
-    pick = torch.multinomial(sorted_probs, 1, generator=gen)
-    return order[pick].item(), (sorted_probs[pick] / sorted_probs.sum()).item()
+        vals = vals.masked_fill((vals.cumsum(0) - vals) > top_p, 0.0)
+    return vals, ids
+
+
+def _sample_row(probs: torch.Tensor, top_p: float, top_k: int, gen: torch.Generator):
+    vals, ids = _candidates(probs, top_p, top_k)
+    # Exponential race: argmax(p_i / E_i), E_i ~ Exp(1), picks i with probability p_i / sum(p).
+    race = vals / -torch.log(torch.rand(vals.shape, generator=gen, device=vals.device))
+    pick = int(race.argmax())
+    token = int(ids[pick]) if ids is not None else pick
+    return token, float(vals[pick] / vals.sum())
 
 
 @torch.no_grad()
