@@ -13,8 +13,9 @@ arithmetic, about a microsecond each):
 - adapter cold load: ``load_fixed_ms + load_ms_per_rank * rank`` (host -> device copy; from a
   profile of loads, or from link bandwidth and bytes per rank unit).
 
-Plus the CPU-assist overhead (fraction added to a prefill step that computes a cold
-adapter's LoRA term on CPUs), used by the simulator and the residency-aware policy.
+Plus the CPU-assist overhead: the fraction added to a step that runs while an adapter it
+uses is still loading (CPUs compute that adapter's LoRA term), used by the simulator and
+the residency-aware policy.
 
 JSON layout (``save``/``load``; every field validated on load, errors name the field)::
 

@@ -21,8 +21,9 @@ evicted). A prefill batch that holds non-resident adapters pays a cold start by 
 - pipeline: layer-wise overlap: the step ends at max(prefill end, load end) (the device
   waits per layer; the last layer's own compute after its load is ignored);
 - cpu-assist: the prefill starts at once, CPUs compute the cold adapters' LoRA terms
-  (step time x (1 + cpu_assist_overhead)); the load continues in the background and the
-  next decode step waits for it if it has not finished.
+  (step time x (1 + cpu_assist_overhead)); the load continues in the background, and
+  decode steps that start before it ends also run with CPU help (x (1 + overhead)), as
+  lightllm_patches/lora/modes.py does for any step whose adapter is still loading.
 
 The router side is the live router's code: a ``ClusterState`` of ``InstanceState`` views
 fed with the same events (dispatched, first token, decode steps, finished), and the policy
@@ -138,7 +139,7 @@ class SimInstance:
         self.wait = 0
         self.busy = False
         self.step_batch: list[SimRequest] | None = None     # the prefill batch in flight, else None
-        self.decode_ready_at = 0.0
+        self.assist_until = 0.0                              # cpu-assist: a load is still running
         self.link_free = 0.0
         self.cached = cfg.lora_mode == "cached"
         self.capacity = cfg.adapter_capacity_ranks
@@ -219,7 +220,7 @@ def _cold_pipeline(inst, t, prefill_ms, loads_ms, pm):
 def _cold_cpu_assist(inst, t, prefill_ms, loads_ms, pm):
     load_end = max(t, inst.link_free) + loads_ms / 1000.0
     inst.link_free = load_end
-    inst.decode_ready_at = max(inst.decode_ready_at, load_end)
+    inst.assist_until = max(inst.assist_until, load_end)
     return prefill_ms * (1.0 + pm.cpu_assist_overhead)
 
 
@@ -375,12 +376,13 @@ class Simulation:
             if inst.queue and inst.running < cfg.max_batch:
                 self._start_prefill(inst, t)
                 return
-        start = t if t >= inst.decode_ready_at else inst.decode_ready_at
         dur = self.pm.decode_step_ms(inst.running, inst.sum_r, inst.max_r, cfg.kernel) / 1000.0
+        if t < inst.assist_until:
+            dur *= 1.0 + self.pm.cpu_assist_overhead
         inst.busy = True
         inst.step_batch = None
-        inst.busy_s += start + dur - t
-        self._push(start + dur, _STEP, inst.index)
+        inst.busy_s += dur
+        self._push(t + dur, _STEP, inst.index)
 
     def _start_prefill(self, inst: SimInstance, t: float) -> None:
         cfg, pm = self.cfg, self.pm
