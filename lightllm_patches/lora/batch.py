@@ -61,7 +61,7 @@ class LoraBatch:
         if self.use_bgmv:
             self.slots = torch.tensor([e.slot if e is not None else -1 for e in self.entries], dtype=torch.int32,
                                       device=self.device)  # [N]
-        self.plan = None if self.is_prefill or self.use_bgmv else kernels.plan_rows(self.page_table, self.ranks["qkv"])
+        self._plans: dict[tuple, object] = {}
 
     # ---- residency ----------------------------------------------------------------------
 
@@ -102,23 +102,36 @@ class LoraBatch:
         pending = self.pending(layer)
         if pending:
             skip = self.runtime.mode.resolve(self, layer, group, x, out, pending)
-        ranks, slots = self._masked(group, tuple(skip))
+        skip = tuple(skip)
+        ranks, slots = self._masked(group, skip)
         a, b = self.pool.layer_view(group, layer)
         gs = self.runtime.shapes.group(group)
         offsets = self.runtime.slice_offsets[group]
-        y = torch.empty((x.shape[0], gs.num_slices, self.page_table.shape[1]), dtype=torch.float32, device=x.device)
+        width = self.page_table.shape[1]
+        y = torch.empty((x.shape[0], gs.num_slices, width), dtype=torch.float32, device=x.device)  # y: [T, S, R]
+        scales = self.scales[group]
         if self.is_prefill:
             kernels.sgmv_shrink(x, a, self.seg_starts, self.page_table, ranks, y)
-            kernels.sgmv_expand(y, b, self.seg_starts, self.page_table, ranks, self.scales[group], offsets, out)
+            kernels.sgmv_expand(y, b, self.seg_starts, self.page_table, ranks, scales, offsets, out)
         elif self.use_bgmv:
             r = self.pool.max_rank
-            y = y[:, :, : self.page_table.shape[1]]
-            kernels.bgmv_shrink(x, a.view(-1, r, gs.num_slices, gs.in_features), slots, y)
-            kernels.bgmv_expand(y, b.view(-1, r, gs.out_total), slots, self.scales[group], offsets, out)
+            plan = self._plan(group, skip, lambda: kernels.plan_slots(slots, width, r, gs.num_slices))
+            kernels.bgmv_shrink(x, a.view(-1, r, gs.num_slices, gs.in_features), slots, y, plan=plan)
+            kernels.bgmv_expand(y, b.view(-1, r, gs.out_total), slots, scales, offsets, out, plan=plan)
         else:
-            kernels.mbgmv_shrink(x, a, self.page_table, ranks, y, plan=self.plan)
-            kernels.mbgmv_expand(y, b, self.page_table, ranks, self.scales[group], offsets, out, plan=self.plan)
+            plan = self._plan(group, skip, lambda: kernels.plan_rows(self.page_table, ranks))
+            kernels.mbgmv_shrink(x, a, self.page_table, ranks, y, plan=plan)
+            kernels.mbgmv_expand(y, b, self.page_table, ranks, scales, offsets, out, plan=plan)
         return True
+
+    def _plan(self, group: str, skip: tuple, build):
+        """The CPU fast path's per-step index plan of a group (built once, reused by every layer)."""
+        if self.device.type != "cpu":
+            return None
+        key = (group, skip)
+        if key not in self._plans:
+            self._plans[key] = build()
+        return self._plans[key]
 
     def _masked(self, group: str, skip: tuple):
         """Ranks (and bgmv slots) with the rows of `skip` adapters zeroed (already handled)."""
