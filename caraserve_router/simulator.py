@@ -42,7 +42,7 @@ import heapq
 import math
 import time
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 from caraserve_router.perf_model import KERNELS, PerfModel

@@ -162,12 +162,11 @@ def test_residency_cold_start_can_break_the_slo():
 # ---------------------------------------------------------------------- baselines
 def test_random_is_seeded_and_uniform_over_candidates():
     cluster = [instance(), instance([8] * 4), instance(), instance(healthy=False), instance()]
-    picks = [make_policy("random", cfg(seed=3)).choose(request(), cluster, PM) for _ in range(1)]
     a = make_policy("random", cfg(seed=3))
     b = make_policy("random", cfg(seed=3))
     seq_a = [a.choose(request(), cluster, PM) for _ in range(300)]
     seq_b = [b.choose(request(), cluster, PM) for _ in range(300)]
-    assert seq_a == seq_b and picks[0] == seq_a[0]
+    assert seq_a == seq_b
     counts = Counter(seq_a)
     assert set(counts) == {0, 2, 4}
     assert all(70 <= c <= 130 for c in counts.values())             # 100 expected each
