@@ -262,8 +262,14 @@ def _timings(rec: dict[str, Any], times: list[float], t_send: float, keep: bool)
 
 # ---------------------------------------------------------------------- the run
 async def replay(requests: Sequence[Request], cfg: ReplayConfig, adapters_dir: Path | None = None,
-                 make_missing: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Replay ``requests`` (sorted by arrival); returns {"requests": [...], "summary": {...}, "notes": [...]}."""
+                 make_missing: bool = False, log: Callable[[str], None] = print,
+                 ranks: Sequence[int] | None = None) -> dict[str, Any]:
+    """Replay ``requests`` (sorted by arrival); returns {"requests": [...], "summary": {...}, "notes": [...]}.
+
+    ``adapters_dir``: PEFT adapters to load if the server lacks them; with ``make_missing``
+    a missing directory is first created by scripts/make_adapters.py with ``ranks`` (default:
+    the requests' ranks) and one adapter per workload adapter (at least one per rank, at most 16).
+    """
     import aiohttp
 
     url = cfg.url.rstrip("/")
@@ -271,7 +277,7 @@ async def replay(requests: Sequence[Request], cfg: ReplayConfig, adapters_dir: P
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        models = await _models_for(session, url, requests, cfg, adapters_dir, make_missing, notes, log)
+        models = await _models_for(session, url, requests, cfg, adapters_dir, make_missing, notes, log, ranks)
         for n in notes:
             log(f"note: {n}")
         t_start = time.perf_counter()
@@ -280,7 +286,7 @@ async def replay(requests: Sequence[Request], cfg: ReplayConfig, adapters_dir: P
     return {"requests": records, "summary": summarize(records, cfg, wall), "notes": notes}
 
 
-async def _models_for(session, url, requests, cfg, adapters_dir, make_missing, notes, log) -> list[str]:
+async def _models_for(session, url, requests, cfg, adapters_dir, make_missing, notes, log, ranks) -> list[str]:
     """The model name to send each request to."""
     served, base = await fetch_models(session, url)
     if cfg.use_base_model:
@@ -288,17 +294,18 @@ async def _models_for(session, url, requests, cfg, adapters_dir, make_missing, n
             raise ReplayError("the server lists no base model in /v1/models")
         return [base] * len(requests)
     if adapters_dir is not None:
-        served = await _ensure_adapters(session, url, served, adapters_dir, requests, make_missing, notes, log)
+        served = await _ensure_adapters(session, url, served, adapters_dir, requests, make_missing, notes, log,
+                                        ranks)
     mapping = map_adapters(served, {r.adapter_index: r.rank for r in requests}, notes)
     notes.append(f"{len(mapping)} workload adapters mapped onto {len(set(mapping.values()))} served adapters")
     return [mapping[r.adapter_index] for r in requests]
 
 
-async def _ensure_adapters(session, url, served, directory: Path, requests, make_missing, notes, log):
+async def _ensure_adapters(session, url, served, directory: Path, requests, make_missing, notes, log, ranks):
     if not directory.is_dir():
         if not make_missing:
             raise ReplayError(f"adapters dir {directory} does not exist (pass --make-adapters to create it)")
-        ranks = sorted({r.rank for r in requests}) or [8]
+        ranks = list(ranks or sorted({r.rank for r in requests}) or [8])
         make_adapters(directory, ranks, max(len(ranks), min(16, len({r.adapter_index for r in requests}))), log)
     local = local_adapters(directory)
     missing = {n: v for n, v in local.items() if n not in served}

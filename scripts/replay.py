@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     print(workload.describe(), flush=True)
     try:
         res = asyncio.run(replay(workload.requests, cfg, args.adapters_dir, args.make_adapters,
-                                 log=lambda s: print(s, flush=True)))
+                                 log=lambda s: print(s, flush=True), ranks=args.ranks))
     except ReplayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -251,3 +251,27 @@ def test_compare_mode(server, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert replay_script.main(["--compare", str(bad), "--out", str(png)]) == 2
+
+
+def test_make_adapters_flag_creates_the_dir_first(tmp_path, monkeypatch):
+    import caraserve_router.replay_client as rc_mod
+
+    calls = []
+
+    def fake_make(directory, ranks, count, log):          # stands in for scripts/make_adapters.py
+        calls.append((Path(directory), list(ranks), count))
+        for i, r in enumerate(ranks):
+            d = Path(directory) / f"demo-r{r}-{i}"
+            d.mkdir(parents=True)
+            (d / "adapter_config.json").write_text(json.dumps({"r": r}))
+
+    monkeypatch.setattr(rc_mod, "make_adapters", fake_make)
+    adir = tmp_path / "made"
+    with FakeServer({}) as srv:
+        rc, out = run_replay(srv.url, tmp_path, "--adapters-dir", str(adir), "--make-adapters",
+                             "--ranks", "8,16", "--num-adapters", "2", "--max-requests", "3")
+        assert rc == 0
+        # ranks from --ranks; one adapter per rank at least (the 3 requests may use fewer)
+        assert calls[0][:2] == (adir, [8, 16]) and calls[0][2] >= 2 and len(calls) == 1
+        assert sorted(l["lora_name"] for l in srv.loads) == ["demo-r16-1", "demo-r8-0"]
+        assert all(r["status"] == "ok" for r in json.loads(out.read_text())["requests"])
