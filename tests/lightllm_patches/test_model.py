@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.lightllm_patches.engine_harness import EngineHarness
+from lightllm_patches.offline import OfflineEngine
 from tests.testing import assert_close
 
 PROMPTS = [[101, 2045, 318, 257, 1332, 9], [4000, 17, 5], [7, 77, 777, 7777, 1234, 4321, 99, 512, 3]]
@@ -30,13 +30,13 @@ def hf_greedy_logits(model_dir, prompts, steps):
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    h = EngineHarness(tiny_llama_dir)
+    h = OfflineEngine(tiny_llama_dir)
     yield h
     h.close()
 
 
 def test_prefill_and_decode_match_hf(engine, tiny_llama_dir):
-    ours = engine.run(PROMPTS, STEPS)
+    ours = engine.run(PROMPTS, steps=STEPS)
     ref = hf_greedy_logits(tiny_llama_dir, PROMPTS, STEPS)
     worst = 0.0
     for step in range(STEPS + 1):
@@ -53,7 +53,7 @@ def test_gqa_config_is_exercised(tiny_llama_dir, engine):
 
 def test_batches_are_independent(engine):
     """A prompt's logits do not depend on what else is in the batch."""
-    alone = engine.run([PROMPTS[1]], 3)
-    together = engine.run(PROMPTS, 3)
+    alone = engine.run([PROMPTS[1]], steps=3)
+    together = engine.run(PROMPTS, steps=3)
     for step in range(4):
         assert_close(together[step][1], alone[step][0], atol=1e-5, rtol=0, msg=f"step {step}")

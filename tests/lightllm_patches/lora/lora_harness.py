@@ -1,47 +1,19 @@
-"""An engine with a LoraRuntime, driven without servers, and its PEFT reference."""
+"""The PEFT reference for engine tests (the engine itself is `lightllm_patches.offline`)."""
 from __future__ import annotations
-
-import types
 
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lightllm_patches.configs import InstanceConfig, LoRAConfig, SidecarConfig
-from lightllm_patches.lora.runtime import LoraRuntime
-from tests.lightllm_patches.engine_harness import EngineHarness
+from lightllm_patches.configs import LoRAConfig, SidecarConfig
+from lightllm_patches.offline import OfflineEngine
 
 
-class LoraEngine:
-    """EngineHarness + LoraRuntime; `run(prompts, adapters, steps)` -> logits per step."""
-
-    def __init__(self, model_dir, adapter_dirs, **lora_kw):
-        self.harness = EngineHarness(model_dir)
-        lora_kw.setdefault("link_bandwidth_mbps", 1e5)
-        config = InstanceConfig(model_dir=str(model_dir), shm_prefix=self.harness.shm_prefix,
-                                lora=LoRAConfig(**lora_kw), sidecar=SidecarConfig(workers=1))
-        self.runtime = LoraRuntime(config, self.harness.model)
-        for path in adapter_dirs:
-            self.runtime.register(path.name, str(path))
-        self._next_id = 0
-
-    def run(self, prompts, adapter_names, steps):
-        reqs = []
-        for name in adapter_names:
-            self._next_id += 1
-            if name is not None:
-                assert self.runtime.admit(name)
-            self.runtime.attach_request(self._next_id, name)
-            reqs.append(types.SimpleNamespace(r_id=self._next_id))
-        try:
-            return self.harness.run(prompts, steps, lora_for_step=lambda kw: self.runtime.build_batch(reqs, kw))
-        finally:
-            for r in reqs:
-                self.runtime.detach_request(r.r_id)
-
-    def close(self):
-        self.runtime.shutdown()
-        self.harness.close()
+def lora_engine(model_dir, adapter_dirs, sidecar=None, **lora_kw) -> OfflineEngine:
+    """An offline engine with `adapter_dirs` registered under their directory names."""
+    lora_kw.setdefault("link_bandwidth_mbps", 1e5)
+    return OfflineEngine(model_dir, lora=LoRAConfig(**lora_kw), sidecar=sidecar or SidecarConfig(workers=1),
+                         adapters={d.name: d for d in adapter_dirs})
 
 
 def peft_logits(model_dir, adapter_dir, prompt, tokens):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests import fixtures
-from tests.lightllm_patches.lora.lora_harness import LoraEngine, peft_logits
+from tests.lightllm_patches.lora.lora_harness import lora_engine, peft_logits
 from tests.testing import assert_close
 
 STEPS = 4
@@ -45,7 +45,7 @@ def check_against_peft(model_dir, dirs, names, outs):
 def test_mixed_batch_matches_peft(adapters, mode, kernel):
     model_dir, dirs = adapters
     names = [dirs[0].name, None, dirs[2].name, dirs[3].name, dirs[4].name, dirs[5].name]
-    engine = LoraEngine(model_dir, dirs, mode=mode, decode_kernel=kernel, pool_mb=16, max_rank=8)
+    engine = lora_engine(model_dir, dirs, mode=mode, decode_kernel=kernel, pool_mb=16, max_rank=8)
     try:
         outs = engine.run(PROMPTS, names, STEPS)
     finally:
@@ -56,7 +56,7 @@ def test_mixed_batch_matches_peft(adapters, mode, kernel):
 def test_same_adapter_in_several_rows(adapters):
     model_dir, dirs = adapters
     names = [dirs[1].name] * 4 + [None, dirs[1].name]
-    engine = LoraEngine(model_dir, dirs, mode="pipeline", pool_mb=16, max_rank=8)
+    engine = lora_engine(model_dir, dirs, mode="pipeline", pool_mb=16, max_rank=8)
     try:
         outs = engine.run(PROMPTS, names, STEPS)
     finally:
@@ -72,7 +72,7 @@ def test_eviction_and_reload_keep_outputs(adapters):
               [dirs[0].name, dirs[2].name]]
     results = {}
     for label, pool_mb in (("small", 0.125), ("large", 16)):
-        engine = LoraEngine(model_dir, dirs, mode="pipeline", pool_mb=pool_mb, max_rank=8)
+        engine = lora_engine(model_dir, dirs, mode="pipeline", pool_mb=pool_mb, max_rank=8)
         try:
             results[label] = [engine.run(PROMPTS[:2], names, 2) for names in rounds]
             if label == "small":

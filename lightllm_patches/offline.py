@@ -1,0 +1,100 @@
+"""Offline engine API: LightLLM's llama with the patches and a LoraRuntime, without servers.
+
+For tests (per-step logits against HF + PEFT) and benchmarks (engine throughput). It plays the
+backend's part for one fixed batch: allocate request slots, one prefill over all prompts, then
+greedy decode steps, returning the logits of every step.
+
+    engine = OfflineEngine(model_dir, lora=LoRAConfig(mode="cached"), adapters={"a": "/path/a"})
+    logits = engine.run([[1, 2, 3], [4, 5]], ["a", None], steps=8)   # list of [batch, vocab]
+    engine.close()
+"""
+from __future__ import annotations
+
+import types
+import uuid
+from typing import Optional
+
+import torch
+
+from .configs import InstanceConfig, LoRAConfig, SidecarConfig
+from .lora.runtime import LoraRuntime
+from .model import CaraLlamaModel
+from .processes import remove_shm
+
+
+class OfflineEngine:
+    def __init__(self, model_dir, *, device: str = "cpu", lora: Optional[LoRAConfig] = None,
+                 sidecar: Optional[SidecarConfig] = None, adapters: Optional[dict] = None,
+                 max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64):
+        self.shm_prefix = f"caraserve_offline_{uuid.uuid4().hex[:8]}"
+        self.model = CaraLlamaModel({
+            "tp_rank": 0, "world_size": 1, "weight_dir": str(model_dir), "max_total_token_num": max_total_tokens,
+            "load_way": "HF", "mode": [], "max_req_num": max_req, "max_seq_length": max_seq,
+            "data_type": "float32", "device": torch.device(device), "shm_prefix": self.shm_prefix,
+        })
+        config = InstanceConfig(model_dir=str(model_dir), shm_prefix=self.shm_prefix, max_req_total_len=max_seq,
+                                lora=lora or LoRAConfig(mode="cached"), sidecar=sidecar or SidecarConfig(workers=1))
+        self.runtime = LoraRuntime(config, self.model)
+        for name, path in (adapters or {}).items():
+            self.runtime.register(name, str(path))
+        self._next_id = 0
+
+    def close(self) -> None:
+        self.runtime.shutdown()
+        self.model.mem_manager.shared_can_use_token_num.shm.close()
+        remove_shm(self.shm_prefix)
+
+    def run(self, prompts: list[list[int]], adapters: Optional[list] = None, steps: int = 0,
+            on_step=None) -> list[torch.Tensor]:
+        """Logits [batch, vocab] of the prefill and of `steps` greedy decode steps.
+
+        `adapters[i]` names row i's adapter (None: base model). `on_step(kind, seconds)` is
+        called after every step (for timing).
+        """
+        adapters = adapters or [None] * len(prompts)
+        reqs = [self._attach(name) for name in adapters]
+        m = self.model
+        batch = len(prompts)
+        req_idx = m.req_manager.alloc(batch).int()
+        seq_len = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+        kwargs = dict(batch_size=batch, total_token_num=int(seq_len.sum()), max_len_in_batch=int(seq_len.max()),
+                      input_ids=torch.tensor(sum(prompts, [])), b_req_idx=req_idx, b_start_loc=self._starts(seq_len),
+                      b_seq_len=seq_len, b_ready_cache_len=torch.zeros_like(seq_len), is_prefill=True)
+        try:
+            out = [self._step(kwargs, reqs, on_step)]
+            for _ in range(steps):
+                seq_len = seq_len + 1
+                kwargs = dict(batch_size=batch, total_token_num=int(seq_len.sum()),
+                              max_len_in_batch=int(seq_len.max()), input_ids=out[-1].argmax(-1), b_req_idx=req_idx,
+                              b_start_loc=self._starts(seq_len), b_seq_len=seq_len, is_prefill=False)
+                out.append(self._step(kwargs, reqs, on_step))
+        finally:
+            tokens = [m.req_manager.req_to_token_indexs[r, :n] for r, n in zip(req_idx.tolist(), seq_len.tolist())]
+            m.req_manager.free(req_idx.tolist(), torch.cat(tokens))
+            for r in reqs:
+                self.runtime.detach_request(r.r_id)
+        return out
+
+    @staticmethod
+    def _starts(seq_len: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(seq_len, 0, dtype=torch.int32) - seq_len
+
+    def _attach(self, name):
+        self._next_id += 1
+        if name is not None and not self.runtime.admit(name):
+            raise RuntimeError(f"adapter {name!r} does not fit in the pool")
+        self.runtime.attach_request(self._next_id, name)
+        return types.SimpleNamespace(r_id=self._next_id)
+
+    def _step(self, kwargs, reqs, on_step):
+        import time
+
+        start = time.perf_counter()
+        lora = self.runtime.build_batch(reqs, kwargs)
+        try:
+            logits = self.model.forward(**kwargs, lora=lora).clone()
+        finally:
+            self.runtime.after_forward(lora)
+        if on_step is not None:
+            on_step("prefill" if kwargs["is_prefill"] else "decode", time.perf_counter() - start)
+        return logits
