@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Profile CaraServe instances and fit the scheduler's performance model (PerfModel JSON).
+
+Prefill latency vs prompt tokens (and rank), decode step latency vs batch size and rank mix,
+for each decode kernel (bgmv: padded to the batch's max rank; mbgmv: sum of ranks), and the
+adapter load cost from the (emulated) link. Timings are the instance's own per-step timings
+(`/step_samples`), with load driven over HTTP.
+
+    python scripts/profile_instance.py --out perf.json                 # starts one instance per kernel
+    python scripts/profile_instance.py --url http://127.0.0.1:8100 --out perf.json   # a running instance
+
+The api_server takes the result with `--perf-model perf.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from caraserve_router.perf_model import PerfModel  # noqa: E402
+from caraserve_router.profiler import FULL_GRID, QUICK_GRID, collect_profile  # noqa: E402
+
+
+async def profile_url(url: str, grid, seed: int) -> dict:
+    import aiohttp
+
+    from caraserve_router.instance_client import InstanceClient
+
+    async with aiohttp.ClientSession() as session:
+        client = InstanceClient(url, session)
+        models = await client.models()
+        adapters = {m["id"]: int(m["rank"]) for m in models["data"] if not m.get("base_model")}
+        print(f"profiling {url} ({len(adapters)} adapters: ranks {sorted(set(adapters.values()))})", flush=True)
+        return await collect_profile(client, adapters, grid, seed=seed)
+
+
+def merge(profiles: list[dict]) -> dict:
+    merged = {"metadata": dict(profiles[0]["metadata"]), "prefill": [], "decode": []}
+    merged["metadata"]["kernels"] = [p["metadata"]["kernel"] for p in profiles]
+    for p in profiles:
+        merged["prefill"] += p["prefill"]
+        merged["decode"] += p["decode"]
+        if "link" in p:
+            merged["link"] = p["link"]
+    return merged
+
+
+def start_and_profile(args, grid) -> list[dict]:
+    from caraserve_router.demo_adapters import make_demo_adapters
+    from caraserve_router.model_prep import prepare_default_model
+    from tests.servers import RunningServer
+
+    model_dir = args.model_dir or str(prepare_default_model())
+    adapters = Path(args.adapters_dir)
+    make_demo_adapters(model_dir, adapters, ranks=(8, 16, 32, 64), count=4)
+    profiles = []
+    for kernel in args.kernels.split(","):
+        log = Path(args.out).with_suffix(f".{kernel}.log")
+        flags = ["--model-dir", model_dir, "--lora-adapters", str(adapters), "--lora-decode-kernel", kernel,
+                 "--lora-mode", "cached", "--lora-pool-mb", "512"]
+        print(f"starting an instance with the {kernel} decode kernel ...", flush=True)
+        with RunningServer("caraserve_router.instance", flags, log) as srv:
+            profiles.append(asyncio.run(profile_url(srv.url, grid, args.seed)))
+    return profiles
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/perf_model.json", help="PerfModel JSON to write")
+    parser.add_argument("--url", action="append", default=[], help="instance URL to profile (repeatable, e.g. "
+                        "one per decode kernel); default: start instances here")
+    parser.add_argument("--model-dir", default="", help="model for started instances (default: SmolLM2)")
+    parser.add_argument("--adapters-dir", default=str(REPO / ".cache" / "adapters"),
+                        help="demo adapters for started instances (made if missing)")
+    parser.add_argument("--kernels", default="mbgmv,bgmv", help="decode kernels to profile with started instances")
+    parser.add_argument("--quick", action="store_true", help="a small grid (what the api_server does at start)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and rank mixes")
+    args = parser.parse_args()
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    try:
+        profiles = [asyncio.run(profile_url(u, grid, args.seed)) for u in args.url] if args.url \
+            else start_and_profile(args, grid)
+        profile = merge(profiles)
+        model = PerfModel.fit(profile)
+    except Exception as e:  # noqa: BLE001 - a CLI: say what failed
+        print(f"profile_instance: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.out)
+    Path(args.out).with_suffix(".profile.json").write_text(json.dumps(profile, indent=2))
+    print(model.describe())
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
