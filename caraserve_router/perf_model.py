@@ -26,7 +26,7 @@ JSON layout (``save``/``load``; every field validated on load, errors name the f
      "prefill": {"features": ["const", "tokens"(, "rank_x_tokens")], "coef": [...],
                  "r2": float|null, "rmse_ms": float|null, "n": int},
      "decode": {"bgmv":  {"features": ["const", "batch", "batch_x_max_rank"], ...},
-                "mbgmv": {"features": ["const", "batch", "sum_ranks"], ...}},
+                "mbgmv": {"features": ["const", "batch", "sum_ranks"], ...}},   # one or both
      "load": {"fixed_ms": float, "ms_per_rank": float, "r2": float|null, "n": int,
               "bandwidth_gbps": float|null, "bytes_per_rank": int|null},
      "cpu_assist": {"prefill_overhead_frac": float},
@@ -96,10 +96,12 @@ class PerfModel:
 
     def __post_init__(self) -> None:
         _validate_fit("prefill", self.prefill, allowed=(PREFILL_FEATURES[:2], PREFILL_FEATURES))
-        for kernel in KERNELS:
-            if kernel not in self.decode:
-                raise PerfModelError(f"perf model: decode.{kernel} is missing")
-            _validate_fit(f"decode.{kernel}", self.decode[kernel], allowed=(DECODE_FEATURES[kernel],))
+        unknown = sorted(set(self.decode) - set(KERNELS))
+        if unknown or not self.decode:
+            raise PerfModelError(f"perf model: decode must hold fits for one or more of {list(KERNELS)}, "
+                                 f"got {sorted(self.decode)}")
+        for kernel, fit in self.decode.items():
+            _validate_fit(f"decode.{kernel}", fit, allowed=(DECODE_FEATURES[kernel],))
         for name in ("load_fixed_ms", "load_ms_per_rank", "cpu_assist_overhead"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
@@ -108,7 +110,7 @@ class PerfModel:
         self._p0 = float(coef[0])
         self._p_tok = float(coef[1])
         self._p_rt = float(coef[2]) if len(coef) == 3 else 0.0
-        self._dec = {k: tuple(float(c) for c in self.decode[k].coef) for k in KERNELS}
+        self._dec = {k: tuple(float(c) for c in fit.coef) for k, fit in self.decode.items()}
 
     # ------------------------------------------------------------------ predictions
     def predict_prefill_ms(self, tokens: int, rank: int = 0) -> float:
@@ -142,7 +144,10 @@ class PerfModel:
         try:
             d0, d_b, d_r = self._dec[kernel]
         except KeyError:
-            raise PerfModelError(f"unknown decode kernel {kernel!r}; expected one of {KERNELS}") from None
+            if kernel not in KERNELS:
+                raise PerfModelError(f"unknown decode kernel {kernel!r}; expected one of {KERNELS}") from None
+            raise PerfModelError(f"this perf model has no decode fit for kernel {kernel!r} "
+                                 f"(profiled: {sorted(self._dec)})") from None
         feature = batch * max_rank if kernel == "bgmv" else sum_ranks
         return d0 + d_b * batch + d_r * feature
 
@@ -178,7 +183,8 @@ class PerfModel:
         decode_pts = _decode_points(profile.get("decode"))
         load_pts = _load_points(profile.get("load", []))
         prefill = fit_prefill(prefill_pts)
-        decode = {k: fit_decode([p for p in decode_pts if p["kernel"] == k], k) for k in KERNELS}
+        decode = {k: fit_decode([p for p in decode_pts if p["kernel"] == k], k)
+                  for k in KERNELS if any(p["kernel"] == k for p in decode_pts)}
         load_kwargs = _fit_load(load_pts, profile.get("link"))
         cpu = profile.get("cpu_assist", {}) or {}
         return cls(prefill=prefill, decode=decode,
@@ -191,7 +197,7 @@ class PerfModel:
         return {
             "format": FORMAT, "version": VERSION, "metadata": self.metadata,
             "prefill": self.prefill.to_json(),
-            "decode": {k: self.decode[k].to_json() for k in KERNELS},
+            "decode": {k: self.decode[k].to_json() for k in KERNELS if k in self.decode},
             "load": {"fixed_ms": self.load_fixed_ms, "ms_per_rank": self.load_ms_per_rank,
                      "r2": self.load_r2, "n": self.load_n, "bandwidth_gbps": self.bandwidth_gbps,
                      "bytes_per_rank": self.bytes_per_rank},
@@ -218,10 +224,14 @@ class PerfModel:
         if not isinstance(metadata, Mapping):
             raise PerfModelError(f"{source}: metadata must be an object")
         decode = _require(data, "decode", Mapping, source)
+        bad = sorted(set(decode) - set(KERNELS))
+        if bad or not decode:
+            raise PerfModelError(f"{source}: decode must hold fits for one or more of {list(KERNELS)}, "
+                                 f"got {sorted(decode)}")
         return cls(
             prefill=_fit_from_json(_require(data, "prefill", Mapping, source), f"{source}: prefill"),
             decode={k: _fit_from_json(_require(decode, k, Mapping, f"{source}: decode"), f"{source}: decode.{k}")
-                    for k in KERNELS},
+                    for k in KERNELS if k in decode},
             load_fixed_ms=_number(load, "fixed_ms", f"{source}: load"),
             load_ms_per_rank=_number(load, "ms_per_rank", f"{source}: load"),
             load_r2=load.get("r2"), load_n=int(load.get("n", 0) or 0),
@@ -250,7 +260,8 @@ class PerfModel:
         lines = [f"PerfModel ({src}; device {self.metadata.get('device', '?')})",
                  f"  prefill ms = {_formula(self.prefill)}  (R^2 {_fmt_r2(self.prefill.r2)})"]
         for k in KERNELS:
-            lines.append(f"  decode {k} ms = {_formula(self.decode[k])}  (R^2 {_fmt_r2(self.decode[k].r2)})")
+            if k in self.decode:
+                lines.append(f"  decode {k} ms = {_formula(self.decode[k])}  (R^2 {_fmt_r2(self.decode[k].r2)})")
         lines.append(f"  load ms = {self.load_fixed_ms:.4g} + {self.load_ms_per_rank:.4g} * rank"
                      f"  (R^2 {_fmt_r2(self.load_r2)})")
         lines.append(f"  cpu-assist prefill overhead = {self.cpu_assist_overhead:.3g} x prefill")

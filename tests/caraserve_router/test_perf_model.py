@@ -100,7 +100,8 @@ def test_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.pop("decode"), "missing field 'decode'"),
-    (lambda d: d["decode"].pop("mbgmv"), "decode: missing field 'mbgmv'"),
+    (lambda d: d.update(decode={}), "decode must hold fits for one or more of"),
+    (lambda d: d["decode"].update(sgmv=d["decode"]["bgmv"]), "decode must hold fits for one or more of"),
     (lambda d: d["decode"]["bgmv"].update(coef=[1, 2]), "decode.bgmv: 'coef' must be 3"),
     (lambda d: d["decode"]["bgmv"].update(coef=[1, "x", 2]), "decode.bgmv: 'coef'"),
     (lambda d: d["prefill"].update(features=["const", "rank"], coef=[1, 2]), "prefill.features must be one of"),
@@ -133,7 +134,6 @@ def test_not_json_and_missing_file(tmp_path):
     (lambda p: p["decode"][0].update(ranks=[]), r"decode\[0\]: 'ranks'"),
     (lambda p: p["prefill"][1].update(tokens=0), r"prefill\[1\]: 'tokens' must be an integer >= 1"),
     (lambda p: p["prefill"][1].update(ms="fast"), r"prefill\[1\]: 'ms'"),
-    (lambda p: p.update(decode=[d for d in p["decode"] if d["kernel"] == "bgmv"]), "no decode points for kernel 'mbgmv'"),
 ])
 def test_bad_profile_refused(mutate, message):
     profile = synthetic_profile()
@@ -171,3 +171,18 @@ def test_shipped_reference_models_load():
         pm = PerfModel.load(f)
         assert pm.metadata.get("source")
         assert pm.predict_decode_step_ms([64] * 32, "bgmv") > pm.predict_decode_step_ms([8] * 32, "bgmv")
+
+
+def test_profile_of_one_kernel(tmp_path):
+    """An instance profiles the kernel it runs; the model then predicts that kernel only."""
+    profile = synthetic_profile()
+    profile["decode"] = [d for d in profile["decode"] if d["kernel"] == "mbgmv"]
+    pm = PerfModel.fit(profile)
+    assert set(pm.decode) == {"mbgmv"}
+    assert pm.decode["mbgmv"].coef == pytest.approx((19.0, 0.3, 0.004), rel=0.15)
+    with pytest.raises(PerfModelError, match="no decode fit for kernel 'bgmv'"):
+        pm.predict_decode_step_ms([8], "bgmv")
+    pm.save(tmp_path / "one.json")
+    back = PerfModel.load(tmp_path / "one.json")
+    assert back.predict_decode_step_ms([8, 16], "mbgmv") == pm.predict_decode_step_ms([8, 16], "mbgmv")
+    assert "bgmv" not in back.describe().replace("mbgmv", "")
