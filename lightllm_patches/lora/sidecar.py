@@ -51,7 +51,8 @@ log = logging.getLogger("caraserve.sidecar")
 START_TIMEOUT_S = 120.0  # k fresh processes importing torch on a loaded machine
 STOP_GRACE_S = 1.0  # workers see the stop word within a few ms; then they are killed
 KILL_WAIT_S = 2.0
-ENGINE_SPIN_POLLS = 2000  # done-word polls before the engine yields its core between polls
+ENGINE_SPIN_POLLS = 100  # done-word polls (about 50 us) before the engine naps between polls
+ENGINE_NAP_S = 20e-6
 LIVENESS_PERIOD_S = 0.001  # how often a waiting engine checks that participants are alive
 RESTART_BACKOFF_S = (0.0, 0.5, 10.0)  # first, second and cap of the delay after failed starts
 LATENCY_WINDOW = 4096  # calls kept for the latency percentiles
@@ -561,7 +562,9 @@ class CpuLoraSidecar:
                 return None
             polls += 1
             if polls > ENGINE_SPIN_POLLS:
-                os.sched_yield()  # on a small machine a worker may share this core
+                # A worker may need this very core (workers >= cores): sleeping hands it over at
+                # once, where sched_yield would let every other busy process run first.
+                time.sleep(ENGINE_NAP_S)
             if polls % 64 == 0:
                 now = time.perf_counter()
                 if now > deadline:

@@ -101,15 +101,22 @@ class AdapterCache:
         return host
 
     def sync(self) -> None:
-        """Close mappings whose slot changed since the last look (cheap when nothing did)."""
+        """After a table change: close mappings of cleared or reused slots and map new ones, so
+        the first job of an adapter does not pay for the attach. Cheap when nothing changed."""
         epoch = self.ctl.words[H_TABLE_EPOCH]
         if epoch == self.epoch:
             return
         self.epoch = epoch
-        for slot, (generation, _) in list(self.maps.items()):
-            entry = self.ctl.read_slot(slot)
-            if entry is None or entry[0] != generation:
+        for slot in range(self.ctl.layout.max_adapters):
+            generation = self.ctl.slot_generation(slot)
+            cached = self.maps.get(slot)
+            if cached is not None and cached[0] != generation:
                 self._close(slot)
+            if generation and slot not in self.maps:
+                try:
+                    self.get(slot)
+                except (OSError, LookupError) as e:  # gone again already; a job would report it
+                    log.warning("sidecar worker: cannot map adapter slot %d: %s", slot, e)
 
     def _close(self, slot: int) -> None:
         cached = self.maps.pop(slot, None)
@@ -170,6 +177,16 @@ class Worker:
         self.groups: list[GroupShape] = [shapes.group(g) for g in GROUPS]
         self.adapters = AdapterCache(ctl, shapes)
         self.waiter = Waiter(ctl, index, policy, self.adapters.sync)
+
+    def warm_up(self) -> None:
+        """One small delta per group shape: the first matmul of a process pays for the math
+        library's set-up, which must not land on a job (or count against the deadline)."""
+        for shape in self.groups:
+            x = torch.randn(4, shape.in_features)
+            a = torch.randn(2, shape.num_slices, shape.in_features)
+            b = torch.randn(2, shape.out_total)
+            lora_delta(x, a, b, (2,) * shape.num_slices, shape.slice_offsets, torch.empty(4, shape.out_total))
+        self.adapters.sync()
 
     def run(self) -> None:
         words, ctl = self.ctl.words, self.ctl
@@ -242,6 +259,7 @@ def main(argv: Optional[list] = None) -> int:
     ctl = ControlBlock.attach(args.control)
     worker = Worker(ctl, args.index, ModelShapes(**json.loads(args.shapes)), WaitPolicy(args.spin_iters))
     try:
+        worker.warm_up()
         worker.run()
     finally:
         worker.close()
