@@ -41,7 +41,8 @@ def check_against_peft(model_dir, dirs, names, outs):
 
 
 @pytest.mark.parametrize("mode,kernel", [("cached", "mbgmv"), ("on-demand", "mbgmv"), ("pipeline", "mbgmv"),
-                                         ("cached", "bgmv"), ("pipeline", "bgmv")])
+                                         ("cpu-assist", "mbgmv"), ("cached", "bgmv"), ("pipeline", "bgmv"),
+                                         ("cpu-assist", "bgmv")])
 def test_mixed_batch_matches_peft(adapters, mode, kernel):
     model_dir, dirs = adapters
     names = [dirs[0].name, None, dirs[2].name, dirs[3].name, dirs[4].name, dirs[5].name]
@@ -82,3 +83,39 @@ def test_eviction_and_reload_keep_outputs(adapters):
     for r, (small, large) in enumerate(zip(results["small"], results["large"])):
         for s in range(3):
             assert_close(small[s], large[s], atol=0, rtol=0, msg=f"round {r} step {s}")
+
+
+def test_cpu_assist_slow_link_uses_the_sidecar(adapters):
+    """With a link so slow that no layer lands during the steps, every LoRA term of the cold
+    adapters comes from the CPU sidecar, and the result is still PEFT's."""
+    model_dir, dirs = adapters
+    names = [dirs[0].name, None, dirs[2].name, dirs[3].name, dirs[4].name, dirs[5].name]
+    engine = lora_engine(model_dir, dirs, mode="cpu-assist", pool_mb=16, max_rank=8, link_bandwidth_mbps=0.001)
+    try:
+        outs = engine.run(PROMPTS, names, STEPS)
+        counters = engine.runtime.counters
+        assert counters["sidecar_calls"] > 0 and counters["sidecar_fallbacks"] == 0
+        assert counters["layer_wait_s"] == 0
+    finally:
+        engine.close()
+    check_against_peft(model_dir, dirs, names, outs)
+
+
+def test_forced_split_equals_device_only(adapters):
+    """Layers 0..k-1 from the sidecar and k.. from the device kernel give the device-only logits."""
+    model_dir, dirs = adapters
+    names = [dirs[2].name, dirs[4].name, None]
+    engine = lora_engine(model_dir, dirs, mode="cpu-assist", pool_mb=16, max_rank=8)
+    try:
+        device_only = engine.run(PROMPTS[:3], names, 2)
+        for name in set(n for n in names if n):
+            residency = engine.runtime.pool.get(name).residency
+            residency.wait_all()
+            residency.ready_at[0] = float("inf")  # layer 0 not resident: the sidecar computes it
+        calls = engine.runtime.counters["sidecar_calls"]
+        split = engine.run(PROMPTS[:3], names, 2)
+        assert engine.runtime.counters["sidecar_calls"] > calls
+    finally:
+        engine.close()
+    for s in range(3):
+        assert_close(split[s], device_only[s], msg=f"step {s}")
