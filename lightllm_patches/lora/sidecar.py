@@ -39,6 +39,7 @@ import weakref
 from multiprocessing import shared_memory
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..configs import SidecarConfig
@@ -242,6 +243,27 @@ class _CudaPath:
         self.base = None
         self.seq.clear()
         self.last_copy = None
+
+
+# Host copies and adds of the CPU path go through numpy where it has the dtype: they are short,
+# memory-bound, and torch would split them over an OpenMP team whose barrier then waits for a
+# thread sharing a core with a polling worker (measured: 20 ms instead of 1 ms per call on 2 cores).
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.dtype == src.dtype and dst.dtype in _NUMPY_DTYPES:
+        np.copyto(dst.numpy(), src.detach().numpy())
+    else:
+        dst.copy_(src)
+
+
+def _add_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.dtype == src.dtype and dst.dtype in _NUMPY_DTYPES and not dst.requires_grad:
+        view = dst.numpy()
+        np.add(view, src.numpy(), out=view)
+    else:
+        dst += src
 
 
 def _runs(indices: list) -> list:
@@ -532,7 +554,7 @@ class CpuLoraSidecar:
             return
         packed = self._ctl.input_rows(job.rows, in_features)  # [rows, IN]
         for start, end, _, pos in job.pieces:
-            packed[pos : pos + end - start].copy_(x[start:end])
+            _copy_rows(packed[pos : pos + end - start], x[start:end])
 
     def _post(self, job: _Job, participants: list, shape) -> int:
         """Write the descriptor (the job words are bumped by the caller); returns the sequence."""
@@ -591,7 +613,7 @@ class CpuLoraSidecar:
             return
         delta = self._ctl.output_rows(job.rows, out_features)  # [rows, OUT]
         for start, end, _, pos in job.pieces:
-            out[start:end] += delta[pos : pos + end - start]
+            _add_rows(out[start:end], delta[pos : pos + end - start])
 
     def _fallback(self, reason: str, detail: str) -> bool:
         self.stats_.fallbacks[reason] += 1
@@ -671,23 +693,18 @@ class CpuLoraSidecar:
                 self._ctl.words[H_ARMED] = was_armed
                 self.unregister_adapter(name)
                 adapter.close()
-            per_token = (times[1] - times[0]) / max(1, sizes[1] - sizes[0])
-            fixed = times[0] - per_token * sizes[0]
-            budget = budget_ms / 1e3
-            if per_token <= 0:
-                c = self.max_tokens
-            else:
-                c = int(max(1, min(self.max_tokens, (budget - fixed) // per_token)))
+            c, fixed, per_token = _fit_tokens_per_core(sizes, times, budget_ms / 1e3, self.max_tokens)
             self.tokens_per_core = c
             self.profile = {"budget_ms": budget_ms, "rank": rank, "sizes": sizes,
                             "layer_ms": [1e3 * t for t in times], "fixed_us": 1e6 * fixed,
                             "per_token_us": 1e6 * per_token,
-                            "tokens_per_ms": 1e-3 / per_token if per_token > 0 else None, "tokens_per_core": c}
+                            "tokens_per_ms": 1e-3 / per_token, "tokens_per_core": c}
             log.info("sidecar profile: %s", self.profile)
             return c
 
     def _time_layer(self, name: str, tokens: int) -> float:
-        """Median seconds of one layer's four group calls for `tokens` rows on one worker."""
+        """Seconds of one layer's four group calls for `tokens` rows on one worker: per group the
+        fastest of a few calls after a warm-up one (the least disturbed by other processes)."""
         total = 0.0
         for group in GROUPS:
             shape = self.shapes.group(group)
@@ -695,12 +712,12 @@ class CpuLoraSidecar:
             out = torch.zeros(tokens, shape.out_total, dtype=self.dtype)
             job = self._pack(0, group, [(0, tokens, name)], tokens)
             samples = []
-            for _ in range(PROFILE_REPEATS):
+            for _ in range(PROFILE_REPEATS + 1):
                 start = time.perf_counter()
                 if not self._run(job, x, out, max_workers=1):
                     raise RuntimeError("sidecar profiling call failed (see the log)")
                 samples.append(time.perf_counter() - start)
-            total += sorted(samples)[len(samples) // 2]
+            total += min(samples[1:])
         return total
 
     def stats(self) -> dict:
@@ -712,14 +729,27 @@ class CpuLoraSidecar:
                     "profile": self.profile, **self.stats_.as_dict()}
 
 
+def _fit_tokens_per_core(sizes: list, times: list, budget: float, max_tokens: int) -> tuple[int, float, float]:
+    """(c, fixed s, s per token) from layer times at two sizes: t(T) = fixed + per_token * T.
+    A noisy, non-increasing pair falls back to no fixed part. When the fixed part alone
+    exceeds the budget no split meets it, and c = 1 spreads every call over all workers."""
+    per_token = (times[1] - times[0]) / max(1, sizes[1] - sizes[0])
+    fixed = times[0] - per_token * sizes[0]
+    if per_token <= 0 or fixed < 0:
+        per_token, fixed = times[1] / sizes[1], 0.0
+    c = int((budget - fixed) // per_token) if budget > fixed else 1
+    return max(1, min(max_tokens, c)), fixed, per_token
+
+
 class _ProfileAdapter:
     """A random adapter of one rank, in its own segment, for profiling only."""
 
-    def __init__(self, shapes: ModelShapes, dtype: torch.dtype, shm_name: str, rank: int):
+    def __init__(self, shapes: ModelShapes, dtype: torch.dtype, shm_name: str, rank: int,
+                 name: str = "__sidecar_profile__"):
         layout = HostLayout(shapes, rank)
         nbytes = layout.total_floats() * torch.empty((), dtype=dtype).element_size()
         shm = shared_memory.SharedMemory(name=shm_name, create=True, size=nbytes)
-        spec = AdapterSpec(name="__sidecar_profile__", path="", rank=rank,
+        spec = AdapterSpec(name=name, path="", rank=rank,
                            slice_ranks={g: (rank,) * shapes.group(g).num_slices for g in GROUPS},
                            target_modules=(), layers=(), use_rslora=False)
         self.host = HostAdapter(spec, layout, dtype, shm, owner=True)
@@ -728,3 +758,139 @@ class _ProfileAdapter:
 
     def close(self) -> None:
         self.host.close()
+
+
+# ---------------------------------------------------------------------------------- benchmark
+
+# The default model (SmolLM2-135M-Instruct); --model-dir takes another's config.json.
+DEFAULT_SHAPES = ModelShapes(num_layers=30, hidden=576, num_heads=9, num_kv_heads=3, head_dim=64, intermediate=1536)
+
+
+def _percentiles_ms(samples: list) -> dict:
+    samples = sorted(samples)
+    return {"median_ms": 1e3 * samples[len(samples) // 2],
+            "p99_ms": 1e3 * samples[min(len(samples) - 1, int(0.99 * len(samples)))]}
+
+
+def _bench_inline(shapes: ModelShapes, rank: int, tokens: int, repeats: int) -> dict:
+    """The worker's kernel (`lora_delta`) in this process, one thread: compute with no IPC."""
+    from .sidecar_worker import lora_delta
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = {}
+        for group in GROUPS:
+            shape = shapes.group(group)
+            x = torch.randn(tokens, shape.in_features)
+            a = torch.randn(rank, shape.num_slices, shape.in_features)
+            b = torch.randn(rank, shape.out_total)
+            out = torch.empty(tokens, shape.out_total)
+            samples = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                lora_delta(x, a, b, (rank,) * shape.num_slices, shape.slice_offsets, out)
+                samples.append(time.perf_counter() - start)
+            result[group] = _percentiles_ms(samples[1:])
+        return result
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_calls(sidecar: CpuLoraSidecar, name: str, tokens: int, repeats: int) -> dict:
+    """Engine-side latency of compute() per group (copy in, workers, copy out), armed, cycling
+    through the layers so each call reads a layer block that was not just used."""
+    result = {}
+    sidecar.arm()
+    try:
+        for group in GROUPS:
+            shape = sidecar.shapes.group(group)
+            x = torch.randn(tokens, shape.in_features).to(sidecar.dtype)
+            out = torch.zeros(tokens, shape.out_total, dtype=sidecar.dtype)
+            samples = []
+            for i in range(repeats + 1):
+                start = time.perf_counter()
+                if not sidecar.compute(i % sidecar.shapes.num_layers, group, x, [(0, tokens, name)], out):
+                    raise RuntimeError("benchmark call fell back (see the log)")
+                samples.append(time.perf_counter() - start)
+            result[group] = _percentiles_ms(samples[1:])
+    finally:
+        sidecar.disarm()
+    return result
+
+
+def benchmark(shapes: ModelShapes, dtype: torch.dtype, workers: list, ranks: list, tokens: int,
+              roundtrips: int, repeats: int) -> dict:
+    """Round trips, per-group call latency per rank and worker count, inline kernel times, and
+    the profiled tokens per core (with one worker)."""
+    import uuid
+
+    report: dict = {"shapes": dataclasses.asdict(shapes), "dtype": str(dtype), "tokens": tokens,
+                    "inline": {r: _bench_inline(shapes, r, tokens, repeats) for r in ranks}, "runs": {}}
+    for k in workers:
+        prefix = "scbench" + uuid.uuid4().hex[:8]
+        # c = 1: every call uses all k workers, so the numbers show the k-way split
+        sidecar = CpuLoraSidecar(SidecarConfig(workers=k, tokens_per_core=1), shapes, dtype, prefix, tokens)
+        try:
+            sidecar.start()
+            run = {"roundtrip_us": sidecar.sync_roundtrip_us(roundtrips), "calls": {}}
+            for rank in ranks:
+                adapter = _ProfileAdapter(shapes, dtype, f"{prefix}_r{rank}", rank, name=f"bench-r{rank}")
+                try:
+                    sidecar.register_adapter(adapter.host)
+                    run["calls"][rank] = _bench_calls(sidecar, adapter.host.spec.name, tokens, repeats)
+                finally:
+                    sidecar.unregister_adapter(adapter.host.spec.name)
+                    adapter.close()
+            if k == 1:
+                sidecar.profile_tokens_per_core()
+                run["profile"] = sidecar.profile
+            run["stats"] = sidecar.stats()
+            report["runs"][k] = run
+        finally:
+            sidecar.stop()
+    return report
+
+
+def _print_report(report: dict) -> None:
+    print(f"tokens {report['tokens']}, dtype {report['dtype']}, shapes {report['shapes']}")
+    for k, run in report["runs"].items():
+        rt = run["roundtrip_us"]
+        print(f"\n{k} worker(s): sync round trip median {rt['median_us']:.1f} us, p99 {rt['p99_us']:.1f} us")
+        print("rank | " + " | ".join(f"{g} median/p99 ms" for g in GROUPS) + " | layer (sum of medians) ms")
+        for rank, groups in run["calls"].items():
+            cells = " | ".join(f"{groups[g]['median_ms']:.3f} / {groups[g]['p99_ms']:.3f}" for g in GROUPS)
+            print(f"{rank} | {cells} | {sum(groups[g]['median_ms'] for g in GROUPS):.3f}")
+        if "profile" in run:
+            print(f"profile: {run['profile']}")
+    print("\ninline lora_delta, one thread, no IPC (median ms):")
+    for rank, groups in report["inline"].items():
+        print(f"{rank} | " + " | ".join(f"{groups[g]['median_ms']:.3f}" for g in GROUPS))
+
+
+def main(argv: Optional[list] = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Benchmark the CPU LoRA sidecar on this machine")
+    parser.add_argument("--model-dir", default=None, help="take shapes from this model's config.json "
+                        "(default: SmolLM2-135M's)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--roundtrips", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--json", default=None, help="also write the report here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    shapes = ModelShapes.from_model_dir(args.model_dir) if args.model_dir else DEFAULT_SHAPES
+    report = benchmark(shapes, getattr(torch, args.dtype), args.workers, args.ranks, args.tokens,
+                       args.roundtrips, args.repeats)
+    _print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

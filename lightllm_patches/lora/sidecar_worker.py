@@ -75,20 +75,43 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_ranks: t
             cols.copy_(y[:, :rs, s] @ b[:rs, offsets[s] : offsets[s + 1]].float())
 
 
+class MappedAdapter:
+    """One attached adapter segment and the views of its (layer, group) blocks, made once: the
+    layout arithmetic costs more than a small job's matmuls."""
+
+    def __init__(self, host: HostAdapter, generation: int):
+        self.host = host
+        self.generation = generation
+        self.slice_ranks = host.spec.slice_ranks
+        self._blocks: dict[tuple, tuple] = {}
+
+    def blocks(self, layer: int, group: str) -> tuple:
+        """(A [R, S, IN], B [R, OUT_TOTAL]) of `group` in `layer`."""
+        key = (layer, group)
+        views = self._blocks.get(key)
+        if views is None:
+            views = self._blocks[key] = (self.host.block(layer, group, "A"), self.host.block(layer, group, "B"))
+        return views
+
+    def close(self) -> None:
+        self._blocks.clear()  # views pin the mapping; drop them before unmapping
+        self.host.close()
+
+
 class AdapterCache:
-    """Adapters this worker has mapped, by table slot; attached on first use, closed when the
-    engine clears or reuses their slot."""
+    """Adapters this worker has mapped, by table slot; attached on first use (or while idle, after
+    a table change), closed when the engine clears or reuses their slot."""
 
     def __init__(self, ctl: ControlBlock, shapes: ModelShapes):
         self.ctl = ctl
         self.shapes = shapes
-        self.maps: dict[int, tuple[int, HostAdapter]] = {}  # slot -> (generation, mapping)
+        self.maps: dict[int, MappedAdapter] = {}
         self.epoch = -1
 
-    def get(self, slot: int) -> HostAdapter:
+    def get(self, slot: int) -> MappedAdapter:
         cached = self.maps.get(slot)
-        if cached is not None and cached[0] == self.ctl.slot_generation(slot):
-            return cached[1]
+        if cached is not None and cached.generation == self.ctl.slot_generation(slot):
+            return cached
         self._close(slot)
         entry = self.ctl.read_slot(slot)
         if entry is None:
@@ -96,9 +119,9 @@ class AdapterCache:
         generation, rank, flat_ranks, shm_name = entry
         spec = AdapterSpec(name=shm_name, path="", rank=rank, slice_ranks=group_slice_ranks(flat_ranks),
                            target_modules=(), layers=(), use_rslora=False)
-        host = HostAdapter.attach(spec, self.shapes, self.ctl.layout.dtype, shm_name)
-        self.maps[slot] = (generation, host)
-        return host
+        mapped = MappedAdapter(HostAdapter.attach(spec, self.shapes, self.ctl.layout.dtype, shm_name), generation)
+        self.maps[slot] = mapped
+        return mapped
 
     def sync(self) -> None:
         """After a table change: close mappings of cleared or reused slots and map new ones, so
@@ -110,7 +133,7 @@ class AdapterCache:
         for slot in range(self.ctl.layout.max_adapters):
             generation = self.ctl.slot_generation(slot)
             cached = self.maps.get(slot)
-            if cached is not None and cached[0] != generation:
+            if cached is not None and cached.generation != generation:
                 self._close(slot)
             if generation and slot not in self.maps:
                 try:
@@ -119,9 +142,9 @@ class AdapterCache:
                     log.warning("sidecar worker: cannot map adapter slot %d: %s", slot, e)
 
     def _close(self, slot: int) -> None:
-        cached = self.maps.pop(slot, None)
-        if cached is not None:
-            cached[1].close()
+        mapped = self.maps.pop(slot, None)
+        if mapped is not None:
+            mapped.close()
 
     def close(self) -> None:
         for slot in list(self.maps):
@@ -223,9 +246,9 @@ class Worker:
             return False
 
     def _segment(self, layer: int, shape: GroupShape, slot: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        host = self.adapters.get(slot)
-        lora_delta(x, host.block(layer, shape.name, "A"), host.block(layer, shape.name, "B"),
-                   host.spec.slice_ranks[shape.name], shape.slice_offsets, out)
+        adapter = self.adapters.get(slot)
+        a, b = adapter.blocks(layer, shape.name)
+        lora_delta(x, a, b, adapter.slice_ranks[shape.name], shape.slice_offsets, out)
 
     def close(self) -> None:
         self.adapters.close()
