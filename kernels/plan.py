@@ -32,10 +32,12 @@ import torch
 
 from ._checks import fail
 
-# Adapters used by at least this many rows of a batch go through one matmul (BLAS reuses each
-# A row across the rows); below it the sampled matmul wins (no per-group Python, no copy).
-# Measured on the dev machine (AMD EPYC, 1 thread, qkv at 576 / 576+192+192): see docs/KERNELS.md.
-DENSE_MIN_ROWS = 4
+# Adapters used by at least this many rows of a batch go through one matmul. Measured with cold
+# caches (AMD EPYC, 1 thread, qkv 576 -> 576/192/192): the sampled matmul already finds a shared
+# adapter's rows in L2 after its first row, so smaller groups only add ops (zipf batches of 32-64
+# rows: groups of 4-8 rows cost up to +25 %); one adapter for 32-64 rows of rank 16-64 is ~1.8x
+# faster as a matmul.
+DENSE_MIN_ROWS = 16
 
 
 @dataclass(frozen=True)
