@@ -18,8 +18,9 @@ shared and noisy):
    least-squares line, R^2, and the PerfModel's 3-feature fit (const, batch, feature).
 
 Results go to --out (JSON) and a PNG plot beside it. Progress goes to stderr.
-Pools hold random values. Caches are flushed before every timed CPU call: in a serving step a
-LoRA call reads weights last touched a whole step (all layers' weights) earlier.
+Pools hold random values. Two timings per call (see Timer): "cold" (weights come from memory,
+as in a serving step, where a layer's LoRA weights were last read a step ago; the primary
+number) and "warm" (a repeated call, weights cached).
 """
 from __future__ import annotations
 
@@ -60,12 +61,12 @@ def log(message: str) -> None:
 
 @dataclass
 class GroupPool:
-    """One group's pool, A [P, S, IN] / B [P, OUT_TOTAL], P = max_rows * RS pages (NS = max_rows slots)."""
+    """One group's pools of two layers: A [P, S, IN], B [P, OUT_TOTAL]; P = max_rows * RS pages."""
     name: str
     in_features: int
     out_features: tuple[int, ...]
-    A: torch.Tensor
-    B: torch.Tensor
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
     slot_rank: int
 
     @property
@@ -89,8 +90,9 @@ def make_pools(names, max_rows: int, dtype, device, gen) -> dict[str, GroupPool]
     pools = {}
     for name in names:
         in_features, outs = GROUPS[name]
-        A = (torch.randn(pages, len(outs), in_features, generator=gen) / in_features ** 0.5).to(device, dtype)
-        B = (0.1 * torch.randn(pages, sum(outs), generator=gen)).to(device, dtype)
+        A = [(torch.randn(pages, len(outs), in_features, generator=gen) / in_features ** 0.5).to(device, dtype)
+             for _layer in range(2)]
+        B = [(0.1 * torch.randn(pages, sum(outs), generator=gen)).to(device, dtype) for _layer in range(2)]
         pools[name] = GroupPool(name, in_features, outs, A, B, slot_rank)
     return pools
 
@@ -160,25 +162,25 @@ class Case:
         self.slot_plan = kernels.plan_slots(batch.slots, batch.max_rank, pool.slot_rank, s)
         self.rows = [(batch.page_table[i, :r].long(), r) for i, r in enumerate(batch.ranks)]
 
-    def mbgmv(self, backend: str, plan: bool = True) -> None:
+    def mbgmv(self, layer: int, backend: str, plan: bool = True) -> None:
         p, b = self.pool, self.batch
         use = self.plan if plan else None
-        kernels.mbgmv_shrink(self.x, p.A, b.page_table, self.ranks, self.y, plan=use, backend=backend)
-        kernels.mbgmv_expand(self.y, p.B, b.page_table, self.ranks, self.scales, self.offsets, self.out,
+        kernels.mbgmv_shrink(self.x, p.A[layer], b.page_table, self.ranks, self.y, plan=use, backend=backend)
+        kernels.mbgmv_expand(self.y, p.B[layer], b.page_table, self.ranks, self.scales, self.offsets, self.out,
                              plan=use, backend=backend)
 
-    def bgmv(self, backend: str) -> None:
+    def bgmv(self, layer: int, backend: str) -> None:
         p, b = self.pool, self.batch
-        A = p.A.view(-1, p.slot_rank, p.slices, p.in_features)
-        B = p.B.view(-1, p.slot_rank, p.out_total)
+        A = p.A[layer].view(-1, p.slot_rank, p.slices, p.in_features)
+        B = p.B[layer].view(-1, p.slot_rank, p.out_total)
         kernels.bgmv_shrink(self.x, A, b.slots, self.y, plan=self.slot_plan, backend=backend)
         kernels.bgmv_expand(self.y, B, b.slots, self.scales, self.offsets, self.out, plan=self.slot_plan,
                             backend=backend)
 
-    def loop(self) -> None:
+    def loop(self, layer: int) -> None:
         """Naive per-request loop: gather the request's pages, one matmul per slice."""
         p = self.pool
-        A, B, offsets = p.A, p.B, self.offsets.tolist()
+        A, B, offsets = p.A[layer], p.B[layer], self.offsets.tolist()
         for i, (pages, rank) in enumerate(self.rows):
             a = A.index_select(0, pages)                                            # [r, S, IN]
             b = B.index_select(0, pages)                                            # [r, OUT_TOTAL]
@@ -189,18 +191,18 @@ class Case:
 
 def cpu_paths() -> dict:
     return {
-        "loop": lambda case: case.loop(),
-        "cpu_mbgmv": lambda case: case.mbgmv("cpu"),
-        "cpu_mbgmv_noplan": lambda case: case.mbgmv("cpu", plan=False),
-        "cpu_bgmv": lambda case: case.bgmv("cpu"),
+        "loop": lambda case, layer: case.loop(layer),
+        "cpu_mbgmv": lambda case, layer: case.mbgmv(layer, "cpu"),
+        "cpu_mbgmv_noplan": lambda case, layer: case.mbgmv(layer, "cpu", plan=False),
+        "cpu_bgmv": lambda case, layer: case.bgmv(layer, "cpu"),
     }
 
 
 def cuda_paths() -> dict:
     return {
-        "loop": lambda case: case.loop(),
-        "triton_mbgmv": lambda case: case.mbgmv("triton"),
-        "triton_bgmv": lambda case: case.bgmv("triton"),
+        "loop": lambda case, layer: case.loop(layer),
+        "triton_mbgmv": lambda case, layer: case.mbgmv(layer, "triton"),
+        "triton_bgmv": lambda case, layer: case.bgmv(layer, "triton"),
     }
 
 
@@ -210,10 +212,15 @@ PATHS = {"cpu": cpu_paths, "cuda": cuda_paths}
 # -- timing ------------------------------------------------------------------------------------
 
 class Timer:
-    """Median wall time of a call with cold caches: on the CPU, interleaved repeats, each call
-    preceded by a write over a buffer larger than the last-level cache (in a serving step every
-    LoRA call reads weights last touched a whole step earlier); on CUDA, do_bench (which
-    clears the L2 cache itself)."""
+    """Median wall time of a call, two ways, side by side (interleaved repeats on the CPU).
+
+    cold: the caches are flushed (a write over more than the last-level cache), the same call
+          runs once on the other layer's pool (so code and the plan's index tensors are cached,
+          as they would be in a serving step), then the call is timed on layer 0: its weights come
+          from memory, as in a step where every layer's LoRA weights were last read a step ago.
+    warm: the same call timed again at once (weights in cache; the best case).
+    On CUDA both are triton.testing.do_bench medians (it clears the L2 cache itself).
+    """
 
     FLUSH_BYTES = 48 << 20
 
@@ -221,21 +228,24 @@ class Timer:
         self.device, self.repeats = device, repeats
         self.scratch = torch.zeros(self.FLUSH_BYTES // 4) if device.type == "cpu" else None
 
-    def side_by_side(self, calls: dict) -> dict[str, float]:
-        """calls: name -> fn(). Returns name -> median ms."""
+    def side_by_side(self, calls: dict) -> dict[str, dict[str, float]]:
+        """calls: name -> fn(layer). Returns name -> {"cold": ms, "warm": ms} (medians)."""
         if self.device.type == "cuda":
             import triton.testing
-            return {name: triton.testing.do_bench(fn, return_mode="median") for name, fn in calls.items()}
-        samples = {name: [] for name in calls}
+            return {name: dict.fromkeys(("cold", "warm"), triton.testing.do_bench(lambda f=fn: f(0), return_mode="median"))
+                    for name, fn in calls.items()}
+        samples = {name: {"cold": [], "warm": []} for name in calls}
         for fn in calls.values():
-            fn()                                                                    # warm-up
+            fn(0), fn(1)                                                            # warm-up
         for _ in range(self.repeats):
             for name, fn in calls.items():
                 self.scratch.add_(1.0)                                              # evict the caches
-                start = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - start) * 1e3)
-        return {name: statistics.median(values) for name, values in samples.items()}
+                fn(1)                                                               # code, plan: cached again
+                for kind in ("cold", "warm"):
+                    start = time.perf_counter()
+                    fn(0)
+                    samples[name][kind].append((time.perf_counter() - start) * 1e3)
+        return {name: {kind: statistics.median(v) for kind, v in s.items()} for name, s in samples.items()}
 
 
 def plan_cost_ms(case: Case, repeats: int) -> float:
@@ -258,17 +268,20 @@ def decode_table(args, pools, device, gen, timer) -> list[dict]:
     rows_out = []
     for mix in args.mixes:
         for batch_size in args.batches:
-            batch = draw_batch(mix, batch_size, pool.A.shape[0], pool.slot_rank, device, gen, args.scattered)
+            batch = draw_batch(mix, batch_size, pool.A[0].shape[0], pool.slot_rank, device, gen, args.scattered)
             case = Case(pool, batch, args.dtype, device, gen)
-            ms = timer.side_by_side({name: (lambda f=f: f(case)) for name, f in paths.items()})
+            timed = timer.side_by_side({name: (lambda layer, f=f: f(case, layer)) for name, f in paths.items()})
+            ms = {name: t["cold"] for name, t in timed.items()}
+            warm = {name: t["warm"] for name, t in timed.items()}
             row = {"group": "qkv", "mix": mix, "batch": batch_size, "adapters": len(set(batch.users)),
-                   "sum_ranks": batch.sum_ranks, "max_rank": batch.max_rank, "ms": ms,
-                   "speedup_vs_loop": {k: ms["loop"] / v for k, v in ms.items() if k != "loop"}}
+                   "sum_ranks": batch.sum_ranks, "max_rank": batch.max_rank, "ms": ms, "ms_warm": warm,
+                   "speedup_vs_loop": {k: ms["loop"] / v for k, v in ms.items() if k != "loop"},
+                   "speedup_vs_loop_warm": {k: warm["loop"] / v for k, v in warm.items() if k != "loop"}}
             if device.type == "cpu":
                 row["plan_ms"] = plan_cost_ms(case, 5)
             rows_out.append(row)
-            log(f"decode qkv {mix:>10} batch {batch_size:>2}: " +
-                "  ".join(f"{k} {v * 1e3:8.1f}us" for k, v in ms.items()))
+            log(f"decode qkv {mix:>10} batch {batch_size:>2} (cold / warm us): " +
+                "  ".join(f"{k} {ms[k] * 1e3:.0f} / {warm[k] * 1e3:.0f}" for k in ms))
     return rows_out
 
 
@@ -278,15 +291,17 @@ def profile(args, pools, device, gen, timer) -> dict:
     points = []
     for batch_size in args.batches:
         for _ in range(args.profile_draws):
-            batch = draw_batch("mixed", batch_size, pools["qkv"].A.shape[0], pools["qkv"].slot_rank, device, gen,
+            batch = draw_batch("mixed", batch_size, pools["qkv"].A[0].shape[0], pools["qkv"].slot_rank, device, gen,
                                args.scattered)
             cases = [Case(pool, batch, args.dtype, device, gen) for pool in pools.values()]
-            ms = timer.side_by_side({
-                "bgmv": lambda: [c.bgmv(backend) for c in cases],
-                "mbgmv": lambda: [c.mbgmv(backend) for c in cases],
+            timed = timer.side_by_side({
+                "bgmv": lambda layer: [c.bgmv(layer, backend) for c in cases],
+                "mbgmv": lambda layer: [c.mbgmv(layer, backend) for c in cases],
             })
-            for kernel, value in ms.items():
-                points.append({"kernel": kernel, "batch": batch_size, "ranks": batch.ranks, "ms": value})
+            ms = {kernel: t["cold"] for kernel, t in timed.items()}
+            for kernel, t in timed.items():
+                points.append({"kernel": kernel, "batch": batch_size, "ranks": batch.ranks, "ms": t["cold"],
+                               "ms_warm": t["warm"]})
             log(f"profile batch {batch_size:>2} sum {batch.sum_ranks:>4} max {batch.max_rank:>2}: "
                 f"bgmv {ms['bgmv']:.3f} ms  mbgmv {ms['mbgmv']:.3f} ms")
     return {"points": points, "fits": {k: fits(points, k) for k in ("bgmv", "mbgmv")}}
@@ -339,7 +354,7 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["decode"] if r["mix"] == "mixed"] or result["decode"]
     for name in rows[0]["ms"]:
         axes[0].plot([r["batch"] for r in rows], [r["ms"][name] * 1e3 for r in rows], marker="o", label=name)
-    axes[0].set(xscale="log", yscale="log", xlabel="batch size", ylabel="qkv shrink+expand (us)",
+    axes[0].set(xscale="log", yscale="log", xlabel="batch size", ylabel="qkv shrink+expand, cold weights (us)",
                 title=f"decode, ranks mixed from {list(RANKS)}, one adapter per row")
     axes[0].legend()
     for ax, kernel in zip(axes[1:], ("bgmv", "mbgmv")):
@@ -350,7 +365,7 @@ def plot(result: dict, path: Path) -> None:
         line = [min(xs), max(xs)]
         ax.plot(line, [fit["intercept_ms"] + fit["slope_ms"] * v for v in line], color="k",
                 label=f"{fit['intercept_ms']:.3f} + {fit['slope_ms']:.2e} x, R^2 {fit['r2']:.3f}")
-        ax.set(xlabel=fit["feature"], ylabel="one layer's LoRA (ms)", title=f"{kernel} profile")
+        ax.set(xlabel=fit["feature"], ylabel="one layer's LoRA, cold weights (ms)", title=f"{kernel} profile")
         ax.legend()
     fig.suptitle(f"{result['meta']['machine']} ({result['meta']['date']})", fontsize=9)
     fig.tight_layout()
@@ -387,7 +402,7 @@ def main(argv=None) -> dict:
     result = {"meta": {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
         "device": device.type, "dtype": str(args.dtype), "torch": torch.__version__, "repeats": args.repeats,
-        "caches": "cold (flushed before every timed call)", "groups": {k: {"in": v[0], "out": list(v[1])} for k, v in GROUPS.items()},
+        "caches": "ms: cold weights (caches flushed, code and plan re-cached), ms_warm: repeated call", "groups": {k: {"in": v[0], "out": list(v[1])} for k, v in GROUPS.items()},
         "statistic": "median ms per call of shrink + expand", "pages": "scattered at random" if args.scattered else "one contiguous run per adapter",
         "note": "profile = one layer's LoRA work (qkv, o, gate_up, down shrink + expand), not a whole step",
     }}
