@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -52,7 +51,13 @@ log = logging.getLogger("caraserve.sidecar")
 START_TIMEOUT_S = 120.0  # k fresh processes importing torch on a loaded machine
 STOP_GRACE_S = 1.0  # workers see the stop word within a few ms; then they are killed
 KILL_WAIT_S = 2.0
-ENGINE_SPIN_POLLS = 100  # done-word polls (about 50 us) before the engine naps between polls
+# Done-word polls before the waiting engine naps ENGINE_NAP_S between polls: short when the
+# workers cover every core (one of them needs the engine's core: a nap hands it over at once,
+# where spinning or sched_yield lets every other busy process run first), long when a core is
+# left for the engine (about 1 ms: a typical call ends while spinning; an engine the kernel put
+# on a worker's core loses at most that much before it naps).
+ENGINE_SPIN_POLLS_SHARED = 100  # about 50 us
+ENGINE_SPIN_POLLS_SPARE = 2000
 ENGINE_NAP_S = 20e-6
 LIVENESS_PERIOD_S = 0.001  # how often a waiting engine checks that participants are alive
 RESTART_BACKOFF_S = (0.0, 0.5, 10.0)  # first, second and cap of the delay after failed starts
@@ -301,6 +306,7 @@ class CpuLoraSidecar:
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
         self.num_workers = config.workers or max(1, len(cores))
         self.cores = cores
+        self._spin_polls = ENGINE_SPIN_POLLS_SPARE if self.num_workers < len(cores) else ENGINE_SPIN_POLLS_SHARED
         max_in, max_out = max_features(shapes)
         self.layout = ControlLayout(workers=self.num_workers, max_tokens=max_tokens, max_in=max_in,
                                     max_out=max_out, max_segments=max_segments, max_adapters=max_adapters,
@@ -583,11 +589,10 @@ class CpuLoraSidecar:
             if not pending:
                 return None
             polls += 1
-            if polls > ENGINE_SPIN_POLLS:
-                # A worker may need this very core (workers >= cores): sleeping hands it over at
-                # once, where sched_yield would let every other busy process run first.
-                time.sleep(ENGINE_NAP_S)
-            if polls % 64 == 0:
+            napping = polls > self._spin_polls
+            if napping:
+                time.sleep(ENGINE_NAP_S)  # see ENGINE_SPIN_POLLS_SHARED
+            if napping or polls % 64 == 0:
                 now = time.perf_counter()
                 if now > deadline:
                     return "late", [w for w, _ in pending]
