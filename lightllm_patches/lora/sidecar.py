@@ -60,6 +60,7 @@ ENGINE_SPIN_POLLS_SHARED = 100  # about 50 us
 ENGINE_SPIN_POLLS_SPARE = 2000
 ENGINE_NAP_S = 20e-6
 LIVENESS_PERIOD_S = 0.001  # how often a waiting engine checks that participants are alive
+FLAG_LANDING_LIMIT_S = 30.0  # CUDA: a flag still not landed after this is given up on
 RESTART_BACKOFF_S = (0.0, 0.5, 10.0)  # first, second and cap of the delay after failed starts
 LATENCY_WINDOW = 4096  # calls kept for the latency percentiles
 PROFILE_RANK = 16
@@ -545,7 +546,7 @@ class CpuLoraSidecar:
         else:
             for w in participants:
                 self._ctl.words[self._ctl.job_word(w.index)] = seq
-        failure = self._wait(participants, seq, start + self.config.deadline_ms / 1e3)
+        failure = self._wait(participants, seq, self.config.deadline_ms / 1e3)
         if failure is not None:
             return self._fail(failure, seq, on_cuda)
         if out is not None:
@@ -572,10 +573,14 @@ class CpuLoraSidecar:
                             shape.out_total, job.descriptor_segments(), ranges)
         return self._seq
 
-    def _wait(self, participants: list, seq: int, deadline: float) -> Optional[tuple]:
-        """None when every participant is done; else (reason, workers to blame)."""
+    def _wait(self, participants: list, seq: int, budget: float) -> Optional[tuple]:
+        """None when every participant is done; else (reason, workers to blame). The deadline
+        runs from when the job words hold `seq`: on CUDA the host runs ahead of the stream, and
+        time spent before the flag lands is the device's, not the workers'."""
         words, ctl = self._ctl.words, self._ctl
         pending = [(w, ctl.done_word(w.index)) for w in participants]
+        started = time.perf_counter()
+        deadline = started + budget
         polls, next_check = 0, 0.0
         while pending:
             still = []
@@ -595,7 +600,10 @@ class CpuLoraSidecar:
             if napping or polls % 64 == 0:
                 now = time.perf_counter()
                 if now > deadline:
-                    return "late", [w for w, _ in pending]
+                    landed = all(words[ctl.job_word(w.index)] == seq for w, _ in pending)
+                    if landed or now - started > FLAG_LANDING_LIMIT_S:
+                        return "late", [w for w, _ in pending]
+                    deadline = now + budget
                 if now >= next_check:
                     dead = [w for w, _ in pending if not w.alive()]
                     if dead:
