@@ -13,7 +13,7 @@ page_table[i, j] (page of rank row j, -1 past the adapter's rank), ranks[i, s] (
 adapter or slice not targeted), scales[i, s]. Rank rows j >= ranks[i, s] of a slice are
 never read (bgmv excepted: slot mode reads the padded rows, which the pool keeps zero).
 
-Dtypes: x / A / B / out share float16, bfloat16 (Triton path only) or float32; y and scales
+Dtypes: x / A / B / out share float16, bfloat16 (meant for the GPU path; the CPU path accepts it) or float32; y and scales
 are float32; page_table, ranks, seg_starts, slots, slice_offsets are int32. All contiguous,
 all on one device.
 
