@@ -13,9 +13,9 @@ page_table[i, j] (page of rank row j, -1 past the adapter's rank), ranks[i, s] (
 adapter or slice not targeted), scales[i, s]. Rank rows j >= ranks[i, s] of a slice are
 never read (bgmv excepted: slot mode reads the padded rows, which the pool keeps zero).
 
-Dtypes: x / A / B / out share float16, bfloat16 (meant for the GPU path; the CPU path accepts it) or float32; y and scales
-are float32; page_table, ranks, seg_starts, slots, slice_offsets are int32. All contiguous,
-all on one device.
+Dtypes: x / A / B / out share float16, bfloat16 (meant for the GPU path; the CPU path accepts
+it) or float32; y and scales are float32; page_table, ranks, seg_starts, slots, slice_offsets
+are int32. All contiguous, all on one device.
 
 Decode on the CPU: build `plan = plan_rows(page_table, ranks)` (bgmv: `plan_slots(...)`) once
 per forward step and module group and pass `plan=` to every mbgmv / bgmv call of that group;

@@ -232,8 +232,8 @@ class Timer:
         """calls: name -> fn(layer). Returns name -> {"cold": ms, "warm": ms} (medians)."""
         if self.device.type == "cuda":
             import triton.testing
-            return {name: dict.fromkeys(("cold", "warm"), triton.testing.do_bench(lambda f=fn: f(0), return_mode="median"))
-                    for name, fn in calls.items()}
+            ms = {name: triton.testing.do_bench(lambda f=fn: f(0), return_mode="median") for name, fn in calls.items()}
+            return {name: {"cold": v, "warm": v} for name, v in ms.items()}
         samples = {name: {"cold": [], "warm": []} for name in calls}
         for fn in calls.values():
             fn(0), fn(1)                                                            # warm-up
@@ -372,6 +372,22 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def metadata(args, device: torch.device) -> dict:
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(device),
+        "device": device.type,
+        "dtype": str(args.dtype),
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "statistic": "median ms per call of shrink + expand",
+        "caches": "ms: cold weights (caches flushed, code and plan re-cached); ms_warm: the call repeated",
+        "pages": "scattered at random" if args.scattered else "one contiguous run per adapter",
+        "groups": {k: {"in": v[0], "out": list(v[1])} for k, v in GROUPS.items()},
+        "note": "profile = one layer's LoRA work (qkv, o, gate_up, down shrink + expand), not a whole step",
+    }
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("kernels.json"), help="JSON result (PNG beside it)")
@@ -399,13 +415,7 @@ def main(argv=None) -> dict:
     log(f"building pools ({max(args.batches)} x {max(RANKS)} pages per group) ...")
     pools = make_pools(GROUPS, max(args.batches), args.dtype, device, gen)
     timer = Timer(device, args.repeats)
-    result = {"meta": {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
-        "device": device.type, "dtype": str(args.dtype), "torch": torch.__version__, "repeats": args.repeats,
-        "caches": "ms: cold weights (caches flushed, code and plan re-cached), ms_warm: repeated call", "groups": {k: {"in": v[0], "out": list(v[1])} for k, v in GROUPS.items()},
-        "statistic": "median ms per call of shrink + expand", "pages": "scattered at random" if args.scattered else "one contiguous run per adapter",
-        "note": "profile = one layer's LoRA work (qkv, o, gate_up, down shrink + expand), not a whole step",
-    }}
+    result = {"meta": metadata(args, device)}
     result["decode"] = decode_table(args, pools, device, gen, timer)
     result["profile"] = profile(args, pools, device, gen, timer)
     args.out.parent.mkdir(parents=True, exist_ok=True)

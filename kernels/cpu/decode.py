@@ -1,7 +1,7 @@
 """Fast CPU path for decode (mbgmv, bgmv): a few whole-batch torch ops driven by a RowPlan.
 
-shrink: y.zero_(); one sampled matmul for the rows whose adapter is rare in the batch, one
-        matmul per popular adapter (dense group); one index_copy_ into y.
+shrink: y.zero_(); one sampled matmul (torch.sparse.sampled_addmm) for the rows whose adapter
+        few rows use, one matmul per adapter used by many rows (dense group); one index_copy_.
 expand: one embedding_bag over B viewed as [pages * chunks, width] with y * scale as the
         per-sample weights (only live rank rows are indexed), one add_ / index_add_ into out.
 bgmv is mbgmv over the stacked pool with a page table derived from the slots (plan_slots).
@@ -66,7 +66,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, plan: RowPlan, y: torch.Tensor) -> 
         product = x.index_select(0, g.rows) @ a.view(-1, a.shape[-1]).t()        # [n, rank * S]
         parts.append(product.view(-1).index_select(0, g.src))
     if parts:
-        y.view(-1).index_copy_(0, index.dest, torch.cat(parts).to(y.dtype) if len(parts) > 1 else parts[0].to(y.dtype))
+        values = parts[0] if len(parts) == 1 else torch.cat(parts)
+        y.view(-1).index_copy_(0, index.dest, values.to(y.dtype))
 
 
 def _sampled(x: torch.Tensor, A: torch.Tensor, index: ShrinkIndex) -> torch.Tensor:
