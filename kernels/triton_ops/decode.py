@@ -15,7 +15,6 @@ expand: grid (N, cdiv(OUT_TOTAL, BLOCK_N)); a program owns BLOCK_N output column
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

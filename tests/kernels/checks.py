@@ -16,7 +16,7 @@ import kernels
 from kernels import reference
 from tests.testing import assert_close
 
-from .batches import (Batch, Geometry, bits, fill_pool, inputs, live_mask, make_batch, make_pool,
+from .batches import (Geometry, bits, fill_pool, inputs, live_mask, make_batch, make_pool,
                       make_slot_pool, out_before, segment_starts, slots_of, touched_columns)
 
 
