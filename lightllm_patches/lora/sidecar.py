@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -44,7 +45,7 @@ import torch
 from ..configs import SidecarConfig
 from .adapter_store import AdapterSpec, HostAdapter, HostLayout
 from .shapes import GROUPS, ModelShapes
-from .sidecar_shm import H_ARMED, H_STOP, ControlBlock, ControlLayout, flat_slice_ranks, max_features
+from .sidecar_shm import H_ARM_SEQ, H_ARMED, H_STOP, ControlBlock, ControlLayout, flat_slice_ranks, max_features
 
 log = logging.getLogger("caraserve.sidecar")
 
@@ -66,7 +67,7 @@ LATENCY_WINDOW = 4096  # calls kept for the latency percentiles
 PROFILE_RANK = 16
 PROFILE_LAYER_BUDGET_MS = 1.0  # per layer (all four groups) per core; see profile_tokens_per_core
 PROFILE_SIZES = (16, 128)
-PROFILE_REPEATS = 5
+PROFILE_REPEATS = 15
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -462,11 +463,13 @@ class CpuLoraSidecar:
     # ---- arming -------------------------------------------------------------------------------
 
     def arm(self) -> None:
-        """A prefill that needs the sidecar is starting: workers poll without sleeping."""
+        """A prefill that needs the sidecar is starting: workers poll without sleeping (until
+        `disarm()`, or a second without a job or another `arm()`)."""
         with self._lock:
             if self._ctl is not None:
                 self._refresh()
                 self._ctl.words[H_ARMED] = 1
+                self._ctl.words[H_ARM_SEQ] += 1
 
     def disarm(self) -> None:
         """That prefill is over: workers back off to short, then longer sleeps."""
@@ -667,22 +670,29 @@ class CpuLoraSidecar:
 
     # ---- measurement ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _armed_for_measurement(self):
+        """Armed for the block, then back to the caller's state."""
+        was_armed = self._ctl.words[H_ARMED]
+        self._ctl.words[H_ARMED] = 1
+        self._ctl.words[H_ARM_SEQ] += 1
+        try:
+            yield
+        finally:
+            self._ctl.words[H_ARMED] = was_armed
+
     def sync_roundtrip_us(self, n: int = 1000, workers: Optional[int] = None) -> dict:
         """Round trip of the synchronisation alone: job words written -> every done word seen,
         with no rows. Uses the first `workers` ready workers (default: all), armed."""
         with self._lock:
             self._require_started()
             samples = []
-            was_armed = self._ctl.words[H_ARMED]
-            self._ctl.words[H_ARMED] = 1
-            try:
+            with self._armed_for_measurement():
                 for _ in range(n):
                     start = time.perf_counter()
                     if not self._run(_Job(0, GROUPS[0], [], 0), None, None, max_workers=workers):
                         raise RuntimeError("sidecar round trip failed (see the log)")
                     samples.append((time.perf_counter() - start) * 1e6)
-            finally:
-                self._ctl.words[H_ARMED] = was_armed
         samples.sort()
         return {"workers": len([w for w in self._workers if w.ready(self._ctl)]) if workers is None else workers,
                 "samples": n, "median_us": samples[n // 2], "p99_us": samples[min(n - 1, int(0.99 * n))],
@@ -696,14 +706,12 @@ class CpuLoraSidecar:
             self._require_started()
             adapter = _ProfileAdapter(self.shapes, self.dtype, f"{self.shm_prefix}_scprof", rank)
             name = adapter.host.spec.name
-            was_armed = self._ctl.words[H_ARMED]
-            self._ctl.words[H_ARMED] = 1
             try:
                 self.register_adapter(adapter.host)
                 sizes = [min(s, self.max_tokens) for s in PROFILE_SIZES]
-                times = [self._time_layer(name, t) for t in sizes]
+                with self._armed_for_measurement():
+                    times = [self._time_layer(name, t) for t in sizes]
             finally:
-                self._ctl.words[H_ARMED] = was_armed
                 self.unregister_adapter(name)
                 adapter.close()
             c, fixed, per_token = _fit_tokens_per_core(sizes, times, budget_ms / 1e3, self.max_tokens)

@@ -4,7 +4,8 @@ One named segment (`/dev/shm/<prefix>_sidecar`) is shared by the engine and ever
 Words are int64, read and written through a `memoryview` (one aligned 8-byte load or store
 each, atomic on x86-64). Layout (offsets in words unless noted; `LINE` = 8 words = 64 bytes):
 
-    header       [HEADER_WORDS]          magic, version, sizes, dtype, stop, armed, table epoch
+    header       [HEADER_WORDS]          magic, version, sizes, dtype, stop, armed, table epoch,
+                                         arm count
     job flags    [workers]               job sequence number per worker (engine writes;
                                          on CUDA, a stream-ordered device->host copy writes it)
     worker lines [workers, LINE]         done sequence number (worker writes; -seq = the job
@@ -43,7 +44,7 @@ NAME_BYTES = 64  # an adapter segment name, NUL padded
 
 # header words
 H_MAGIC, H_VERSION, H_WORKERS, H_MAX_TOKENS, H_MAX_IN, H_MAX_OUT, H_MAX_SEGMENTS, H_MAX_ADAPTERS = range(8)
-H_DTYPE, H_STOP, H_ARMED, H_TABLE_EPOCH = range(8, 12)
+H_DTYPE, H_STOP, H_ARMED, H_TABLE_EPOCH, H_ARM_SEQ = range(8, 13)
 HEADER_WORDS = 2 * LINE
 
 # descriptor words

@@ -26,7 +26,7 @@ import torch
 
 from .adapter_store import AdapterSpec, HostAdapter
 from .shapes import GROUPS, GroupShape, ModelShapes
-from .sidecar_shm import H_ARMED, H_STOP, H_TABLE_EPOCH, ControlBlock, group_slice_ranks
+from .sidecar_shm import H_ARM_SEQ, H_ARMED, H_STOP, H_TABLE_EPOCH, ControlBlock, group_slice_ranks
 
 log = logging.getLogger("caraserve.sidecar.worker")
 
@@ -44,7 +44,8 @@ class WaitPolicy:
     `dormant_sleep_s` (measured on 2 loaded cores: 2.4% of a core per idle worker at 2 ms,
     1.5% at 5 ms). The sleep bounds the extra latency of a call made while the sidecar is not
     armed, and of noticing `arm()`. While armed (the engine is in a prefill that needs the
-    sidecar) it never sleeps.
+    sidecar) it never sleeps, unless `armed_idle_limit_s` passes without a job or a new `arm()`:
+    an engine that failed before `disarm()` must not leave the cores spinning.
     """
 
     spin_iters: int
@@ -54,6 +55,7 @@ class WaitPolicy:
     deep_sleep_s: float = 0.002
     dormant_after_s: float = 1.0
     dormant_sleep_s: float = 0.005
+    armed_idle_limit_s: float = 1.0
 
     def sleep_for(self, idle: float) -> float:
         if idle < self.idle_after_s:
@@ -169,7 +171,8 @@ class Waiter:
         self.policy = policy
         self.on_idle = on_idle
         self.parent = os.getppid()
-        self.last_job = time.monotonic()
+        self.last_job = time.monotonic()  # or the last arm(): activity the backoff counts from
+        self.arm_seq = self.words[H_ARM_SEQ]
 
     def wait(self, last: int) -> Optional[int]:
         """The job word once it differs from `last`; None when told to stop or orphaned."""
@@ -181,8 +184,12 @@ class Waiter:
         while True:
             if words[H_STOP] or os.getppid() != self.parent:
                 return None
+            if words[H_ARM_SEQ] != self.arm_seq:
+                self.arm_seq = words[H_ARM_SEQ]
+                self.last_job = time.monotonic()
             idle = time.monotonic() - self.last_job
-            if words[H_ARMED] or idle < self.policy.yield_window_s:
+            armed = words[H_ARMED] and idle < self.policy.armed_idle_limit_s
+            if armed or idle < self.policy.yield_window_s:
                 for _ in range(YIELD_BATCH):
                     os.sched_yield()
                     value = words[j]

@@ -286,6 +286,25 @@ def test_arm_disarm(env2):
     assert not env2.sidecar.stats()["armed"]
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_armed_workers_stop_spinning_without_jobs(env2):
+    """An engine that never calls disarm() (it failed mid-step) must not keep the cores busy."""
+    env2.sidecar.arm()
+    try:
+        time.sleep(1.3)  # past the armed idle limit (1 s without a job or an arm())
+        pids = env2.sidecar.worker_pids()
+        before = [_cpu_seconds(p) for p in pids]
+        time.sleep(1.0)
+        used = [_cpu_seconds(p) - b for p, b in zip(pids, before)]
+    finally:
+        env2.sidecar.disarm()
+    assert max(used) < 0.3, f"armed idle workers used {used} s of CPU in 1 s"
+
+
 def test_unregister_detaches_workers(env2, adapter_dirs):
     root, refs = adapter_dirs
     host = env2.store.add("extra", str(root / "a4"))
