@@ -549,9 +549,9 @@ class CpuLoraSidecar:
         else:
             for w in participants:
                 self._ctl.words[self._ctl.job_word(w.index)] = seq
-        failure = self._wait(participants, seq, self.config.deadline_ms / 1e3)
-        if failure is not None:
-            return self._fail(failure, seq, on_cuda)
+        failed = self._wait(participants, seq, self.config.deadline_ms / 1e3)
+        if failed:
+            return self._fail(failed, seq, on_cuda)
         if out is not None:
             self._apply_output(out, job, shape.out_total, on_cuda)
         self.stats_.success(job.rows, time.perf_counter() - start)
@@ -576,52 +576,58 @@ class CpuLoraSidecar:
                             shape.out_total, job.descriptor_segments(), ranges)
         return self._seq
 
-    def _wait(self, participants: list, seq: int, budget: float) -> Optional[tuple]:
-        """None when every participant is done; else (reason, workers to blame). The deadline
-        runs from when the job words hold `seq`: on CUDA the host runs ahead of the stream, and
-        time spent before the flag lands is the device's, not the workers'."""
+    def _wait(self, participants: list, seq: int, budget: float) -> list:
+        """[(reason, worker)] of the participants that failed the job; empty when all did it.
+
+        Returns only once no participant can still write into the buffers for this job: each
+        is done, reported an error, is dead, or was late and gets killed by the caller. (A
+        healthy worker still computing after a failure elsewhere would otherwise write stale
+        rows over the next job's output.) The deadline runs from when the job words hold
+        `seq`: on CUDA the host runs ahead of the stream, and time spent before the flag lands
+        is the device's, not the workers'."""
         words, ctl = self._ctl.words, self._ctl
         pending = [(w, ctl.done_word(w.index)) for w in participants]
+        failed = []
         started = time.perf_counter()
         deadline = started + budget
         polls, next_check = 0, 0.0
-        while pending:
+        while True:
             still = []
             for item in pending:
                 value = words[item[1]]
                 if value == -seq:
-                    return "worker_error", [item[0]]
-                if value != seq:
+                    failed.append(("worker_error", item[0]))
+                elif value != seq:
                     still.append(item)
             pending = still
             if not pending:
-                return None
+                return failed
             polls += 1
             napping = polls > self._spin_polls
             if napping:
                 time.sleep(ENGINE_NAP_S)  # see ENGINE_SPIN_POLLS_SHARED
-            if napping or polls % 64 == 0:
-                now = time.perf_counter()
-                if now > deadline:
-                    landed = all(words[ctl.job_word(w.index)] == seq for w, _ in pending)
-                    if landed or now - started > FLAG_LANDING_LIMIT_S:
-                        return "late", [w for w, _ in pending]
-                    deadline = now + budget
-                if now >= next_check:
-                    dead = [w for w, _ in pending if not w.alive()]
-                    if dead:
-                        return "dead", dead
-                    next_check = now + LIVENESS_PERIOD_S
-        return None
+            if not (napping or polls % 64 == 0):
+                continue
+            now = time.perf_counter()
+            if now > deadline:
+                landed = all(words[ctl.job_word(w.index)] == seq for w, _ in pending)
+                if landed or now - started > FLAG_LANDING_LIMIT_S:
+                    return failed + [("late", w) for w, _ in pending]
+                deadline = now + budget
+            if now >= next_check:
+                dead = [item for item in pending if not item[0].alive()]
+                failed += [("dead", w) for w, _ in dead]
+                pending = [item for item in pending if item not in dead]
+                next_check = now + LIVENESS_PERIOD_S
 
-    def _fail(self, failure: tuple, seq: int, on_cuda: bool) -> bool:
-        reason, workers = failure
+    def _fail(self, failed: list, seq: int, on_cuda: bool) -> bool:
         if on_cuda:
             self._cuda.drain()  # no flag of this job may land after its workers are replaced
-        if reason != "worker_error":
-            for w in workers:
+        for reason, w in failed:
+            if reason != "worker_error":  # an error report comes from a live, sane worker
                 self._replace(w, reason)
-        return self._fallback(reason, f"job {seq}: worker(s) {[w.index for w in workers]}")
+        reason = failed[0][0]
+        return self._fallback(reason, f"job {seq}: " + ", ".join(f"worker {w.index} {r}" for r, w in failed))
 
     def _apply_output(self, out: torch.Tensor, job: _Job, out_features: int, on_cuda: bool) -> None:
         if on_cuda:

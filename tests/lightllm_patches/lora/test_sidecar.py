@@ -327,23 +327,35 @@ def test_unregister_detaches_workers(env2, adapter_dirs):
 
 
 def test_failing_job_falls_back_without_restart(env2):
-    """A slot whose segment is gone: the worker reports the failure at once (no deadline wait)."""
+    """A slot whose segment is gone: worker 0 reports the failure (no deadline wait, no restart);
+    the engine still waits for worker 1, held up by SIGSTOP, before it returns, so no stale
+    rows of this job can land in the next one's output."""
     shm = shared_memory.SharedMemory(name=f"{env2.prefix}_gone", create=True, size=4096)
     shm.close()
     shm.unlink()
     sidecar = env2.sidecar
+    assert sidecar.wait_ready(READY_TIMEOUT_S)
     slot = 255
     sidecar._ctl.set_slot(slot, 10**6, 4, (4,) * 7, f"{env2.prefix}_gone")  # a stale table entry
     sidecar._slots["ghost"] = slot
     pids = sidecar.worker_pids()
+    os.kill(pids[1], signal.SIGSTOP)
+    resume = threading.Timer(0.4, os.kill, (pids[1], signal.SIGCONT))
+    resume.start()
     try:
-        ok, out, _, base = env2.call(0, "o", segments=[(0, ROWS, "ghost")])
+        start = time.monotonic()
+        ok, out, _, base = env2.call(0, "o", segments=[(0, 15, "ghost"), (15, ROWS, "a4")])
+        elapsed = time.monotonic() - start
     finally:
+        resume.join()
         sidecar.unregister_adapter("ghost")
     assert not ok and torch.equal(out, base)
+    assert elapsed >= 0.35, "returned while worker 1 was still computing the failed job"
     assert sidecar.stats()["fallback_reasons"]["worker_error"] >= 1
     assert sidecar.worker_pids() == pids
-    assert env2.call(0, "o")[0]
+    ok, out, expected, _ = env2.call(0, "o", seed=4)
+    assert ok
+    assert_close(out, expected, msg="after a failed job")
 
 
 # ---------------------------------------------------------------------------------- faults
