@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: 
     """Add one flag per field of dataclass `cls` (nested dataclasses are not expanded)."""
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     for f in dataclasses.fields(cls):
-        if f.name in skip or dataclasses.is_dataclass(f.type) or f.metadata.get("cli") is False:
-            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name in skip or dataclasses.is_dataclass(default) or f.metadata.get("cli") is False:
+            continue
         kwargs = {"dest": prefix + f.name, "help": f"{f.metadata.get('help', '')} (default: {default})"}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
