@@ -314,7 +314,7 @@ class CpuLoraSidecar:
                                     dtype=dtype)
         self.tokens_per_core = config.tokens_per_core
         self.profile: Optional[dict] = None
-        self.stats_ = CallStats()
+        self._calls = CallStats()
         self._ctl: Optional[ControlBlock] = None
         self._workers: list[WorkerProcess] = []
         self._slots: dict[str, int] = {}  # adapter name -> table slot
@@ -487,8 +487,11 @@ class CpuLoraSidecar:
         ready worker, too many rows or segments): the caller then waits for the device copy.
         Raises KeyError for an adapter never registered, ValueError for bad shapes.
         """
+        if group not in GROUPS:
+            raise ValueError(f"unknown projection group {group!r}; one of {GROUPS}")
         shape = self.shapes.group(group)
-        if x.dim() != 2 or x.shape[1] != shape.in_features or out.dim() != 2 or out.shape[1] != shape.out_total:
+        if (x.dim() != 2 or out.dim() != 2 or x.shape[0] != out.shape[0] or x.shape[1] != shape.in_features
+                or out.shape[1] != shape.out_total):
             raise ValueError(f"sidecar {group}: x {tuple(x.shape)} / out {tuple(out.shape)} do not match "
                              f"[T, {shape.in_features}] / [T, {shape.out_total}]")
         if x.device != out.device:
@@ -553,7 +556,7 @@ class CpuLoraSidecar:
             return self._fail(failed, seq, on_cuda)
         if out is not None:
             self._apply_output(out, job, shape.out_total, on_cuda)
-        self.stats_.success(job.rows, time.perf_counter() - start)
+        self._calls.success(job.rows, time.perf_counter() - start)
         return True
 
     def _stage_input_host(self, x: Optional[torch.Tensor], job: _Job, in_features: int) -> None:
@@ -637,7 +640,7 @@ class CpuLoraSidecar:
             _add_rows(out[start:end], delta[pos : pos + end - start])
 
     def _fallback(self, reason: str, detail: str) -> bool:
-        self.stats_.fallbacks[reason] += 1
+        self._calls.fallbacks[reason] += 1
         log.warning("sidecar fallback (%s): %s", reason, detail)
         return False
 
@@ -646,7 +649,7 @@ class CpuLoraSidecar:
         used once it reports ready. Repeated start-up failures back off."""
         pid = w.pid
         w.kill()
-        self.stats_.restarts += 1
+        self._calls.restarts += 1
         w.spawn_at = time.monotonic() + w.restart_delay()
         log.warning("sidecar worker %d (pid %s) %s; restarting it", w.index, pid, reason)
         self._spawn_due(w)
@@ -747,12 +750,14 @@ class CpuLoraSidecar:
         return total
 
     def stats(self) -> dict:
+        """running, workers, ready, armed, tokens_per_core, profile, calls, rows, fallbacks,
+        fallback_reasons, restarts, mean_ms, p99_ms (latency of successful calls, last 4096)."""
         with self._lock:
             running = self._ctl is not None
             ready = sum(w.ready(self._ctl) for w in self._workers) if running else 0
             return {"running": running, "workers": self.num_workers, "ready": ready,
                     "armed": bool(running and self._ctl.words[H_ARMED]), "tokens_per_core": self.tokens_per_core,
-                    "profile": self.profile, **self.stats_.as_dict()}
+                    "profile": self.profile, **self._calls.as_dict()}
 
 
 def _fit_tokens_per_core(sizes: list, times: list, budget: float, max_tokens: int) -> tuple[int, float, float]:

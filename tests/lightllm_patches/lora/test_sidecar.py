@@ -256,6 +256,8 @@ def test_errors_and_oversize(env2):
         env2.sidecar.compute(0, "o", x, [(0, 4, "nope")], out)
     with pytest.raises(ValueError, match="do not match"):
         env2.sidecar.compute(0, "o", x, [(0, 4, "a4")], torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="unknown projection group"):
+        env2.sidecar.compute(0, "lm_head", x, [(0, 4, "a4")], out)
     with pytest.raises(ValueError, match="outside"):
         env2.sidecar.compute(0, "o", x, [(0, 5, "a4")], out)
     assert env2.sidecar.compute(0, "o", x, [(2, 2, "a4")], out)  # nothing to do
