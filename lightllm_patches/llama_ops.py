@@ -35,16 +35,14 @@ def _rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 def _rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     # LightLLM's (and HF llama's) "rotate half" convention: dims [0, d/2) pair with [d/2, d).
+    c = cos.unsqueeze(1)  # [T, 1, d/2]
+    s = sin.unsqueeze(1)
     for t in (q, k):
         half = t.shape[-1] // 2
-        x0 = t[..., :half]
-        x1 = t[..., half:]
-        c = cos.unsqueeze(1)  # [T, 1, d/2]
-        s = sin.unsqueeze(1)
-        r0 = x0 * c - x1 * s
-        r1 = x0 * s + x1 * c
+        x0, x1 = t[..., :half], t[..., half:]
+        r0 = torch.addcmul(x0 * c, x1, s, value=-1)  # from the original x0, x1
+        x1.mul_(c).addcmul_(x0, s)  # x0 is still the original here
         x0.copy_(r0)
-        x1.copy_(r1)
 
 
 def _silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
