@@ -51,28 +51,37 @@ def engine_tokens_per_s(engine, prompts, names, steps) -> tuple[float, float]:
     return len(prompts) / step, step * 1000
 
 
-def hf_peft_tokens_per_s(model_dir, adapter_dirs, prompts, names, steps) -> float:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=adapter_dirs[0].name)
-    for d in adapter_dirs[1:]:
-        peft.load_adapter(str(d), adapter_name=d.name)
-    peft.eval()
-    ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)
-
+def _decode_tokens_per_s(generate, batch: int, steps: int) -> float:
+    """(time of `steps` tokens - time of 1 token) / (steps - 1) decode steps."""
     def timed(n: int) -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            peft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          adapter_names=names, pad_token_id=0)
+            generate(n)
         return time.perf_counter() - start
 
     timed(2)  # warm up
     one, full = timed(1), timed(steps)
-    return len(prompts) * (steps - 1) / (full - one)
+    return batch * (steps - 1) / (full - one)
+
+
+def hf_tokens_per_s(model_dir, adapter_dirs, prompts, names, steps) -> tuple[float, float]:
+    """(HF transformers base-only, HF + PEFT mixed-adapter) decode tokens/s."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+    base = _decode_tokens_per_s(lambda n: model.generate(max_new_tokens=n, min_new_tokens=n, **kw), len(prompts),
+                                steps)
+    peft = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=adapter_dirs[0].name)
+    for d in adapter_dirs[1:]:
+        peft.load_adapter(str(d), adapter_name=d.name)
+    peft.eval()
+    mixed = _decode_tokens_per_s(lambda n: peft.generate(max_new_tokens=n, min_new_tokens=n, adapter_names=names,
+                                                         **kw), len(prompts), steps)
+    return base, mixed
 
 
 def main() -> int:
@@ -128,10 +137,10 @@ def main() -> int:
               "prompt_len": args.prompt_len, "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d %H:%M")}
     if not args.skip_hf:
-        hf = hf_peft_tokens_per_s(model_dir, dirs, prompts, names, args.new_tokens)
-        result["hf_peft_tokens_per_s"] = hf
-        result["speedup_over_hf_peft"] = lora_tps / hf
-        print(f"HF + PEFT:           {hf:.1f} tok/s; CaraServe is {lora_tps / hf:.2f}x", flush=True)
+        hf_base, hf = hf_tokens_per_s(model_dir, dirs, prompts, names, args.new_tokens)
+        result.update(hf_peft_tokens_per_s=hf, hf_base_tokens_per_s=hf_base, speedup_over_hf_peft=lora_tps / hf)
+        print(f"HF base-only:        {hf_base:.1f} tok/s", flush=True)
+        print(f"HF + PEFT:           {hf:.1f} tok/s; CaraServe with LoRA is {lora_tps / hf:.2f}x", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
