@@ -36,10 +36,12 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
     def _get_qkv(self, input, cache_kv, infer_state, layer_weight):
         x = input.view(-1, self.embed_dim_)  # x: [tokens, hidden]
         kv_dim = (self.tp_k_head_num_ + self.tp_v_head_num_) * self.head_dim_
+        lora = infer_state.lora
+        if lora is not None:
+            lora.begin(self.layer_num_, "qkv", x)  # CPU-assisted rows start before the base matmuls
         q = torch.mm(x, layer_weight.q_weight_)  # q: [tokens, heads * head_dim]
         kv = cache_kv.view(-1, kv_dim)  # kv: [tokens, 2 * kv_heads * head_dim]
         torch.mm(x, layer_weight.kv_weight_, out=kv)
-        lora = infer_state.lora
         if lora is not None:
             # q and kv live in different buffers (kv is written straight into the KV cache),
             # so the fused q|k|v delta goes through one scratch tensor.
@@ -57,18 +59,25 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
 
     def _get_o(self, input, infer_state, layer_weight) -> torch.Tensor:
         x = input.view(-1, self.tp_o_head_num_ * self.head_dim_)  # x: [tokens, heads * head_dim]
+        lora = infer_state.lora
+        if lora is not None:
+            lora.begin(self.layer_num_, "o", x)
         out = torch.mm(x, layer_weight.o_weight_)  # out: [tokens, hidden]
-        if infer_state.lora is not None:
-            infer_state.lora.add_delta(self.layer_num_, "o", x, out)
+        if lora is not None:
+            lora.add_delta(self.layer_num_, "o", x, out)
         return out
 
     def _ffn(self, input, infer_state, layer_weight) -> torch.Tensor:
         x = input.view(-1, self.embed_dim_)  # x: [tokens, hidden]
         lora = infer_state.lora
+        if lora is not None:
+            lora.begin(self.layer_num_, "gate_up", x)
         gate_up = torch.mm(x, layer_weight.gate_up_proj)  # gate_up: [tokens, 2 * intermediate]
         if lora is not None:
             lora.add_delta(self.layer_num_, "gate_up", x, gate_up)
         act = self.ops.silu_and_mul(gate_up)  # act: [tokens, intermediate]
+        if lora is not None:
+            lora.begin(self.layer_num_, "down", act)
         out = torch.mm(act, layer_weight.down_proj)  # out: [tokens, hidden]
         if lora is not None:
             lora.add_delta(self.layer_num_, "down", act, out)

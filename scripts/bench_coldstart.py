@@ -167,7 +167,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of the cold requests")
     parser.add_argument("--load-factor", type=float, default=2.0, help="rank-64 load time / prefill time")
     parser.add_argument("--inflight", type=int, default=8, help="requests decoding while cold ones arrive")
-    parser.add_argument("--inflight-tokens", type=int, default=2000, help="their max tokens (they outlive the test)")
+    parser.add_argument("--inflight-tokens", type=int, default=500, help="their max tokens (enough to outlive the cold requests)")
     parser.add_argument("--cold", type=int, default=6, help="cold requests (one cold rank-64 adapter each)")
     parser.add_argument("--cold-tokens", type=int, default=8, help="tokens each cold request generates")
     parser.add_argument("--gap-s", type=float, default=0.5, help="pause between cold requests")

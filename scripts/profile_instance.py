@@ -62,7 +62,7 @@ def start_and_profile(args, grid) -> list[dict]:
     for kernel in args.kernels.split(","):
         log = Path(args.out).with_suffix(f".{kernel}.log")
         flags = ["--model-dir", model_dir, "--lora-adapters", str(adapters), "--lora-decode-kernel", kernel,
-                 "--lora-mode", "cached", "--lora-pool-mb", "512"]
+                 "--lora-mode", "cached", "--lora-pool-mb", "512", "--torch-threads", str(args.torch_threads)]
         print(f"starting an instance with the {kernel} decode kernel ...", flush=True)
         with RunningServer("caraserve_router.instance", flags, log) as srv:
             profiles.append(asyncio.run(profile_url(srv.url, grid, args.seed)))
@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--adapters-dir", default=str(REPO / ".cache" / "adapters"),
                         help="demo adapters for started instances (made if missing)")
     parser.add_argument("--kernels", default="mbgmv,bgmv", help="decode kernels to profile with started instances")
+    parser.add_argument("--torch-threads", type=int, default=0, help="threads of started instances (0: all cores)")
     parser.add_argument("--quick", action="store_true", help="a small grid (what the api_server does at start)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and rank mixes")
     args = parser.parse_args()

@@ -29,6 +29,7 @@ class LoraBatch:
                          if not e.residency.all_ready()]
         self._pending_by_layer: dict[int, list] = {}
         self._skip_cache: dict[tuple, tuple] = {}
+        self.tickets: dict[tuple, object] = {}  # (layer, group) -> work the mode started in begin()
         self.armed = False
 
     # ---- descriptors ---------------------------------------------------------------------
@@ -90,6 +91,13 @@ class LoraBatch:
                 for i, name in enumerate(self.names) if name in wanted]
 
     # ---- compute ------------------------------------------------------------------------
+
+    def begin(self, layer: int, group: str, x: torch.Tensor) -> None:
+        """Called before the base projection: lets the mode start work for rows whose adapter
+        is not resident at `layer` (cpu-assist posts them to the sidecar, so the CPU computes
+        while the device runs the base matmul)."""
+        if self.any_rank[group] and self.pending(layer):
+            self.runtime.mode.begin(self, layer, group, x, self.pending(layer))
 
     def add_delta(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> bool:
         """out += LoRA delta of `group` at `layer` for every row. Shape: x [T, IN], out [T, OUT].

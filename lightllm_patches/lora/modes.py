@@ -33,6 +33,9 @@ class Mode:
     def after_forward(self, batch) -> None:
         """Called once per step after the forward."""
 
+    def begin(self, batch, layer: int, group: str, x: torch.Tensor, pending: list) -> None:
+        """Called before the base projection when `pending` adapters are not resident at `layer`."""
+
     def resolve(self, batch, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, pending: list):
         """Handle rows of adapters not resident at `layer`; returns the rows the device kernel
         must skip (their delta already added), or an empty list after waiting for them."""
@@ -83,10 +86,17 @@ class CpuAssistMode(Mode):
         if getattr(batch, "armed", False):
             self.runtime.sidecar.disarm()
 
-    def resolve(self, batch, layer, group, x, out, pending):
+    def begin(self, batch, layer, group, x, pending):
         segments = batch.row_segments([e.name for e in pending])
+        batch.tickets[(layer, group)] = self.runtime.sidecar.submit(layer, group, x, segments)
+
+    def resolve(self, batch, layer, group, x, out, pending):
         start = time.monotonic()
-        ok = self.runtime.sidecar.compute(layer, group, x, segments, out)
+        ticket = batch.tickets.pop((layer, group), None)
+        if ticket is not None:
+            ok = self.runtime.sidecar.collect(ticket, out)
+        else:
+            ok = self.runtime.sidecar.compute(layer, group, x, batch.row_segments([e.name for e in pending]), out)
         self.runtime.counters["sidecar_s"] += time.monotonic() - start
         if ok:
             self.runtime.counters["sidecar_calls"] += 1

@@ -183,6 +183,17 @@ class _Job:
         return [(pos, pos + end - start, slot) for start, end, slot, pos in self.pieces]
 
 
+class _Ticket:
+    """A submitted job, between `submit` and `collect`."""
+
+    __slots__ = ("job", "x", "posted", "participants", "seq", "on_cuda", "start")
+
+    def __init__(self, job: _Job, x: Optional[torch.Tensor]):
+        self.job, self.x = job, x
+        self.posted = False
+        self.participants, self.seq, self.on_cuda, self.start = [], 0, False, 0.0
+
+
 class _CudaPath:
     """The device half of a call when `x` lives on a CUDA device (not runnable on a CPU host).
 
@@ -321,6 +332,7 @@ class CpuLoraSidecar:
         self._generation = 0
         self._seq = 0
         self._lock = threading.RLock()
+        self._open_ticket = None  # a submitted job not collected yet
         self._cuda: Optional[_CudaPath] = None
         self._atexit = functools.partial(_stop_weak, weakref.ref(self))
 
@@ -498,12 +510,49 @@ class CpuLoraSidecar:
             raise ValueError(f"x is on {x.device} but out is on {out.device}")
         if not 0 <= layer < self.shapes.num_layers:
             raise ValueError(f"layer {layer} out of range 0..{self.shapes.num_layers - 1}")
+        return self.collect(self.submit(layer, group, x, segments), out)
+
+    def submit(self, layer: int, group: str, x: torch.Tensor, segments: list) -> "_Ticket":
+        """First half of `compute`: post the job and return at once, so the engine can run the
+        base projection while the workers compute (on a GPU this is the natural overlap; on a
+        CPU host it needs the engine and the workers on different cores). `collect` it before
+        the next `submit` or `compute`."""
+        if group not in GROUPS:
+            raise ValueError(f"unknown projection group {group!r}; one of {GROUPS}")
+        shape = self.shapes.group(group)
+        if x.dim() != 2 or x.shape[1] != shape.in_features:
+            raise ValueError(f"sidecar {group}: x {tuple(x.shape)} does not match [T, {shape.in_features}]")
+        if not 0 <= layer < self.shapes.num_layers:
+            raise ValueError(f"layer {layer} out of range 0..{self.shapes.num_layers - 1}")
         with self._lock:
             self._require_started()
+            if self._open_ticket is not None:  # never collected (the step failed): drain it first
+                log.warning("sidecar job %d was never collected; draining it", self._open_ticket.seq)
+                stale, self._open_ticket = self._open_ticket, None
+                self._finish(stale, None)
             job = self._pack(layer, group, segments, x.shape[0])
-            if job.rows == 0:
-                return True
-            return self._run(job, x, out)
+            ticket = _Ticket(job, x)
+            if job.rows:
+                ticket.posted = self._start(ticket)
+                self._open_ticket = ticket if ticket.posted else None
+            return ticket
+
+    def collect(self, ticket: "_Ticket", out: torch.Tensor) -> bool:
+        """Second half of `compute`: wait for the job, add its deltas to `out` (True), or leave
+        `out` untouched (False) as `compute` does."""
+        if ticket.job.rows == 0:
+            return True
+        shape = self.shapes.group(ticket.job.group)
+        if out.dim() != 2 or out.shape[0] != ticket.x.shape[0] or out.shape[1] != shape.out_total:
+            raise ValueError(f"sidecar {ticket.job.group}: out {tuple(out.shape)} does not match "
+                             f"[{ticket.x.shape[0]}, {shape.out_total}]")
+        if ticket.x.device != out.device:
+            raise ValueError(f"x is on {ticket.x.device} but out is on {out.device}")
+        with self._lock:
+            if not ticket.posted:
+                return False
+            self._open_ticket = None
+            return self._finish(ticket, out)
 
     def _pack(self, layer: int, group: str, segments: list, total_rows: int) -> _Job:
         """Segments -> packed pieces; adjacent rows of one adapter become one piece."""
@@ -527,6 +576,12 @@ class CpuLoraSidecar:
     def _run(self, job: _Job, x: Optional[torch.Tensor], out: Optional[torch.Tensor],
              max_workers: Optional[int] = None) -> bool:
         """Post `job`, wait, add its deltas to `out`. x/out None: a sync-only job (no rows)."""
+        ticket = _Ticket(job, x)
+        return self._start(ticket, max_workers) and self._finish(ticket, out)
+
+    def _start(self, ticket: "_Ticket", max_workers: Optional[int] = None) -> bool:
+        """Stage the input, write the descriptor, bump the participants' job words."""
+        job, x = ticket.job, ticket.x
         if job.rows > self.max_tokens:
             return self._fallback("too_many_rows", f"{job.rows} rows > max_tokens {self.max_tokens}")
         if len(job.pieces) > self.layout.max_segments:
@@ -535,28 +590,33 @@ class CpuLoraSidecar:
         ready = [w for w in self._workers if w.ready(self._ctl)]
         if not ready:
             return self._fallback("no_ready_worker", "no worker is ready")
-        start = time.perf_counter()
+        ticket.start = time.perf_counter()
         limit = len(ready) if max_workers is None else min(max_workers, len(ready))
-        participants = ready[: workers_for(job.rows, self.tokens_per_core, limit) if job.rows else limit]
-        on_cuda = x is not None and x.is_cuda
+        ticket.participants = ready[: workers_for(job.rows, self.tokens_per_core, limit) if job.rows else limit]
+        ticket.on_cuda = x is not None and x.is_cuda
         shape = self.shapes.group(job.group)
-        if on_cuda:
+        if ticket.on_cuda:
             self._cuda_path().register()
             self._cuda.stage_input(x, job, shape.in_features)
         else:
             self._stage_input_host(x, job, shape.in_features)
-        seq = self._post(job, participants, shape)
-        if on_cuda:
-            self._cuda.signal(participants, seq, x.device)
+        ticket.seq = self._post(job, ticket.participants, shape)
+        if ticket.on_cuda:
+            self._cuda.signal(ticket.participants, ticket.seq, x.device)
         else:
-            for w in participants:
-                self._ctl.words[self._ctl.job_word(w.index)] = seq
-        failed = self._wait(participants, seq, self.config.deadline_ms / 1e3)
+            for w in ticket.participants:
+                self._ctl.words[self._ctl.job_word(w.index)] = ticket.seq
+        return True
+
+    def _finish(self, ticket: "_Ticket", out: Optional[torch.Tensor]) -> bool:
+        """Wait for the participants of a started job, then apply its output."""
+        job = ticket.job
+        failed = self._wait(ticket.participants, ticket.seq, self.config.deadline_ms / 1e3)
         if failed:
-            return self._fail(failed, seq, on_cuda)
+            return self._fail(failed, ticket.seq, ticket.on_cuda)
         if out is not None:
-            self._apply_output(out, job, shape.out_total, on_cuda)
-        self._calls.success(job.rows, time.perf_counter() - start)
+            self._apply_output(out, job, self.shapes.group(job.group).out_total, ticket.on_cuda)
+        self._calls.success(job.rows, time.perf_counter() - ticket.start)
         return True
 
     def _stage_input_host(self, x: Optional[torch.Tensor], job: _Job, in_features: int) -> None:

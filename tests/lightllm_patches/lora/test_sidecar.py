@@ -242,6 +242,24 @@ def test_decode_style_rows_and_split_segments(env2):
     assert_close(out, expected, msg="decode rows")
 
 
+def test_submit_then_collect_overlaps_and_matches(env2):
+    """The split call the engine uses (post, run the base matmul, collect) gives compute's result;
+    a ticket never collected is drained by the next submit rather than corrupting it."""
+    shape = SHAPES.group("gate_up")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(ROWS, shape.in_features, generator=g)
+    base = torch.randn(ROWS, shape.out_total, generator=g)
+    out = base.clone()
+    ticket = env2.sidecar.submit(0, "gate_up", x, SEGMENTS)
+    torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # the engine's own work meanwhile
+    assert env2.sidecar.collect(ticket, out)
+    assert_close(out, expected_out(env2.refs, 0, "gate_up", x, base, SEGMENTS), msg="submit/collect")
+    env2.sidecar.submit(1, "gate_up", x, SEGMENTS)  # abandoned
+    out2 = base.clone()
+    assert env2.sidecar.collect(env2.sidecar.submit(0, "gate_up", x, SEGMENTS), out2)
+    assert_close(out2, out, msg="after a drained ticket")
+
+
 def test_profiled_tokens_per_core(env1):
     stats = env1.sidecar.stats()
     assert stats["tokens_per_core"] >= 1

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Validate the cluster simulator against a real two-instance cluster on this machine.
+
+1. Profiles one instance (`scripts/profile_instance.py --quick`, same threads per instance as
+   the cluster) unless `--perf-model` is given.
+2. Starts a real cluster (`api_server --instances 2 --policy rank-aware --perf-model ...`,
+   adapters resident: `--lora-mode cached`) and replays a workload (`scripts/replay.py`).
+3. Simulates the *same* workload (same generator, flags and seed) with the same perf model
+   and policy (`scripts/simulate.py --instances 2`).
+4. Prints and writes predicted vs measured mean TTFT and time per output token.
+
+Every simulated number is labelled so; the measured ones come from real requests over HTTP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PY = sys.executable
+
+
+def run(cmd: list[str]) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def workload_flags(args) -> list[str]:
+    return ["--arrival", "poisson", "--rate", str(args.rate), "--max-requests", str(args.requests),
+            "--duration", str(args.duration), "--length-source", "sharegpt", "--max-prompt", str(args.max_prompt),
+            "--max-output", str(args.max_output), "--prompt-scale", "1", "--output-scale", "1",
+            "--num-adapters", "4", "--seed", str(args.seed), "--slo-tpot-ms", str(args.slo_tpot_ms)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/validation/validation.json", help="comparison JSON")
+    parser.add_argument("--perf-model", default="", help="PerfModel JSON (default: profile an instance first)")
+    parser.add_argument("--rate", type=float, default=0.5, help="requests per second")
+    parser.add_argument("--requests", type=int, default=40, help="requests in the workload")
+    parser.add_argument("--duration", type=float, default=300, help="longest arrival window, seconds")
+    parser.add_argument("--max-prompt", type=int, default=256, help="prompt length clip")
+    parser.add_argument("--max-output", type=int, default=48, help="output length clip")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per instance (2 instances, 2 cores)")
+    parser.add_argument("--slo-tpot-ms", type=float, default=300.0, help="SLO of the policy and the report")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    args = parser.parse_args()
+    from caraserve_router.demo_adapters import make_demo_adapters
+    from caraserve_router.model_prep import prepare_default_model
+    from tests.servers import RunningServer
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model_dir = str(prepare_default_model())
+    adapters = REPO / ".cache" / "adapters"
+    make_demo_adapters(model_dir, adapters, ranks=(8, 16, 32, 64), count=4)
+    perf = args.perf_model or str(out.with_name("perf_model.json"))
+    if not args.perf_model:
+        run([PY, "scripts/profile_instance.py", "--quick", "--kernels", "mbgmv", "--torch-threads",
+             str(args.threads), "--out", perf])
+    flags = ["--model-dir", model_dir, "--adapters", str(adapters), "--instances", "2", "--policy", "rank-aware",
+             "--perf-model", perf, "--slo-tpot-ms", str(args.slo_tpot_ms), "--lora-mode", "cached",
+             "--torch-threads", str(args.threads), "--log-dir", str(out.parent / "logs")]
+    replay_json = out.with_name("replay.json")
+    with RunningServer("caraserve_router.api_server", flags, out.with_name("cluster.log")) as srv:
+        run([PY, "scripts/replay.py", "--url", srv.url, *workload_flags(args), "--out", str(replay_json),
+             "--label", "measured", "--no-plots"])
+    sim_json = out.with_name("simulated.json")
+    run([PY, "scripts/simulate.py", "--instances", "2", "--rates", str(args.rate), "--policies", "rank-aware",
+         "--perf-model", perf, "--lora-mode", "cached", "--kernel", "mbgmv", "--max-batch", "64",
+         *workload_flags(args), "--out", str(sim_json), "--no-plots", "--progress-s", "0"])
+    measured = json.loads(replay_json.read_text())["summary"]
+    simulated = json.loads(sim_json.read_text())["runs"][0]
+    rows = {}
+    for key in ("ttft_ms_mean", "tpot_ms_mean"):
+        m, s = measured[key], simulated[key]
+        rows[key] = {"measured": m, "simulated": s, "error": (s - m) / m if m else None}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "requests": args.requests,
+              "threads_per_instance": args.threads, "perf_model": perf, "comparison": rows,
+              "measured_summary": measured, "simulated_run": simulated,
+              "note": "simulated = discrete-event simulator with the profiled PerfModel; measured = real cluster"}
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"{'metric':14s} {'measured':>10s} {'simulated':>10s} {'error':>8s}")
+    for key, r in rows.items():
+        print(f"{key:14s} {r['measured']:10.1f} {r['simulated']:10.1f} {r['error']:8.1%}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
