@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from typing import Optional
 
@@ -91,6 +92,21 @@ def prepare_decode_inputs(batch: InferBatch, device: torch.device):
     return kwargs, reqs
 
 
+def split_cpu_cores(config: InstanceConfig, device: torch.device) -> None:
+    """When the CPU is the device *and* hosts the cpu-assist sidecar, give each its own cores
+    (half each by default): spinning sidecar workers and torch's thread team on the same cores
+    slow both down badly. Explicit settings are kept."""
+    if device.type != "cpu" or config.lora.mode != "cpu-assist":
+        return
+    cores = len(os.sched_getaffinity(0))
+    if config.sidecar.workers == 0:
+        config.sidecar.workers = max(1, cores // 2)
+    if config.torch_threads == 0:
+        config.torch_threads = max(1, cores - config.sidecar.workers)
+    log.info("CPU device with cpu-assist: %d torch threads, %d sidecar workers", config.torch_threads,
+             config.sidecar.workers)
+
+
 class CaraBackend(ContinuesBatchBackend):
     def init_model(self, kvargs):
         config: InstanceConfig = kvargs["cara_config"]
@@ -105,6 +121,7 @@ class CaraBackend(ContinuesBatchBackend):
         self.logger = log
         self.eos_id = kvargs["eos_id"]
         self.device = resolve_device(config.device)
+        split_cpu_cores(config, self.device)
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
         dtype = resolve_dtype(config.dtype, self.device)

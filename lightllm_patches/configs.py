@@ -132,7 +132,8 @@ class LoRAConfig:
 class SidecarConfig:
     """CPU LoRA sidecar: worker processes that compute LoRA terms of layers not yet loaded."""
 
-    workers: int = option(0, "Worker processes (0 = one per core, at least 1)")
+    workers: int = option(0, "Worker processes (0 = one per core; half the cores when the CPU is also the "
+                           "model's device)")
     tokens_per_core: int = option(0, "Profiled tokens one core handles per layer within budget "
                                   "(0 = profile at start)")
     spin_iters: int = option(20000, "Flag polls before a worker starts yielding the core")
@@ -165,7 +166,8 @@ class InstanceConfig:
     running_max_req_size: int = option(64, "Most requests in the running batch")
     batch_max_tokens: int = option(0, "Most prompt tokens in one prefill batch (0 = derived)")
     router_max_wait_tokens: int = option(10, "Decode steps between admissions of new requests")
-    torch_threads: int = option(0, "Intra-op threads of the model worker (0 = all cores)")
+    torch_threads: int = option(0, "Intra-op threads of the model worker (0 = all cores, or the cores the "
+                                "cpu-assist sidecar leaves free when the CPU is the device)")
     log_level: str = option("info", "Log level", choices=("debug", "info", "warning", "error"))
     shm_prefix: str = option("", "Prefix of this instance's /dev/shm names (default: derived, unique)")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
