@@ -603,7 +603,7 @@ async def _serve(front: FrontEnd) -> None:
     try:
         await front.start()
         server = uvicorn.Server(uvicorn.Config(build_app(front), host=front.config.host, port=front.config.port,
-                                               log_level="warning", timeout_keep_alive=5))
+                                               log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=5))
         await server.serve()
     finally:
         await front.stop()

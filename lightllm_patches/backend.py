@@ -223,6 +223,19 @@ class CaraBackend(ContinuesBatchBackend):
         super().remove_batch(batch_id)
         self._release(request_ids)
 
+    def purge(self, batch_id, request_ids) -> None:
+        """Forget a batch whose step failed, whatever state it reached (router recovery)."""
+        if batch_id in self.cache:
+            self.remove_batch(batch_id)
+            return
+        for r_id in request_ids:  # add_batch failed part way: free what it had taken
+            req = requests_mapping.pop(r_id, None)
+            if req is None:
+                continue
+            tokens = self.model.req_manager.req_to_token_indexs[req.req_idx][: req.cur_kv_len]
+            self.model.req_manager.free([req.req_idx], tokens)
+        self._release(request_ids)
+
     # ---- LoRA control (called by the router) -------------------------------------------
 
     def lora_call(self, method: str, *args):

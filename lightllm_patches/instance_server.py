@@ -262,7 +262,7 @@ def serve(config: InstanceConfig) -> None:
         app = InstanceApp(config, manager, metrics).app
         log.info("instance %s serving on http://%s:%d", config.display_name, config.host, config.port)
         server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop",
-                                               log_level="warning", timeout_keep_alive=5))
+                                               log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=5))
         server.run()
     finally:
         stop_processes(procs)

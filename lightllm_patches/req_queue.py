@@ -17,9 +17,10 @@ from lightllm.server.router.req_queue.continues_batch.impl import ContinuesBatch
 
 
 class CaraReqQueue(ContinuesBatchQueue):
-    def __init__(self, args, router, admit_adapter: Callable[[str], bool]):
+    def __init__(self, args, router, admit_adapter: Callable[[str], bool], begin_admission: Callable[[], None]):
         super().__init__(args, router)
         self.admit_adapter = admit_adapter  # adapter name -> placeable now (loads start)
+        self.begin_admission = begin_admission
 
     def _adapter_ok(self, req) -> bool:
         adapter = getattr(req.sample_params, "adapter", None)
@@ -33,6 +34,7 @@ class CaraReqQueue(ContinuesBatchQueue):
             return None
         is_busy = self.is_busy()
         self._init_cache_list(current_batch, is_busy)
+        self.begin_admission()
         can_run, keep = [], []
         prefill_tokens = 0
         for index, req in enumerate(self.waiting_req_list):

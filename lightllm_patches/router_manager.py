@@ -53,7 +53,8 @@ class CaraRouterManager(RouterManager):
             "shm_prefix": self.config.shm_prefix,
             "world_size": 1,
         })
-        self.req_queue = CaraReqQueue(self.args, self, admit_adapter=self._admit_adapter)
+        self.req_queue = CaraReqQueue(self.args, self, admit_adapter=self._admit_adapter,
+                                      begin_admission=lambda: self.model_rpc.lora_call("begin_admission"))
         if self.config.lora.adapters:
             self._register_adapter_dir(self.config.lora.adapters)
 
@@ -147,6 +148,36 @@ class CaraRouterManager(RouterManager):
     async def _step(self):
         self.steps += 1
         await super()._step()
+
+    # A failed forward must not stop the router (upstream's loop task would die silently and
+    # every request would hang): the batch's requests end with an error, the rest go on.
+
+    async def _prefill_batch(self, batch):
+        try:
+            await super()._prefill_batch(batch)
+        except Exception:  # noqa: BLE001
+            self._fail_batch(batch, "prefill")
+
+    async def _decode_batch(self, batch):
+        try:
+            await super()._decode_batch(batch)
+        except Exception:  # noqa: BLE001
+            self._fail_batch(batch, "decode")
+
+    def _fail_batch(self, batch, phase: str) -> None:
+        log.error("%s step failed; failing its %d request(s):\n%s", phase, len(batch.reqs), traceback.format_exc())
+        ids = [r.request_id for r in batch.reqs]
+        try:
+            self.model_rpc.backend.purge(batch.batch_id, ids)
+        except Exception:  # noqa: BLE001
+            log.exception("could not release the failed batch's state")
+        for req in batch.reqs:
+            self.send_control_reply.send_pyobj(
+                RequestFailed(req.group_req_id, f"the instance failed to run this request ({phase})", 500))
+            self.send_to_detokenization.send_pyobj(AbortReq(group_req_id=req.group_req_id))
+        batch.reqs = []
+        batch.id_to_reqs = {}
+        batch.batch_decode_need_tokens = 0
 
     def clean_up(self):
         backend = self.model_rpc.backend if hasattr(self, "model_rpc") else None

@@ -72,6 +72,8 @@ class AdapterPool:
         self._free: list[int] = list(range(pages))  # sorted
         self._free_slots: list[int] = list(range(pages // max_rank)) if layout == "slot" else []
         self._clock = itertools.count(1)
+        # Adapters admitted for the batch being formed: not evictable until its requests attach.
+        self.protected: set = set()
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -139,7 +141,8 @@ class AdapterPool:
         return None
 
     def _evict_one(self) -> bool:
-        idle = [e for e in self.entries.values() if e.refs == 0 and not e.pinned and e.residency.all_ready()]
+        idle = [e for e in self.entries.values()
+                if e.refs == 0 and not e.pinned and e.name not in self.protected and e.residency.all_ready()]
         if not idle:
             return False
         self.remove(min(idle, key=lambda e: e.last_used).name)

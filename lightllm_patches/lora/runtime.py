@@ -25,7 +25,8 @@ log = logging.getLogger("caraserve.lora")
 
 
 class LoraRuntime:
-    CONTROL_METHODS = ("register", "unregister", "list", "admit", "prefetch", "stats", "pin", "unpin", "is_known")
+    CONTROL_METHODS = ("register", "unregister", "list", "admit", "prefetch", "stats", "pin", "unpin", "is_known",
+                       "begin_admission")
 
     def __init__(self, config, model):
         self.config = config
@@ -115,10 +116,17 @@ class LoraRuntime:
 
     # ---- admission and loading ---------------------------------------------------------------
 
+    def begin_admission(self) -> None:
+        """A new batch is being formed: adapters admitted from now on stay in the pool until
+        the batch's requests attach to them (placing one adapter must not evict another that
+        was admitted a moment earlier for the same batch)."""
+        self.pool.protected.clear()
+
     def admit(self, name: str) -> bool:
         """Is `name` resident or placeable now? Starts its load if it was not on the device."""
         if name not in self.store:
             return True  # the router fails such a request; it must not block the queue
+        self.pool.protected.add(name)
         if name in self.pool:
             self.pool.touch(name)
             return True
@@ -131,8 +139,17 @@ class LoraRuntime:
         return True
 
     def prefetch(self, name: str) -> bool:
-        """Like `admit`, on a request's arrival (when `--lora-prefetch` is on)."""
-        return self.config.lora.prefetch and self.admit(name)
+        """Start loading `name` on a request's arrival (when `--lora-prefetch` is on); unlike
+        `admit` it protects nothing: a prefetched adapter stays evictable."""
+        if not self.config.lora.prefetch or name not in self.store or name in self.pool:
+            return False
+        host = self.store.get(name)
+        entry = self.pool.place(host, self.link.new_residency())
+        if entry is None:
+            return False
+        self.link.submit(entry, host, priority=time.monotonic())
+        self.counters["loads_cold"] += 1
+        return True
 
     # ---- requests and steps --------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import shutil
+import time
 
 import pytest
 import requests
@@ -107,11 +108,12 @@ def test_runtime_load_use_unload(server, adapter_dir, tmp_path):
         long = pool.submit(requests.post, server.url + "/generate", json={
             "inputs": PROMPTS[0], "adapter": "extra", "parameters": {"max_new_tokens": 48, "ignore_eos": True}},
             timeout=600)
-        busy = None
-        for _ in range(50):
-            busy = requests.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "extra"}, timeout=60)
-            if busy.status_code == 409 or long.done():
+        for _ in range(600):  # until the instance runs it
+            stats = requests.get(server.url + "/stats", timeout=30).json()["instances"][0]["stats"]
+            if any(r["adapter"] == "extra" for r in stats.get("running", []) + stats.get("queued", [])):
                 break
+            time.sleep(0.05)
+        busy = requests.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "extra"}, timeout=60)
         assert busy.status_code == 409, busy.text
         waited = requests.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "extra", "wait_s": 300},
                                timeout=400)

@@ -89,3 +89,14 @@ def test_slot_layout_is_punica_aligned():
 def test_pool_too_small_is_a_clear_error():
     with pytest.raises(ValueError, match="raise the pool size"):
         pool(3, max_rank=8)
+
+
+def test_adapters_admitted_for_the_forming_batch_are_not_evicted():
+    """Placing b must not evict a, admitted a moment earlier for the same batch (its request
+    has not attached yet): b waits instead."""
+    p = pool(12)
+    p.place(host("a", 8), ready())
+    p.protected.add("a")
+    assert p.place(host("b", 8), ready()) is None and "a" in p
+    p.protected.clear()  # next admission round
+    assert p.place(host("b", 8), ready()) is not None and "a" not in p
