@@ -52,6 +52,7 @@ class OfflineEngine:
         called after every step (for timing).
         """
         adapters = adapters or [None] * len(prompts)
+        self.runtime.begin_admission()
         reqs = [self._attach(name) for name in adapters]
         m = self.model
         batch = len(prompts)

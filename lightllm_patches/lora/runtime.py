@@ -158,7 +158,8 @@ class LoraRuntime:
             return
         if adapter not in self.pool and not self.admit(adapter):
             raise AdapterError(f"adapter {adapter!r} could not be placed in the pool", 503)
-        entry = self.pool.acquire(adapter)
+        entry = self.pool.acquire(adapter)  # the reference now keeps it; the admission guard can go
+        self.pool.protected.discard(adapter)
         self.request_adapter[r_id] = adapter
         self.counters["requests_warm" if entry.residency.all_ready() else "requests_cold"] += 1
 
