@@ -96,7 +96,10 @@ def _decode_attention_cpu(q, kv_cache, kv_heads, out, infer_state) -> None:
     batch, heads, dim = q.shape
     index, mask = infer_state.cpu_decode_index, infer_state.cpu_decode_mask
     max_len = mask.shape[-1]
-    kv = kv_cache.index_select(0, index).view(batch, max_len, 2 * kv_heads, dim)
+    buffer = infer_state.cpu_decode_buffer  # reused by every layer of the step
+    if buffer is None or buffer.shape[0] != index.shape[0] or buffer.dtype != kv_cache.dtype:
+        buffer = infer_state.cpu_decode_buffer = kv_cache.new_empty((index.shape[0],) + kv_cache.shape[1:])
+    kv = torch.index_select(kv_cache, 0, index, out=buffer).view(batch, max_len, 2 * kv_heads, dim)
     k = kv[:, :, :kv_heads].transpose(1, 2)  # [B, KVH, L, d]
     v = kv[:, :, kv_heads:].transpose(1, 2)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=heads != kv_heads)

@@ -120,6 +120,7 @@ class CaraInferState(LlamaInferStateInfo):
         self.cpu_segments = None
         self.cpu_decode_index = None
         self.cpu_decode_mask = None
+        self.cpu_decode_buffer = None
 
     def init_some_extra_state(self, model, input_ids: torch.Tensor):
         device = model.device
