@@ -24,6 +24,8 @@ from .instance_client import InstanceClient
 
 log = logging.getLogger("caraserve.cluster")
 
+RESTART_BACKOFF_MAX_S = 60.0
+
 
 @dataclass
 class InstanceHandle:
@@ -38,6 +40,7 @@ class InstanceHandle:
     failures: int = 0
     log_path: Optional[str] = None
     started_at: float = field(default_factory=time.time)
+    crash_loops: int = 0  # restarts in a row that died before becoming healthy (for back-off)
 
     @property
     def local(self) -> bool:
@@ -160,14 +163,26 @@ class Cluster:
                 h.failures += 1
                 log.error("instance %d (%s) is down", i, h.url)
                 self.on_down(i)
-                if dead and self.restart_dead:
-                    self.launcher.stop(h)
-                    h.restarts += 1
-                    self.launcher.start(h)
             elif ok and not h.healthy:
                 h.healthy = True
+                h.crash_loops = 0
                 log.info("instance %d (%s) is up", i, h.url)
                 self.on_up(i)
+            # Decided apart from the health transition: the health probe can fail a moment
+            # before the killed process is reaped, and the dead one must still be restarted.
+            if dead and self.restart_dead:
+                self._restart(h)
+
+    def _restart(self, h: InstanceHandle) -> None:
+        # An instance that keeps dying during start-up is retried with back-off, not in a loop.
+        backoff_s = min(RESTART_BACKOFF_MAX_S, 2.0 ** h.crash_loops - 1.0)
+        if time.time() < h.started_at + backoff_s:
+            return
+        log.warning("restarting instance %d (%s); see %s", h.index, h.url, h.log_path)
+        self.launcher.stop(h)
+        h.restarts += 1
+        h.crash_loops += 1
+        self.launcher.start(h)
 
     async def monitor(self, interval_s: float) -> None:
         while True:

@@ -10,6 +10,8 @@ arithmetic, about a microsecond each):
 - decode step, per kernel:
   ``bgmv``:  ``d0 + d_b * batch + d_r * batch * max_rank`` (Punica pads to the batch's max rank)
   ``mbgmv``: ``d0 + d_b * batch + d_r * sum_of_ranks``      (S-LoRA, no padding)
+  each optionally ``+ d_any * [any request has an adapter]`` (fixed cost of running LoRA
+  kernels in a step at all; kept only when the fit needs it, see ``fit_decode``)
 - adapter cold load: ``load_fixed_ms + load_ms_per_rank * rank`` (host -> device copy; from a
   profile of loads, or from link bandwidth and bytes per rank unit).
 
@@ -53,6 +55,11 @@ DECODE_FEATURES = {
     "bgmv": ("const", "batch", "batch_x_max_rank"),
     "mbgmv": ("const", "batch", "sum_ranks"),
 }
+# Optional 4th decode feature: 1 when any request of the batch has an adapter. A step that
+# runs LoRA kernels at all pays a fixed cost (per-step plans, one kernel launch per layer and
+# projection group) whatever the ranks; on a GPU it is small, on a CPU it dominates the rank
+# term. Kept only when it removes RANK_TERM_MIN_GAIN of the residual (like rank x tokens).
+ANY_LORA = "any_lora"
 # The rank x tokens prefill term is kept only if it removes at least this fraction of the
 # residual sum of squares of the fit without it (a pure-noise regressor removes ~1/(n-p)).
 RANK_TERM_MIN_GAIN = 0.10
@@ -101,7 +108,8 @@ class PerfModel:
             raise PerfModelError(f"perf model: decode must hold fits for one or more of {list(KERNELS)}, "
                                  f"got {sorted(self.decode)}")
         for kernel, fit in self.decode.items():
-            _validate_fit(f"decode.{kernel}", fit, allowed=(DECODE_FEATURES[kernel],))
+            _validate_fit(f"decode.{kernel}", fit,
+                          allowed=(DECODE_FEATURES[kernel], DECODE_FEATURES[kernel] + (ANY_LORA,)))
         for name in ("load_fixed_ms", "load_ms_per_rank", "cpu_assist_overhead"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
@@ -110,7 +118,8 @@ class PerfModel:
         self._p0 = float(coef[0])
         self._p_tok = float(coef[1])
         self._p_rt = float(coef[2]) if len(coef) == 3 else 0.0
-        self._dec = {k: tuple(float(c) for c in fit.coef) for k, fit in self.decode.items()}
+        self._dec = {k: tuple(float(c) for c in fit.coef) + (0.0,) * (4 - len(fit.coef))
+                     for k, fit in self.decode.items()}
 
     # ------------------------------------------------------------------ predictions
     def predict_prefill_ms(self, tokens: int, rank: int = 0) -> float:
@@ -142,14 +151,14 @@ class PerfModel:
         if batch <= 0:
             return 0.0
         try:
-            d0, d_b, d_r = self._dec[kernel]
+            d0, d_b, d_r, d_any = self._dec[kernel]
         except KeyError:
             if kernel not in KERNELS:
                 raise PerfModelError(f"unknown decode kernel {kernel!r}; expected one of {KERNELS}") from None
             raise PerfModelError(f"this perf model has no decode fit for kernel {kernel!r} "
                                  f"(profiled: {sorted(self._dec)})") from None
         feature = batch * max_rank if kernel == "bgmv" else sum_ranks
-        return d0 + d_b * batch + d_r * feature
+        return d0 + d_b * batch + d_r * feature + (d_any if max_rank > 0 else 0.0)
 
     def predict_load_ms(self, rank: int) -> float:
         """Host -> device copy of an adapter of this rank (0 for no adapter)."""
@@ -310,8 +319,18 @@ def decode_features(ranks: Sequence[int], kernel: str) -> tuple[float, float, fl
 def fit_decode(points: Sequence[Mapping[str, Any]], kernel: str) -> LinearFit:
     if not points:
         raise PerfModelError(f"profile has no decode points for kernel {kernel!r}")
-    return least_squares([decode_features(p["ranks"], kernel) for p in points],
-                         [p["ms"] for p in points], DECODE_FEATURES[kernel])
+    y = [p["ms"] for p in points]
+    rows = [decode_features(p["ranks"], kernel) for p in points]
+    base = least_squares(rows, y, DECODE_FEATURES[kernel])
+    flags = [1.0 if max(p["ranks"]) > 0 else 0.0 for p in points]
+    if len(set(flags)) < 2 or len(points) < 5:
+        return base
+    full = least_squares([r + (f,) for r, f in zip(rows, flags)], y, DECODE_FEATURES[kernel] + (ANY_LORA,))
+    ss_base = (base.rmse_ms or 0.0) ** 2 * base.n
+    ss_full = (full.rmse_ms or 0.0) ** 2 * full.n
+    if ss_base > 0 and (ss_base - ss_full) / ss_base >= RANK_TERM_MIN_GAIN:
+        return full
+    return base
 
 
 def load_cost_from_link(bandwidth_gbps: float, bytes_per_rank: int, latency_ms: float = 0.0) -> tuple[float, float]:

@@ -33,7 +33,7 @@ class ProfileGrid:
 
 QUICK_GRID = ProfileGrid()
 FULL_GRID = ProfileGrid(prefill_tokens=(16, 32, 64, 128, 256, 512), batch_sizes=(1, 2, 4, 8, 16, 32),
-                        decode_steps=16, repeats=3)
+                        decode_steps=32, repeats=2)
 
 
 def _prompt(rng: random.Random, length: int) -> list[int]:
@@ -51,15 +51,17 @@ async def _run(client: InstanceClient, body: dict) -> None:
 
 
 def _rank_mixes(adapters: dict[str, int], batch: int, rng: random.Random) -> list[list[Optional[str]]]:
-    """Adapter assignments for a batch: base only, each rank alone, and a random mix."""
-    names = sorted(adapters, key=lambda n: adapters[n])
+    """Adapter assignments for a batch: base only, each rank alone, and a random mix. Rows
+    take distinct adapters of a rank where there are several, as real traffic does (rows that
+    share one adapter are cheaper than the same ranks spread over many)."""
+    by_rank: dict[int, list[str]] = {}
+    for name in sorted(adapters):
+        by_rank.setdefault(adapters[name], []).append(name)
     mixes = [[None] * batch]
-    by_rank = {}
-    for n in names:
-        by_rank.setdefault(adapters[n], n)
-    mixes += [[n] * batch for n in by_rank.values()]
-    if len(names) > 1 and batch > 1:
-        mixes.append([rng.choice(names) for _ in range(batch)])
+    mixes += [[names[i % len(names)] for i in range(batch)] for _, names in sorted(by_rank.items())]
+    if len(adapters) > 1 and batch > 1:
+        pool = sorted(adapters)
+        mixes.append([rng.choice(pool) for _ in range(batch)])
     return mixes
 
 
@@ -85,11 +87,14 @@ async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid
             prefill.append({"tokens": s["tokens"], "rank": s["ranks"][0], "ms": s["ms"]})
     for batch in grid.batch_sizes:
         for mix in _rank_mixes(adapters, batch, rng):
-            await asyncio.gather(*[_run(client, _body(a, _prompt(rng, 8), grid.decode_steps)) for a in mix])
-            steps = [s for s in await client.samples(clear=True) if s["kind"] == "decode" and s["batch"] == batch]
-            if steps:
-                decode.append({"kernel": kernel, "ranks": sorted(steps[-1]["ranks"]),
-                               "ms": statistics.median(s["ms"] for s in steps)})
+            times, ranks = [], None
+            for _ in range(grid.repeats):
+                await asyncio.gather(*[_run(client, _body(a, _prompt(rng, 8), grid.decode_steps)) for a in mix])
+                steps = [s for s in await client.samples(clear=True) if s["kind"] == "decode" and s["batch"] == batch]
+                times += [s["ms"] for s in steps]
+                ranks = sorted(steps[-1]["ranks"]) if steps else ranks
+            if times:
+                decode.append({"kernel": kernel, "ranks": ranks, "ms": statistics.median(times)})
         progress(f"  decode batch {batch} done")
     lora = stats.get("lora") or {}
     profile = {

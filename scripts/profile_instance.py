@@ -57,12 +57,13 @@ def start_and_profile(args, grid) -> list[dict]:
 
     model_dir = args.model_dir or str(prepare_default_model())
     adapters = Path(args.adapters_dir)
-    make_demo_adapters(model_dir, adapters, ranks=(8, 16, 32, 64), count=4)
+    make_demo_adapters(model_dir, adapters, ranks=(8, 16, 32, 64), count=args.adapters)
     profiles = []
     for kernel in args.kernels.split(","):
-        log = Path(args.out).with_suffix(f".{kernel}.log")
+        log = Path(args.log_dir) / f"profile_instance.{kernel}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
         flags = ["--model-dir", model_dir, "--lora-adapters", str(adapters), "--lora-decode-kernel", kernel,
-                 "--lora-mode", "cached", "--lora-pool-mb", "512", "--torch-threads", str(args.torch_threads)]
+                 "--lora-mode", "cached", "--lora-pool-mb", "1600", "--torch-threads", str(args.torch_threads)]
         print(f"starting an instance with the {kernel} decode kernel ...", flush=True)
         with RunningServer("caraserve_router.instance", flags, log) as srv:
             profiles.append(asyncio.run(profile_url(srv.url, grid, args.seed)))
@@ -75,8 +76,10 @@ def main() -> int:
     parser.add_argument("--url", action="append", default=[], help="instance URL to profile (repeatable, e.g. "
                         "one per decode kernel); default: start instances here")
     parser.add_argument("--model-dir", default="", help="model for started instances (default: SmolLM2)")
-    parser.add_argument("--adapters-dir", default=str(REPO / ".cache" / "adapters"),
+    parser.add_argument("--adapters-dir", default=str(REPO / ".cache" / "profile_adapters"),
                         help="demo adapters for started instances (made if missing)")
+    parser.add_argument("--log-dir", default=str(REPO / ".cache" / "logs"), help="logs of started instances")
+    parser.add_argument("--adapters", type=int, default=16, help="demo adapters to make (ranks 8/16/32/64 round robin)")
     parser.add_argument("--kernels", default="mbgmv,bgmv", help="decode kernels to profile with started instances")
     parser.add_argument("--torch-threads", type=int, default=0, help="threads of started instances (0: all cores)")
     parser.add_argument("--quick", action="store_true", help="a small grid (what the api_server does at start)")

@@ -68,7 +68,8 @@ class RunningServer:
         self.stop()
 
     def tail(self, lines: int = 40) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, grace_s: float = 60.0) -> None:

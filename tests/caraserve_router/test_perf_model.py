@@ -186,3 +186,23 @@ def test_profile_of_one_kernel(tmp_path):
     back = PerfModel.load(tmp_path / "one.json")
     assert back.predict_decode_step_ms([8, 16], "mbgmv") == pm.predict_decode_step_ms([8, 16], "mbgmv")
     assert "bgmv" not in back.describe().replace("mbgmv", "")
+
+
+def test_decode_fit_adds_the_any_lora_term_only_when_it_matters():
+    """A fixed cost per step with LoRA (per-step plans, kernel launches) is recovered as its
+    own term; a profile without one keeps the paper's three features."""
+    from caraserve_router.perf_model import ANY_LORA, fit_decode
+
+    def points(fixed):
+        pts = []
+        for batch in (1, 2, 4, 8, 16):
+            for rank in (0, 8, 32, 64):
+                ranks = [rank] * batch
+                ms = 50 + 2.0 * batch + 0.01 * sum(ranks) + (fixed if rank else 0.0)
+                pts.append({"kernel": "mbgmv", "ranks": ranks, "ms": ms})
+        return pts
+
+    with_fixed = fit_decode(points(30.0), "mbgmv")
+    assert with_fixed.features[-1] == ANY_LORA
+    assert abs(with_fixed.coef[-1] - 30.0) < 1e-6 and abs(with_fixed.coef[2] - 0.01) < 1e-9
+    assert fit_decode(points(0.0), "mbgmv").features == ("const", "batch", "sum_ranks")

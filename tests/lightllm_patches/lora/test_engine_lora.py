@@ -119,3 +119,48 @@ def test_forced_split_equals_device_only(adapters):
         engine.close()
     for s in range(3):
         assert_close(split[s], device_only[s], msg=f"step {s}")
+
+
+def test_killed_sidecar_worker_mid_prefill_still_gives_peft_output(adapters):
+    """A sidecar worker SIGKILLed while cold layers are being CPU-assisted (at the prefill's
+    third sidecar call): the engine falls back to waiting for the device copy, the worker is
+    replaced, and the output is still PEFT's."""
+    import os
+    import signal
+    import time
+
+    model_dir, dirs = adapters
+    names = [dirs[0].name, None, dirs[2].name, dirs[3].name, dirs[4].name, dirs[5].name]
+    engine = lora_engine(model_dir, dirs, mode="cpu-assist", pool_mb=16, max_rank=8, link_bandwidth_mbps=0.2)
+    sidecar = engine.runtime.sidecar
+    victim = sidecar.worker_pids()[0]
+    submit, calls = sidecar.submit, []
+
+    def killing_submit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(victim, signal.SIGKILL)
+            while not _gone(victim):
+                time.sleep(0.001)
+        return submit(*args, **kwargs)
+
+    sidecar.submit = killing_submit
+    try:
+        outs = engine.run(PROMPTS, names, STEPS)
+        assert engine.runtime.counters["sidecar_fallbacks"] >= 1
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (victim in sidecar.worker_pids() or not sidecar.healthy()):
+            time.sleep(0.05)
+        assert victim not in sidecar.worker_pids() and sidecar.healthy(), "the killed worker must be replaced"
+    finally:
+        engine.close()
+    check_against_peft(model_dir, dirs, names, outs)
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it computes nothing any more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
