@@ -81,6 +81,7 @@ class CaraRouterManager(RouterManager):
             "healthy": True,
             "lora_mode": self.config.lora.mode,
             "kernel": self.config.lora.decode_kernel,
+            "device": str(self.model_rpc.backend.device) if self.model_rpc.backend else "",
             "max_batch": self.config.running_max_req_size,
             "resident_adapters": [{"name": e["name"], "rank": e["rank"]} for e in lora["resident"]],
             "running": [_req_view(r, ranks) for r in running],

@@ -3,11 +3,12 @@
 
 1. Profiles one instance (`scripts/profile_instance.py --quick`, same threads per instance as
    the cluster) unless `--perf-model` is given.
-2. Starts a real cluster (`api_server --instances 2 --policy rank-aware --perf-model ...`,
-   adapters resident: `--lora-mode cached`) and replays a workload (`scripts/replay.py`).
-3. Simulates the *same* workload (same generator, flags and seed) with the same perf model
-   and policy (`scripts/simulate.py --instances 2`).
-4. Prints and writes predicted vs measured mean TTFT and time per output token.
+2. For each policy of `--policies`: starts a real cluster (`api_server --instances 2 --policy P
+   --perf-model ...`, adapters resident: `--lora-mode cached`) and replays a workload
+   (`scripts/replay.py`); simulates the *same* workload (same generator, flags and seed) with
+   the same perf model and policy (`scripts/simulate.py --instances 2`).
+3. Prints and writes predicted vs measured mean TTFT and time per output token per policy, and
+   the replays side by side (`replay_policies.png`).
 
 Every simulated number is labelled so; the measured ones come from real requests over HTTP.
 """
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PY = sys.executable
 
+from tests.servers import RunningServer  # noqa: E402
+
 
 def run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
@@ -35,6 +38,28 @@ def workload_flags(args) -> list[str]:
             "--duration", str(args.duration), "--length-source", "sharegpt", "--max-prompt", str(args.max_prompt),
             "--max-output", str(args.max_output), "--prompt-scale", "1", "--output-scale", "1",
             "--num-adapters", "4", "--seed", str(args.seed), "--slo-tpot-ms", str(args.slo_tpot_ms)]
+
+
+def validate_policy(args, policy: str, model_dir: str, adapters: Path, perf: str, out_dir: Path) -> dict:
+    """Replay the workload on a real 2-instance cluster under `policy`, simulate it, compare."""
+    flags = ["--model-dir", model_dir, "--adapters", str(adapters), "--instances", "2", "--policy", policy,
+             "--perf-model", perf, "--slo-tpot-ms", str(args.slo_tpot_ms), "--lora-mode", "cached",
+             "--torch-threads", str(args.threads), "--log-dir", str(out_dir / "logs")]
+    replay_json = out_dir / f"replay_{policy}.json"
+    with RunningServer("caraserve_router.api_server", flags, out_dir / f"cluster_{policy}.log") as srv:
+        run([PY, "scripts/replay.py", "--url", srv.url, *workload_flags(args), "--out", str(replay_json),
+             "--label", policy, "--no-plots"])
+    sim_json = out_dir / f"simulated_{policy}.json"
+    run([PY, "scripts/simulate.py", "--instances", "2", "--rates", str(args.rate), "--policies", policy,
+         "--perf-model", perf, "--lora-mode", "cached", "--kernel", "mbgmv", "--max-batch", "64",
+         *workload_flags(args), "--out", str(sim_json), "--no-plots", "--progress-s", "0"])
+    measured = json.loads(replay_json.read_text())["summary"]
+    simulated = json.loads(sim_json.read_text())["runs"][0]
+    rows = {}
+    for key in ("ttft_ms_mean", "tpot_ms_mean"):
+        m, s = measured[key], simulated[key]
+        rows[key] = {"measured": m, "simulated": s, "error": (s - m) / m if m else None}
+    return {"comparison": rows, "measured_summary": measured, "simulated_run": simulated}
 
 
 def main() -> int:
@@ -49,10 +74,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per instance (2 instances, 2 cores)")
     parser.add_argument("--slo-tpot-ms", type=float, default=300.0, help="SLO of the policy and the report")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    parser.add_argument("--policies", default="rank-aware,first-fit,random",
+                        help="comma-separated router policies, each replayed on the cluster and simulated")
     args = parser.parse_args()
     from caraserve_router.demo_adapters import make_demo_adapters
     from caraserve_router.model_prep import prepare_default_model
-    from tests.servers import RunningServer
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,31 +89,19 @@ def main() -> int:
     if not args.perf_model:
         run([PY, "scripts/profile_instance.py", "--quick", "--kernels", "mbgmv", "--torch-threads",
              str(args.threads), "--out", perf])
-    flags = ["--model-dir", model_dir, "--adapters", str(adapters), "--instances", "2", "--policy", "rank-aware",
-             "--perf-model", perf, "--slo-tpot-ms", str(args.slo_tpot_ms), "--lora-mode", "cached",
-             "--torch-threads", str(args.threads), "--log-dir", str(out.parent / "logs")]
-    replay_json = out.with_name("replay.json")
-    with RunningServer("caraserve_router.api_server", flags, out.with_name("cluster.log")) as srv:
-        run([PY, "scripts/replay.py", "--url", srv.url, *workload_flags(args), "--out", str(replay_json),
-             "--label", "measured", "--no-plots"])
-    sim_json = out.with_name("simulated.json")
-    run([PY, "scripts/simulate.py", "--instances", "2", "--rates", str(args.rate), "--policies", "rank-aware",
-         "--perf-model", perf, "--lora-mode", "cached", "--kernel", "mbgmv", "--max-batch", "64",
-         *workload_flags(args), "--out", str(sim_json), "--no-plots", "--progress-s", "0"])
-    measured = json.loads(replay_json.read_text())["summary"]
-    simulated = json.loads(sim_json.read_text())["runs"][0]
-    rows = {}
-    for key in ("ttft_ms_mean", "tpot_ms_mean"):
-        m, s = measured[key], simulated[key]
-        rows[key] = {"measured": m, "simulated": s, "error": (s - m) / m if m else None}
+    results = {}
+    for policy in args.policies.split(","):
+        results[policy] = validate_policy(args, policy, model_dir, adapters, perf, out.parent)
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "requests": args.requests,
-              "threads_per_instance": args.threads, "perf_model": perf, "comparison": rows,
-              "measured_summary": measured, "simulated_run": simulated,
+              "threads_per_instance": args.threads, "perf_model": perf, "policies": results,
               "note": "simulated = discrete-event simulator with the profiled PerfModel; measured = real cluster"}
     out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"{'metric':14s} {'measured':>10s} {'simulated':>10s} {'error':>8s}")
-    for key, r in rows.items():
-        print(f"{key:14s} {r['measured']:10.1f} {r['simulated']:10.1f} {r['error']:8.1%}")
+    print(f"{'policy':12s} {'metric':14s} {'measured':>10s} {'simulated':>10s} {'error':>8s}")
+    for policy, r in results.items():
+        for key, row in r["comparison"].items():
+            print(f"{policy:12s} {key:14s} {row['measured']:10.1f} {row['simulated']:10.1f} {row['error']:8.1%}")
+    replays = [str(out.with_name(f"replay_{p}.json")) for p in results]
+    run([PY, "scripts/replay.py", "--compare", *replays, "--out", str(out.with_name("replay_policies.png"))])
     print(f"wrote {out}")
     return 0
 

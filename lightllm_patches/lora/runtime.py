@@ -130,19 +130,17 @@ class LoraRuntime:
         if name in self.pool:
             self.pool.touch(name)
             return True
-        host = self.store.get(name)
-        entry = self.pool.place(host, self.link.new_residency())
-        if entry is None:
-            return False
-        self.link.submit(entry, host, priority=time.monotonic())
-        self.counters["loads_cold"] += 1
-        return True
+        return self._start_load(name)
 
     def prefetch(self, name: str) -> bool:
         """Start loading `name` on a request's arrival (when `--lora-prefetch` is on); unlike
         `admit` it protects nothing: a prefetched adapter stays evictable."""
         if not self.config.lora.prefetch or name not in self.store or name in self.pool:
             return False
+        return self._start_load(name)
+
+    def _start_load(self, name: str) -> bool:
+        """Place `name` in the pool and start its copy; False when the pool has no room."""
         host = self.store.get(name)
         entry = self.pool.place(host, self.link.new_residency())
         if entry is None:
