@@ -1,9 +1,14 @@
 """Profiling a running instance for the PerfModel: drive load over HTTP, read its step timings.
 
-The instance records the duration of every forward step with its batch size, token count and
-the adapter rank of every row (`/step_samples`); the profiler sends requests shaped to fill a
-grid (prefill: prompt length x rank; decode: batch size x rank mix) and turns the matching
-samples into the profile `PerfModel.fit` reads.
+The instance records the duration of every forward step with its batch size, token count,
+the adapter rank of every row and its end time (`/step_samples`); the profiler sends requests
+shaped to fill a grid (prefill: prompt length x rank; decode: batch size x rank mix) and turns
+the matching samples into the profile `PerfModel.fit` reads.
+
+What is fitted is a step as the instance's clients see it: a decode point is the median
+*cycle* of back-to-back decode steps (end of one step to the end of the next: forward pass plus
+the router loop, input preparation and output handling); a prefill point is its forward pass
+plus the median of that per-step overhead (`step_overhead_ms` in the profile's metadata).
 """
 from __future__ import annotations
 
@@ -65,6 +70,14 @@ def _rank_mixes(adapters: dict[str, int], batch: int, rng: random.Random) -> lis
     return mixes
 
 
+def _back_to_back(samples: list[dict], batch: int) -> list[tuple[float, float]]:
+    """(forward ms, cycle ms) of each decode step of `batch` rows that directly followed another
+    one: the cycle (end of the previous step to the end of this one) adds the router loop, input
+    preparation and output handling to the forward pass, as a client sees a step."""
+    return [(cur["ms"], (cur["t"] - prev["t"]) * 1000.0) for prev, cur in zip(samples, samples[1:])
+            if prev["kind"] == cur["kind"] == "decode" and prev["batch"] == cur["batch"] == batch]
+
+
 async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid: ProfileGrid = QUICK_GRID,
                           seed: int = 0, progress=print) -> dict:
     """Profile one instance; `adapters` maps loaded adapter names to their ranks."""
@@ -84,23 +97,34 @@ async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid
         progress(f"  prefill {tokens} tokens done")
     for s in await client.samples(clear=True):
         if s["kind"] == "prefill" and s["batch"] == 1:
-            prefill.append({"tokens": s["tokens"], "rank": s["ranks"][0], "ms": s["ms"]})
+            prefill.append({"tokens": s["tokens"], "rank": s["ranks"][0], "forward_ms": s["ms"]})
+    overheads = []
     for batch in grid.batch_sizes:
         for mix in _rank_mixes(adapters, batch, rng):
-            times, ranks = [], None
+            forward, cycle, ranks = [], [], None
             for _ in range(grid.repeats):
                 await asyncio.gather(*[_run(client, _body(a, _prompt(rng, 8), grid.decode_steps)) for a in mix])
-                steps = [s for s in await client.samples(clear=True) if s["kind"] == "decode" and s["batch"] == batch]
-                times += [s["ms"] for s in steps]
+                samples = await client.samples(clear=True)
+                pairs = _back_to_back(samples, batch)
+                forward += [f for f, _ in pairs]
+                cycle += [c for _, c in pairs]
+                overheads += [c - f for f, c in pairs]
+                steps = [s for s in samples if s["kind"] == "decode" and s["batch"] == batch]
                 ranks = sorted(steps[-1]["ranks"]) if steps else ranks
-            if times:
-                decode.append({"kernel": kernel, "ranks": ranks, "ms": statistics.median(times)})
+            if cycle:
+                decode.append({"kernel": kernel, "ranks": ranks, "ms": statistics.median(cycle),
+                               "forward_ms": statistics.median(forward)})
         progress(f"  decode batch {batch} done")
+    step_overhead_ms = statistics.median(overheads) if overheads else 0.0
+    for p in prefill:
+        p["ms"] = p["forward_ms"] + step_overhead_ms
     lora = stats.get("lora") or {}
     profile = {
         "metadata": {"source": "profiled", "machine": platform.node() or "unknown", "device": stats.get("device", ""),
                      "date": time.strftime("%Y-%m-%d"), "kernel": kernel, "instance": stats.get("name"),
-                     "emulated": {"device": True, "link": lora.get("link") == "emulated"}},
+                     "emulated": {"device": not str(stats.get("device", "")).startswith("cuda"),
+                                  "link": lora.get("link") == "emulated"},
+                     "step_overhead_ms": round(step_overhead_ms, 3)},
         "prefill": prefill,
         "decode": decode,
     }

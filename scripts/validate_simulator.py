@@ -33,8 +33,9 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def workload_flags(args) -> list[str]:
-    return ["--arrival", "poisson", "--rate", str(args.rate), "--max-requests", str(args.requests),
+def workload_flags(args, rate_flag: str = "--rate") -> list[str]:
+    """The workload, identically for replay.py (`--rate`) and simulate.py (`--rates`)."""
+    return ["--arrival", "poisson", rate_flag, str(args.rate), "--max-requests", str(args.requests),
             "--duration", str(args.duration), "--length-source", "sharegpt", "--max-prompt", str(args.max_prompt),
             "--max-output", str(args.max_output), "--prompt-scale", "1", "--output-scale", "1",
             "--num-adapters", "4", "--seed", str(args.seed), "--slo-tpot-ms", str(args.slo_tpot_ms)]
@@ -46,13 +47,16 @@ def validate_policy(args, policy: str, model_dir: str, adapters: Path, perf: str
              "--perf-model", perf, "--slo-tpot-ms", str(args.slo_tpot_ms), "--lora-mode", "cached",
              "--torch-threads", str(args.threads), "--log-dir", str(out_dir / "logs")]
     replay_json = out_dir / f"replay_{policy}.json"
-    with RunningServer("caraserve_router.api_server", flags, out_dir / f"cluster_{policy}.log") as srv:
-        run([PY, "scripts/replay.py", "--url", srv.url, *workload_flags(args), "--out", str(replay_json),
-             "--label", policy, "--no-plots"])
+    if args.reuse_replays and replay_json.exists():
+        print(f"reusing {replay_json}", flush=True)
+    else:
+        with RunningServer("caraserve_router.api_server", flags, out_dir / f"cluster_{policy}.log") as srv:
+            run([PY, "scripts/replay.py", "--url", srv.url, *workload_flags(args), "--out", str(replay_json),
+                 "--label", policy, "--no-plots"])
     sim_json = out_dir / f"simulated_{policy}.json"
-    run([PY, "scripts/simulate.py", "--instances", "2", "--rates", str(args.rate), "--policies", policy,
+    run([PY, "scripts/simulate.py", "--instances", "2", "--policies", policy,
          "--perf-model", perf, "--lora-mode", "cached", "--kernel", "mbgmv", "--max-batch", "64",
-         *workload_flags(args), "--out", str(sim_json), "--no-plots", "--progress-s", "0"])
+         *workload_flags(args, "--rates"), "--out", str(sim_json), "--no-plots", "--progress-s", "0"])
     measured = json.loads(replay_json.read_text())["summary"]
     simulated = json.loads(sim_json.read_text())["runs"][0]
     rows = {}
@@ -76,6 +80,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument("--policies", default="rank-aware,first-fit,random",
                         help="comma-separated router policies, each replayed on the cluster and simulated")
+    parser.add_argument("--reuse-replays", action="store_true",
+                        help="keep replay_<policy>.json already beside --out (same workload flags) and only "
+                             "re-simulate")
     args = parser.parse_args()
     from caraserve_router.demo_adapters import make_demo_adapters
     from caraserve_router.model_prep import prepare_default_model
