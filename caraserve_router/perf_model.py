@@ -11,7 +11,8 @@ arithmetic, about a microsecond each):
   ``bgmv``:  ``d0 + d_b * batch + d_r * batch * max_rank`` (Punica pads to the batch's max rank)
   ``mbgmv``: ``d0 + d_b * batch + d_r * sum_of_ranks``      (S-LoRA, no padding)
   each optionally ``+ d_any * [any request has an adapter]`` (fixed cost of running LoRA
-  kernels in a step at all; kept only when the fit needs it, see ``fit_decode``)
+  kernels in a step at all) and ``+ d_multi * [batch > 1]`` (a CPU's matrix-vector ->
+  matrix-matrix switch); each kept only when the fit needs it, see ``fit_decode``
 - adapter cold load: ``load_fixed_ms + load_ms_per_rank * rank`` (host -> device copy; from a
   profile of loads, or from link bandwidth and bytes per rank unit).
 
@@ -27,8 +28,8 @@ JSON layout (``save``/``load``; every field validated on load, errors name the f
                   "emulated": {"device": bool, "link": bool}, ...free-form extras},
      "prefill": {"features": ["const", "tokens"(, "rank_x_tokens")], "coef": [...],
                  "r2": float|null, "rmse_ms": float|null, "n": int},
-     "decode": {"bgmv":  {"features": ["const", "batch", "batch_x_max_rank"], ...},
-                "mbgmv": {"features": ["const", "batch", "sum_ranks"], ...}},   # one or both
+     "decode": {"bgmv":  {"features": ["const", "batch", "batch_x_max_rank"(, "any_lora")(, "multi_row")], ...},
+                "mbgmv": {"features": ["const", "batch", "sum_ranks"(, ...)], ...}},   # one or both
      "load": {"fixed_ms": float, "ms_per_rank": float, "r2": float|null, "n": int,
               "bandwidth_gbps": float|null, "bytes_per_rank": int|null},
      "cpu_assist": {"prefill_overhead_frac": float},
@@ -55,11 +56,17 @@ DECODE_FEATURES = {
     "bgmv": ("const", "batch", "batch_x_max_rank"),
     "mbgmv": ("const", "batch", "sum_ranks"),
 }
-# Optional 4th decode feature: 1 when any request of the batch has an adapter. A step that
-# runs LoRA kernels at all pays a fixed cost (per-step plans, one kernel launch per layer and
-# projection group) whatever the ranks; on a GPU it is small, on a CPU it dominates the rank
-# term. Kept only when it removes RANK_TERM_MIN_GAIN of the residual (like rank x tokens).
+# Optional decode features (indicators), tried in this order and each kept only when it
+# removes RANK_TERM_MIN_GAIN of the remaining residual (like rank x tokens):
+# - any_lora: 1 when any request of the batch has an adapter. A step that runs LoRA kernels at
+#   all pays a fixed cost (per-step plans, one kernel call per layer and projection group)
+#   whatever the ranks; on a GPU it is small, on a CPU it dominates the rank term.
+# - multi_row: 1 when the batch has more than one request. On a CPU a one-row step is a
+#   matrix-vector product and two rows already switch the base projections to a matrix-matrix
+#   kernel (measured here: +33-48 ms per step; R^2 0.79 -> 0.91); on a GPU it is not selected.
 ANY_LORA = "any_lora"
+MULTI_ROW = "multi_row"
+OPTIONAL_DECODE_FEATURES = (ANY_LORA, MULTI_ROW)
 # The rank x tokens prefill term is kept only if it removes at least this fraction of the
 # residual sum of squares of the fit without it (a pure-noise regressor removes ~1/(n-p)).
 RANK_TERM_MIN_GAIN = 0.10
@@ -108,8 +115,7 @@ class PerfModel:
             raise PerfModelError(f"perf model: decode must hold fits for one or more of {list(KERNELS)}, "
                                  f"got {sorted(self.decode)}")
         for kernel, fit in self.decode.items():
-            _validate_fit(f"decode.{kernel}", fit,
-                          allowed=(DECODE_FEATURES[kernel], DECODE_FEATURES[kernel] + (ANY_LORA,)))
+            _validate_fit(f"decode.{kernel}", fit, allowed=decode_feature_sets(kernel))
         for name in ("load_fixed_ms", "load_ms_per_rank", "cpu_assist_overhead"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
@@ -118,7 +124,9 @@ class PerfModel:
         self._p0 = float(coef[0])
         self._p_tok = float(coef[1])
         self._p_rt = float(coef[2]) if len(coef) == 3 else 0.0
-        self._dec = {k: tuple(float(c) for c in fit.coef) + (0.0,) * (4 - len(fit.coef))
+        # per kernel: (d0, d_b, d_r, d_any, d_multi), absent optional terms 0
+        self._dec = {k: tuple(float(c) for c in fit.coef[:3])
+                     + tuple(dict(zip(fit.features, fit.coef)).get(f, 0.0) for f in OPTIONAL_DECODE_FEATURES)
                      for k, fit in self.decode.items()}
 
     # ------------------------------------------------------------------ predictions
@@ -151,14 +159,15 @@ class PerfModel:
         if batch <= 0:
             return 0.0
         try:
-            d0, d_b, d_r, d_any = self._dec[kernel]
+            d0, d_b, d_r, d_any, d_multi = self._dec[kernel]
         except KeyError:
             if kernel not in KERNELS:
                 raise PerfModelError(f"unknown decode kernel {kernel!r}; expected one of {KERNELS}") from None
             raise PerfModelError(f"this perf model has no decode fit for kernel {kernel!r} "
                                  f"(profiled: {sorted(self._dec)})") from None
         feature = batch * max_rank if kernel == "bgmv" else sum_ranks
-        return d0 + d_b * batch + d_r * feature + (d_any if max_rank > 0 else 0.0)
+        return (d0 + d_b * batch + d_r * feature + (d_any if max_rank > 0 else 0.0)
+                + (d_multi if batch > 1 else 0.0))
 
     def predict_load_ms(self, rank: int) -> float:
         """Host -> device copy of an adapter of this rank (0 for no adapter)."""
@@ -316,21 +325,38 @@ def decode_features(ranks: Sequence[int], kernel: str) -> tuple[float, float, fl
     return (1.0, float(batch), float(sum(ranks)))
 
 
+def decode_feature_sets(kernel: str) -> list[tuple[str, ...]]:
+    """The feature lists a decode fit may have: the base three plus any optional ones, in order."""
+    sets = [DECODE_FEATURES[kernel]]
+    for name in OPTIONAL_DECODE_FEATURES:
+        sets += [s + (name,) for s in sets]
+    return sets
+
+
+def _indicator(name: str, ranks: Sequence[int]) -> float:
+    return float(max(ranks) > 0) if name == ANY_LORA else float(len(ranks) > 1)
+
+
 def fit_decode(points: Sequence[Mapping[str, Any]], kernel: str) -> LinearFit:
+    """Least squares over the base features; each optional indicator is added (in order) when
+    it removes >= RANK_TERM_MIN_GAIN of the residual sum of squares of the fit so far."""
     if not points:
         raise PerfModelError(f"profile has no decode points for kernel {kernel!r}")
     y = [p["ms"] for p in points]
     rows = [decode_features(p["ranks"], kernel) for p in points]
-    base = least_squares(rows, y, DECODE_FEATURES[kernel])
-    flags = [1.0 if max(p["ranks"]) > 0 else 0.0 for p in points]
-    if len(set(flags)) < 2 or len(points) < 5:
-        return base
-    full = least_squares([r + (f,) for r, f in zip(rows, flags)], y, DECODE_FEATURES[kernel] + (ANY_LORA,))
-    ss_base = (base.rmse_ms or 0.0) ** 2 * base.n
-    ss_full = (full.rmse_ms or 0.0) ** 2 * full.n
-    if ss_base > 0 and (ss_base - ss_full) / ss_base >= RANK_TERM_MIN_GAIN:
-        return full
-    return base
+    features = DECODE_FEATURES[kernel]
+    best = least_squares(rows, y, features)
+    for name in OPTIONAL_DECODE_FEATURES:
+        flags = [_indicator(name, p["ranks"]) for p in points]
+        if len(set(flags)) < 2 or len(points) < len(features) + 2:
+            continue
+        trial = least_squares([r + (f,) for r, f in zip(rows, flags)], y, features + (name,))
+        ss_best = (best.rmse_ms or 0.0) ** 2 * best.n
+        ss_trial = (trial.rmse_ms or 0.0) ** 2 * trial.n
+        if ss_best > 0 and (ss_best - ss_trial) / ss_best >= RANK_TERM_MIN_GAIN:
+            best, features = trial, features + (name,)
+            rows = [r + (f,) for r, f in zip(rows, flags)]
+    return best
 
 
 def load_cost_from_link(bandwidth_gbps: float, bytes_per_rank: int, latency_ms: float = 0.0) -> tuple[float, float]:

@@ -14,6 +14,7 @@ The api_server takes the result with `--perf-model perf.json`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import json
 import sys
@@ -84,8 +85,15 @@ def main() -> int:
     parser.add_argument("--torch-threads", type=int, default=0, help="threads of started instances (0: all cores)")
     parser.add_argument("--quick", action="store_true", help="a small grid (what the api_server does at start)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and rank mixes")
+    parser.add_argument("--decode-context", type=int, default=None,
+                        help="prompt tokens of the decode requests (default 128): the model has no context "
+                             "term, so profile at your workload's typical context")
     args = parser.parse_args()
     grid = QUICK_GRID if args.quick else FULL_GRID
+    if args.decode_context is not None:
+        if args.decode_context < 1:
+            parser.error("--decode-context must be >= 1")
+        grid = dataclasses.replace(grid, decode_context=args.decode_context)
     try:
         profiles = [asyncio.run(profile_url(u, grid, args.seed)) for u in args.url] if args.url \
             else start_and_profile(args, grid)

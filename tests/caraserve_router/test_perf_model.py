@@ -206,3 +206,26 @@ def test_decode_fit_adds_the_any_lora_term_only_when_it_matters():
     assert with_fixed.features[-1] == ANY_LORA
     assert abs(with_fixed.coef[-1] - 30.0) < 1e-6 and abs(with_fixed.coef[2] - 0.01) < 1e-9
     assert fit_decode(points(0.0), "mbgmv").features == ("const", "batch", "sum_ranks")
+
+
+def test_decode_fit_recovers_both_indicator_terms_and_round_trips(tmp_path):
+    """One-row steps cheaper by a fixed amount (a CPU's matrix-vector regime) and a fixed LoRA
+    cost: both are recovered, predicted, saved and loaded."""
+    from caraserve_router.perf_model import ANY_LORA, MULTI_ROW, fit_decode
+
+    pts = []
+    for batch in (1, 2, 3, 4, 8, 16):
+        for rank in (0, 8, 32, 64):
+            ranks = [rank] * batch
+            ms = 40 + 2.0 * batch + 0.01 * sum(ranks) + (25.0 if rank else 0.0) + (35.0 if batch > 1 else 0.0)
+            pts.append({"kernel": "mbgmv", "ranks": ranks, "ms": ms})
+    fit = fit_decode(pts, "mbgmv")
+    assert fit.features == ("const", "batch", "sum_ranks", ANY_LORA, MULTI_ROW)
+    for got, want in zip(fit.coef, (40.0, 2.0, 0.01, 25.0, 35.0)):
+        assert abs(got - want) < 1e-6
+    pm = PerfModel(prefill=PerfModel.from_coefficients((10, 1), (1, 1, 1), (1, 1, 1)).prefill, decode={"mbgmv": fit})
+    assert abs(pm.predict_decode_step_ms([8], "mbgmv") - (40 + 2 + 0.08 + 25)) < 1e-6
+    assert abs(pm.predict_decode_step_ms([0, 0], "mbgmv") - (40 + 4 + 35)) < 1e-6
+    pm.save(tmp_path / "m.json")
+    back = PerfModel.load(tmp_path / "m.json")
+    assert back.predict_decode_step_ms([8, 64, 0], "mbgmv") == pm.predict_decode_step_ms([8, 64, 0], "mbgmv")
