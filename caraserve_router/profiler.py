@@ -40,7 +40,8 @@ class ProfileGrid:
     decode_context: int = 128
 
 
-QUICK_GRID = ProfileGrid()
+# The api_server's start-up profile: small, and short decode prompts to keep it near a minute.
+QUICK_GRID = ProfileGrid(decode_context=32)
 FULL_GRID = ProfileGrid(prefill_tokens=(16, 32, 64, 128, 256, 512), batch_sizes=(1, 2, 4, 8, 16, 32),
                         decode_steps=32, repeats=2)
 

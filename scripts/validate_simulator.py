@@ -94,8 +94,8 @@ def main() -> int:
     make_demo_adapters(model_dir, adapters, ranks=(8, 16, 32, 64), count=4)
     perf = args.perf_model or str(out.with_name("perf_model.json"))
     if not args.perf_model:
-        run([PY, "scripts/profile_instance.py", "--quick", "--kernels", "mbgmv", "--torch-threads",
-             str(args.threads), "--out", perf])
+        run([PY, "scripts/profile_instance.py", "--quick", "--decode-context", "128", "--kernels", "mbgmv",
+             "--torch-threads", str(args.threads), "--out", perf])
     results = {}
     for policy in args.policies.split(","):
         results[policy] = validate_policy(args, policy, model_dir, adapters, perf, out.parent)
