@@ -289,14 +289,25 @@ class PerfModel:
 # ---------------------------------------------------------------------- fitting
 def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float],
                   features: Sequence[str]) -> LinearFit:
-    """Ordinary least squares with R^2 and RMSE (numpy; used only while fitting)."""
+    """Least squares with R^2 and RMSE (numpy; used only while fitting). Every coefficient but
+    the constant is kept >= 0, since more batch, rank or tokens never make a step faster (a
+    noisy small profile can fit a negative rank slope, which would make a policy prefer high
+    ranks): the most negative one is fixed at 0 and the rest refitted, until none is negative."""
     import numpy as np
 
     x = np.asarray(rows, dtype=np.float64)
     y = np.asarray(targets, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < x.shape[1] + 1:
         raise PerfModelError(f"need at least {len(features) + 1} points to fit {list(features)}, got {len(y)}")
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    free = list(range(x.shape[1]))
+    while True:
+        sub, *_ = np.linalg.lstsq(x[:, free], y, rcond=None)
+        coef = np.zeros(x.shape[1])
+        coef[free] = sub
+        negative = [j for j in free if features[j] != "const" and coef[j] < 0]
+        if not negative:
+            break
+        free.remove(min(negative, key=lambda j: coef[j]))
     resid = y - x @ coef
     ss_res = float(resid @ resid)
     ss_tot = float(((y - y.mean()) ** 2).sum())

@@ -229,3 +229,18 @@ def test_decode_fit_recovers_both_indicator_terms_and_round_trips(tmp_path):
     pm.save(tmp_path / "m.json")
     back = PerfModel.load(tmp_path / "m.json")
     assert back.predict_decode_step_ms([8, 64, 0], "mbgmv") == pm.predict_decode_step_ms([8, 64, 0], "mbgmv")
+
+
+def test_slopes_are_never_negative():
+    """Noise that would fit a negative rank slope (a policy would then prefer high ranks) gives
+    a zero slope and the other coefficients refitted without it."""
+    from caraserve_router.perf_model import fit_decode
+
+    pts = [{"kernel": "mbgmv", "ranks": [r] * b, "ms": 50 + 3.0 * b - 0.02 * r * b}
+           for b in (1, 2, 4, 8) for r in (8, 16, 32, 64)]
+    fit = fit_decode(pts, "mbgmv")
+    assert fit.coef[2] == 0.0 and all(c >= 0 for c in fit.coef[1:])
+    unconstrained = 50 + 3.0 * 8 - 0.02 * 64 * 8
+    pm = PerfModel(prefill=PerfModel.from_coefficients((10, 1), (1, 1, 1), (1, 1, 1)).prefill, decode={"mbgmv": fit})
+    assert pm.predict_decode_step_ms([64] * 8, "mbgmv") >= pm.predict_decode_step_ms([8] * 8, "mbgmv")
+    assert pm.predict_decode_step_ms([64] * 8, "mbgmv") > unconstrained
