@@ -137,6 +137,7 @@ class CaraBackend(ContinuesBatchBackend):
             "data_type": {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype],
             "device": self.device,
             "shm_prefix": kvargs["shm_prefix"],
+            "cpu_weight_layout": config.cpu_weight_layout,
         })
         self.generators: dict[int, torch.Generator] = {}
         self.lora = LoraRuntime(config, self.model)

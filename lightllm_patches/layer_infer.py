@@ -6,7 +6,9 @@
   ours are plain methods that call the device's op set (`llama_ops.ops_for`), so nothing is
   bound there and `bind_ops` installs the op set.
 - `_get_qkv`, `_get_o`, `_ffn`: the base projections as upstream, plus the LoRA delta of the
-  step's `LoraBatch` (`infer_state.lora`) for every targeted projection, before rotary.
+  step's `LoraBatch` (`infer_state.lora`) for every targeted projection, before rotary. With
+  `--cpu-weight-layout both` a projection of 2+ rows reads nn.Linear's [out, in] copy of the
+  weight (`<name>_linear`), which the CPU's BLAS multiplies much faster for small batches.
 - norms, KV copy and attention kernels: through the op set (upstream: Triton only).
 """
 from __future__ import annotations
@@ -14,6 +16,25 @@ from __future__ import annotations
 import torch
 
 from lightllm.models.llama.layer_infer.transformer_layer_infer import LlamaTransformerLayerInfer
+
+# The base projections' weights ([in, out]) and the suffix of their optional [out, in] copies.
+PROJECTION_WEIGHTS = ("q_weight_", "kv_weight_", "o_weight_", "gate_up_proj", "down_proj")
+LINEAR_SUFFIX = "_linear"
+
+
+def project(x: torch.Tensor, layer_weight, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W for the projection weight `name` ([in, out]); x: [tokens, in] -> [tokens, out].
+
+    With an [out, in] copy (CPU, `cpu_weight_layout="both"`) and 2+ rows, computes (W^T @ x^T)^T
+    from the copy: one row stays a matrix-vector product on LightLLM's layout (faster there)."""
+    linear = getattr(layer_weight, name + LINEAR_SUFFIX, None)
+    if linear is None or x.shape[0] < 2:
+        return torch.mm(x, getattr(layer_weight, name), out=out)
+    y = torch.mm(linear, x.t()).t()  # y: [tokens, out], a transposed view
+    if out is None:
+        return y.contiguous()
+    out.copy_(y)
+    return out
 
 
 class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
@@ -39,9 +60,9 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
         lora = infer_state.lora
         if lora is not None:
             lora.begin(self.layer_num_, "qkv", x)  # CPU-assisted rows start before the base matmuls
-        q = torch.mm(x, layer_weight.q_weight_)  # q: [tokens, heads * head_dim]
+        q = project(x, layer_weight, "q_weight_")  # q: [tokens, heads * head_dim]
         kv = cache_kv.view(-1, kv_dim)  # kv: [tokens, 2 * kv_heads * head_dim]
-        torch.mm(x, layer_weight.kv_weight_, out=kv)
+        project(x, layer_weight, "kv_weight_", out=kv)
         if lora is not None:
             # q and kv live in different buffers (kv is written straight into the KV cache),
             # so the fused q|k|v delta goes through one scratch tensor.
@@ -62,7 +83,7 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
         lora = infer_state.lora
         if lora is not None:
             lora.begin(self.layer_num_, "o", x)
-        out = torch.mm(x, layer_weight.o_weight_)  # out: [tokens, hidden]
+        out = project(x, layer_weight, "o_weight_")  # out: [tokens, hidden]
         if lora is not None:
             lora.add_delta(self.layer_num_, "o", x, out)
         return out
@@ -72,13 +93,13 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
         lora = infer_state.lora
         if lora is not None:
             lora.begin(self.layer_num_, "gate_up", x)
-        gate_up = torch.mm(x, layer_weight.gate_up_proj)  # gate_up: [tokens, 2 * intermediate]
+        gate_up = project(x, layer_weight, "gate_up_proj")  # gate_up: [tokens, 2 * intermediate]
         if lora is not None:
             lora.add_delta(self.layer_num_, "gate_up", x, gate_up)
         act = self.ops.silu_and_mul(gate_up)  # act: [tokens, intermediate]
         if lora is not None:
             lora.begin(self.layer_num_, "down", act)
-        out = torch.mm(act, layer_weight.down_proj)  # out: [tokens, hidden]
+        out = project(act, layer_weight, "down_proj")  # out: [tokens, hidden]
         if lora is not None:
             lora.add_delta(self.layer_num_, "down", act, out)
         return out

@@ -29,7 +29,8 @@ from lightllm.models.llama.layer_weights.transformer_layer_weight import LlamaTr
 from lightllm.models.llama.model import LlamaTpPartModel
 from lightllm.server.router.dynamic_prompt.shared_arr import SharedInt
 
-from .layer_infer import CaraTransformerLayerInfer
+from .configs import WEIGHT_LAYOUTS
+from .layer_infer import LINEAR_SUFFIX, PROJECTION_WEIGHTS, CaraTransformerLayerInfer
 from .llama_ops import cpu_decode_plan, ops_for
 
 
@@ -157,7 +158,8 @@ class CaraLlamaModel(LlamaTpPartModel):
     """LightLLM's llama on `kvargs["device"]` with a LoRA hook (see `CaraTransformerLayerInfer`).
 
     Extra kvargs: `device` (torch.device), `shm_prefix` (unique per instance, names the
-    shared-memory counters), `max_position` (rotary table length).
+    shared-memory counters), `max_position` (rotary table length), `cpu_weight_layout`
+    (`configs.WEIGHT_LAYOUTS`; default "lightllm").
     """
 
     pre_and_post_weight_class = CaraPreAndPostLayerWeight
@@ -169,6 +171,7 @@ class CaraLlamaModel(LlamaTpPartModel):
     def __init__(self, kvargs):
         self.device = kvargs["device"]
         self.shm_prefix = kvargs["shm_prefix"]
+        self.linear_copies = self.device.type == "cpu" and WEIGHT_LAYOUTS[kvargs.get("cpu_weight_layout", "lightllm")]
         self.ops = ops_for(self.device)
         super().__init__(kvargs)
 
@@ -203,6 +206,11 @@ class CaraLlamaModel(LlamaTpPartModel):
         self.weight_dict = weights
         super()._init_weights()
         self.weight_dict = None
+        if self.linear_copies:
+            for layer_weight in self.trans_layers_weight:
+                for name in PROJECTION_WEIGHTS:
+                    # w: [in, out] -> [out, in]; CaraTransformerLayerInfer uses it for 2+ rows
+                    setattr(layer_weight, name + LINEAR_SUFFIX, getattr(layer_weight, name).t().contiguous())
 
     def _init_mem_manager(self):
         self.mem_manager = CaraMemoryManager(

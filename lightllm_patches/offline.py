@@ -25,12 +25,14 @@ from .processes import remove_shm
 class OfflineEngine:
     def __init__(self, model_dir, *, device: str = "cpu", lora: Optional[LoRAConfig] = None,
                  sidecar: Optional[SidecarConfig] = None, adapters: Optional[dict] = None,
-                 max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64):
+                 max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64,
+                 cpu_weight_layout: str = "lightllm"):
         self.shm_prefix = f"caraserve_offline_{uuid.uuid4().hex[:8]}"
         self.model = CaraLlamaModel({
             "tp_rank": 0, "world_size": 1, "weight_dir": str(model_dir), "max_total_token_num": max_total_tokens,
             "load_way": "HF", "mode": [], "max_req_num": max_req, "max_seq_length": max_seq,
             "data_type": "float32", "device": torch.device(device), "shm_prefix": self.shm_prefix,
+            "cpu_weight_layout": cpu_weight_layout,
         })
         config = InstanceConfig(model_dir=str(model_dir), shm_prefix=self.shm_prefix, max_req_total_len=max_seq,
                                 lora=lora or LoRAConfig(mode="cached"), sidecar=sidecar or SidecarConfig(workers=1))

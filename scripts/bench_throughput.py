@@ -28,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lightllm_patches.configs import WEIGHT_LAYOUTS  # noqa: E402
 from lightllm_patches.offline import OfflineEngine  # noqa: E402
 
 
@@ -114,7 +115,13 @@ def main() -> int:
                         "measurements per batch (the best of each is kept: this machine is noisy)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--server", action="store_true", help="also measure through a real server")
+    parser.add_argument("--cpu-weight-layouts", default="lightllm",
+                        help=f"comma-separated engine weight layouts to measure side by side, from "
+                             f"{sorted(WEIGHT_LAYOUTS)} (the first is reported as the engine and used by the server)")
     args = parser.parse_args()
+    layouts = args.cpu_weight_layouts.split(",")
+    if not layouts or any(layout not in WEIGHT_LAYOUTS for layout in layouts):
+        parser.error(f"--cpu-weight-layouts: choose from {sorted(WEIGHT_LAYOUTS)}")
     from caraserve_router.model_prep import prepare_default_model
 
     model_dir = args.model_dir or str(prepare_default_model())
@@ -124,15 +131,19 @@ def main() -> int:
     print(f"model {model_dir}; torch threads {torch.get_num_threads()}; cores {os.cpu_count()}", flush=True)
     gflops = matmul_gflops()
     print(f"fp32 matmul rate (512x576 @ 576x1536): {gflops:.1f} GFLOP/s", flush=True)
-    engine = OfflineEngine(model_dir, max_total_tokens=max(batches) * (args.prompt_len + args.new_tokens) + 64,
-                           max_seq=args.prompt_len + args.new_tokens + 8, max_req=max(batches) + 8)
+    engines = {layout: OfflineEngine(model_dir, max_total_tokens=max(batches) * (args.prompt_len + args.new_tokens) + 64,
+                                     max_seq=args.prompt_len + args.new_tokens + 8, max_req=max(batches) + 8,
+                                     cpu_weight_layout=layout) for layout in layouts}
+    engine = engines[layouts[0]]
     results = {}
     try:
         for batch in batches:
-            ceilings, steps = [], []
-            for _ in range(args.rounds):  # interleaved, so both see the same machine noise
+            ceilings, by_layout = [], {layout: [] for layout in layouts}
+            for _ in range(args.rounds):  # interleaved, so all see the same machine noise
                 ceilings.append(weights_only_step_ms(engine.model, batch, args.repeats))
-                steps.append(engine_step_ms(engine, batch, args.prompt_len, args.new_tokens))
+                for layout, e in engines.items():
+                    by_layout[layout].append(engine_step_ms(e, batch, args.prompt_len, args.new_tokens))
+            steps = by_layout[layouts[0]]
             ceiling_ms, step_ms = min(ceilings), min(steps)
             results[str(batch)] = {
                 "tokens_per_s": batch / step_ms * 1000,
@@ -145,18 +156,27 @@ def main() -> int:
                 "engine_ms_rounds": steps,
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
+                "cpu_weight_layout": layouts[0],
+                "by_layout": {layout: {"tokens_per_s": batch / min(ms) * 1000, "ms_per_step": min(ms),
+                                       "engine_ms_rounds": ms} for layout, ms in by_layout.items()},
             }
             print(f"batch {batch:3d}: engine {step_ms:7.1f} ms/step = {batch / step_ms * 1000:7.1f} tok/s; "
                   f"ceiling {ceiling_ms:7.1f} ms/step = {batch / ceiling_ms * 1000:7.1f} tok/s; "
                   f"{ceiling_ms / step_ms:5.1%} of the ceiling", flush=True)
+            for layout in layouts[1:]:
+                ms = min(by_layout[layout])
+                print(f"           layout {layout}: {ms:7.1f} ms/step = {batch / ms * 1000:7.1f} tok/s "
+                      f"({step_ms / ms:.2f}x the {layouts[0]} layout)", flush=True)
     finally:
-        engine.close()
+        for e in engines.values():
+            e.close()
     if args.server:
         from tests.servers import RunningServer
 
         log = Path(args.out).with_suffix(".server.log")
         with RunningServer("caraserve_router.api_server", ["--model-dir", model_dir, "--lora-mode", "pipeline",
-                                                           "--policy", "round-robin"], log) as srv:
+                                                           "--policy", "round-robin",
+                                                           "--cpu-weight-layout", layouts[0]], log) as srv:
             for batch in batches:
                 tps = server_tokens_per_s(srv.url, batch, args.prompt_len, args.new_tokens)
                 results[str(batch)]["server_tokens_per_s"] = tps

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lightllm_patches.layer_infer import LINEAR_SUFFIX
 from lightllm_patches.offline import OfflineEngine
 from tests.testing import assert_close
 
@@ -28,9 +29,12 @@ def hf_greedy_logits(model_dir, prompts, steps):
     return out
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
-    h = OfflineEngine(tiny_llama_dir)
+@pytest.fixture(scope="module", params=["lightllm", "both"])
+def engine(tiny_llama_dir, request):
+    """Every test runs with LightLLM's weight layout and with nn.Linear copies for 2+ rows."""
+    h = OfflineEngine(tiny_llama_dir, cpu_weight_layout=request.param)
+    copies = [hasattr(w, "q_weight_" + LINEAR_SUFFIX) for w in h.model.trans_layers_weight]
+    assert all(copies) if request.param == "both" else not any(copies)
     yield h
     h.close()
 
