@@ -23,7 +23,8 @@ def server(default_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     srv = RunningServer("caraserve_router.api_server",
                         ["--model-dir", str(default_model_dir), "--policy", "round-robin", "--lora-mode", "pipeline",
-                         "--log-dir", str(log.parent)], log)
+                         # the other server tests run LightLLM's layout; this one the nn.Linear copies
+                         "--cpu-weight-layout", "both", "--log-dir", str(log.parent)], log)
     with srv:
         yield srv
     # Shutdown checks (after the module's tests): nothing left behind.
