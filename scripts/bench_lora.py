@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightllm_patches.configs import LoRAConfig  # noqa: E402
+from lightllm_patches.configs import WEIGHT_LAYOUTS, LoRAConfig  # noqa: E402
 from lightllm_patches.offline import OfflineEngine  # noqa: E402
 
 RANKS = (8, 16, 32, 64)
@@ -100,6 +100,8 @@ def main() -> int:
     parser.add_argument("--skip-hf", action="store_true", help="skip the HF+PEFT baseline (slow)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved base/LoRA rounds (best of each kept)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the popularity draw")
+    parser.add_argument("--cpu-weight-layout", default="lightllm", choices=sorted(WEIGHT_LAYOUTS),
+                        help="CaraServe engine's base weight layout on the CPU (see InstanceConfig)")
     args = parser.parse_args()
     from caraserve_router.demo_adapters import make_random_adapter
     from caraserve_router.model_prep import prepare_default_model
@@ -121,7 +123,8 @@ def main() -> int:
     engine = OfflineEngine(model_dir, lora=LoRAConfig(mode="cached", pool_mb=pool_mb, decode_kernel=args.decode_kernel),
                            adapters={d.name: d for d in dirs},
                            max_total_tokens=args.batch * (args.prompt_len + args.new_tokens) + 64,
-                           max_seq=args.prompt_len + args.new_tokens + 8, max_req=args.batch + 8)
+                           max_seq=args.prompt_len + args.new_tokens + 8, max_req=args.batch + 8,
+                           cpu_weight_layout=args.cpu_weight_layout)
     base_runs, lora_runs = [], []
     try:
         for _ in range(args.rounds):  # interleaved, best of each: this machine is noisy
@@ -137,6 +140,7 @@ def main() -> int:
     result = {"batch": args.batch, "caraserve_lora_tokens_per_s": lora_tps, "caraserve_base_tokens_per_s": base_tps,
               "lora_cost_fraction": 1 - lora_tps / base_tps, "distinct_adapters": len(set(names)),
               "targets": args.targets, "decode_kernel": args.decode_kernel, "new_tokens": args.new_tokens,
+              "cpu_weight_layout": args.cpu_weight_layout,
               "prompt_len": args.prompt_len, "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d %H:%M")}
     if not args.skip_hf:
