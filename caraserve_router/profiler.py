@@ -35,8 +35,7 @@ class ProfileGrid:
     decode_steps: int = 12
     repeats: int = 2
     # Prompt tokens of the decode requests. The PerfModel has no context-length term, so decode
-    # is profiled at a typical serving context (attention and the KV gather grow with it; with
-    # 8-token prompts the fitted steps were 15-35% faster than in trace replay at ~100 tokens).
+    # is profiled at a typical serving context (attention and the KV gather grow with it).
     decode_context: int = 128
 
 
