@@ -21,7 +21,7 @@ setup(
     entry_points={
         "console_scripts": [
             "caraserve-server=caraserve_router.api_server:main",
-            "caraserve-instance=caraserve_router.instance:main",
+            "caraserve-instance=lightllm_patches.instance:main",
         ]
     },
 )

@@ -28,16 +28,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lightllm_patches.configs import (
+from caraserve_router.contracts.configs import (
     InstanceConfig, LoRAConfig, SidecarConfig, add_arguments, from_namespace, option,
 )
 
-from .openai_api import (
+from caraserve_router.frontend.openai_api import (
     DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest,
     ResponseShaper, StopMatcher, Usage, parameters, stop_list, unsupported,
 )
-from .policies import make_policy
-from .protocol import (
+from caraserve_router.scheduling.policies import make_policy
+from caraserve_router.contracts.protocol import (
     GenerateRequest, LoadAdapterRequest, UnloadAdapterRequest, error_body, error_kind, error_response,
     validation_message,
 )
@@ -58,7 +58,7 @@ class FrontendConfig:
     adapters: str = option("", "Directory of PEFT adapters (one per subdirectory) loaded on every instance at start")
     instances: int = option(1, "Local instances to start (0 with --instance-urls: attach only)")
     instance_urls: str = option("", "Comma-separated URLs of instances started elsewhere "
-                                "(`python -m caraserve_router.instance`) to route to as well")
+                                "(`python -m lightllm_patches.instance`) to route to as well")
     instance_base_port: int = option(0, "First port of the local instances (0 = any free ports)")
     policy: str = option("rank-aware", "Scheduling policy", choices=POLICY_CHOICES)
     slo_tpot_ms: float = option(0.0, "Per-token latency SLO the rank-aware policies keep, in ms (0 = 3x the "
@@ -141,9 +141,9 @@ class FrontEnd:
         import aiohttp
         from transformers import AutoTokenizer
 
-        from .cluster import Cluster, InstanceHandle, LocalLauncher, local_handles
-        from .instance_client import InstanceClient
-        from .metrics import ClusterMetrics
+        from caraserve_router.frontend.cluster import Cluster, InstanceHandle, LocalLauncher, local_handles
+        from caraserve_router.frontend.instance_client import InstanceClient
+        from caraserve_router.frontend.metrics import ClusterMetrics
 
         self.template.model_dir = self.config.model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir)
@@ -173,9 +173,9 @@ class FrontEnd:
                  self.config.port, len(handles), self.config.policy)
 
     def _build_dispatcher(self) -> None:
-        from .dispatcher import Dispatcher
-        from .policies import PolicyConfig
-        from .scheduler_state import ClusterState, InstanceState
+        from caraserve_router.frontend.dispatcher import Dispatcher
+        from caraserve_router.scheduling.policies import PolicyConfig
+        from caraserve_router.scheduling.scheduler_state import ClusterState, InstanceState
 
         states = []
         for h in self.cluster.handles:
@@ -196,7 +196,7 @@ class FrontEnd:
         return 3.0 * self.perf_model.predict_decode_step_ms([0], self.template.lora.decode_kernel)
 
     async def _perf_model(self):
-        from .perf_model import PerfModel
+        from caraserve_router.scheduling.perf_model import PerfModel
 
         if not self.config.perf_model and self.config.policy not in NEEDS_PERF_MODEL:
             return None
@@ -204,7 +204,7 @@ class FrontEnd:
             model = PerfModel.load(self.config.perf_model)
             log.info("perf model from %s: %s", self.config.perf_model, model.describe())
             return model
-        from .profiler import quick_profile
+        from caraserve_router.scheduling.profiler import quick_profile
 
         log.warning("no --perf-model given: taking a quick profile of instance 0 (scripts/profile_instance.py "
                     "makes a better one)")
@@ -234,7 +234,7 @@ class FrontEnd:
         self.adapters = found
 
     async def load_adapter(self, name: str, path: str) -> dict:
-        from .instance_client import InstanceError
+        from caraserve_router.frontend.instance_client import InstanceError
 
         done = []
         try:
@@ -254,7 +254,7 @@ class FrontEnd:
 
     async def unload_adapter(self, name: str, wait_s: float) -> dict:
         if name not in self.adapters:
-            from .instance_client import InstanceError
+            from caraserve_router.frontend.instance_client import InstanceError
 
             raise InstanceError(404, {"error": {"message": f"adapter {name!r} is not loaded", "type": "not_found"}})
         for i, client in enumerate(self.cluster.clients):
@@ -336,7 +336,7 @@ class FrontEnd:
 
     async def generate(self, adapter, rank, prompt_ids, parameters: dict) -> AsyncIterator[tuple]:
         """Route one request; yields (text, event) per token and records its latencies."""
-        from .dispatcher import Job
+        from caraserve_router.frontend.dispatcher import Job
 
         job = Job(uuid.uuid4().hex, adapter, rank, prompt_ids, parameters)
         start = time.perf_counter()
@@ -361,8 +361,8 @@ class FrontEnd:
 
 def build_app(front: FrontEnd):
 
-    from .dispatcher import DispatchError
-    from .instance_client import InstanceError
+    from caraserve_router.frontend.dispatcher import DispatchError
+    from caraserve_router.frontend.instance_client import InstanceError
     app = FastAPI(title="CaraServe")
 
     def fail(message: str, status: int, kind: Optional[str] = None) -> JSONResponse:
@@ -579,7 +579,7 @@ def build_app(front: FrontEnd):
 
 
 def _prepare_model(front_cfg: FrontendConfig) -> None:
-    from .model_prep import prepare_default_model, validate_model_dir
+    from caraserve_router.assets.model_prep import prepare_default_model, validate_model_dir
 
     if front_cfg.model_dir:
         validate_model_dir(front_cfg.model_dir)

@@ -6,6 +6,6 @@ module of this package; each names the upstream class or function it overrides a
 Every CaraServe process (instance HTTP server, router / model worker, detokenizer, CPU
 sidecar) imports this package before anything from `lightllm`.
 """
-from ._global import apply_global_patches
+from lightllm_patches._global import apply_global_patches
 
 apply_global_patches()

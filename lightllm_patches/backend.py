@@ -24,11 +24,11 @@ from lightllm.server.router.model_infer.infer_batch import InferBatch, InferReq,
 from lightllm.server.router.model_infer.mode_backend.continues_batch.impl import ContinuesBatchBackend
 from lightllm.server.router.model_infer.model_rpc import ModelRpcClient, ModelRpcServer
 
-from .configs import InstanceConfig
-from .device import resolve_device, resolve_dtype
-from .lora.runtime import LoraRuntime
-from .model import CaraLlamaModel
-from .sampling import make_generator, sample, split_extra
+from caraserve_router.contracts.configs import InstanceConfig
+from lightllm_patches.device import resolve_device, resolve_dtype
+from caraserve_router.lora.runtime import LoraRuntime
+from lightllm_patches.model import CaraLlamaModel
+from lightllm_patches.sampling import make_generator, sample, split_extra
 
 log = logging.getLogger("caraserve.backend")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 def start_detokenization_process(args, detokenization_port, httpserver_port, log_level, pipe_writer):
     import asyncio
 
-    from ._global import set_log_level
+    from lightllm_patches._global import set_log_level
     from lightllm.server.detokenization.manager import start_detokenization_process as upstream
 
     set_log_level(log_level)

@@ -21,9 +21,9 @@ import zmq.asyncio
 from lightllm.server.httpserver.manager import HttpServerManager, ReqStatus
 from lightllm.server.multimodal_params import MultimodalParams
 
-from .control import ControlReply, ControlRequest, RequestFailed
-from .lora.adapter_store import AdapterError
-from .sampling import CaraSamplingParams
+from caraserve_router.contracts.control import ControlReply, ControlRequest, RequestFailed
+from caraserve_router.lora.adapter_store import AdapterError
+from lightllm_patches.sampling import CaraSamplingParams
 
 log = logging.getLogger("caraserve.httpserver")
 

@@ -30,20 +30,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from caraserve_router.protocol import (
+from caraserve_router.contracts.protocol import (
     GenerateRequest, LoadAdapterRequest, UnloadAdapterRequest, error_kind, error_response, validation_message,
 )
 
-from ._global import set_log_level
-from .configs import InstanceConfig
-from .detokenizer import start_detokenization_process
-from .httpserver_manager import CaraHttpServerManager, RequestError
-from .lightllm_args import lightllm_args
-from .lora.adapter_store import AdapterError
-from .metrics import InstanceMetrics
-from .processes import free_ports, remove_shm, start_children, stop_processes
-from .router_manager import start_router_process
-from .sampling import CaraSamplingParams
+from lightllm_patches._global import set_log_level
+from caraserve_router.contracts.configs import InstanceConfig
+from lightllm_patches.detokenizer import start_detokenization_process
+from lightllm_patches.httpserver_manager import CaraHttpServerManager, RequestError
+from lightllm_patches.lightllm_args import lightllm_args
+from caraserve_router.lora.adapter_store import AdapterError
+from lightllm_patches.metrics import InstanceMetrics
+from caraserve_router.contracts.processes import free_ports, remove_shm, start_children, stop_processes
+from lightllm_patches.router_manager import start_router_process
+from lightllm_patches.sampling import CaraSamplingParams
 
 log = logging.getLogger("caraserve.instance")
 

@@ -20,6 +20,7 @@ from lightllm.models.llama.layer_infer.transformer_layer_infer import LlamaTrans
 # The base projections' weights ([in, out]) and the suffix of their optional [out, in] copies.
 PROJECTION_WEIGHTS = ("q_weight_", "kv_weight_", "o_weight_", "gate_up_proj", "down_proj")
 LINEAR_SUFFIX = "_linear"
+LINEAR_NAMES = {name: name + LINEAR_SUFFIX for name in PROJECTION_WEIGHTS}  # no string work per call
 
 
 def project(x: torch.Tensor, layer_weight, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,7 +28,7 @@ def project(x: torch.Tensor, layer_weight, name: str, out: torch.Tensor | None =
 
     With an [out, in] copy (CPU, `cpu_weight_layout="both"`) and 2+ rows, computes (W^T @ x^T)^T
     from the copy: one row stays a matrix-vector product on LightLLM's layout (faster there)."""
-    linear = getattr(layer_weight, name + LINEAR_SUFFIX, None)
+    linear = getattr(layer_weight, LINEAR_NAMES[name], None)
     if linear is None or x.shape[0] < 2:
         return torch.mm(x, getattr(layer_weight, name), out=out)
     y = torch.mm(linear, x.t()).t()  # y: [tokens, out], a transposed view

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from .configs import InstanceConfig
+from caraserve_router.contracts.configs import InstanceConfig
 
 
 def model_eos_ids(model_dir: str) -> list[int]:

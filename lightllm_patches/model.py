@@ -29,9 +29,9 @@ from lightllm.models.llama.layer_weights.transformer_layer_weight import LlamaTr
 from lightllm.models.llama.model import LlamaTpPartModel
 from lightllm.server.router.dynamic_prompt.shared_arr import SharedInt
 
-from .configs import WEIGHT_LAYOUTS
-from .layer_infer import LINEAR_SUFFIX, PROJECTION_WEIGHTS, CaraTransformerLayerInfer
-from .llama_ops import cpu_decode_plan, ops_for
+from caraserve_router.contracts.configs import WEIGHT_LAYOUTS
+from lightllm_patches.layer_infer import LINEAR_NAMES, CaraTransformerLayerInfer
+from lightllm_patches.llama_ops import cpu_decode_plan, ops_for
 
 
 def can_use_token_shm_name(shm_prefix: str) -> str:
@@ -208,9 +208,9 @@ class CaraLlamaModel(LlamaTpPartModel):
         self.weight_dict = None
         if self.linear_copies:
             for layer_weight in self.trans_layers_weight:
-                for name in PROJECTION_WEIGHTS:
+                for name, linear_name in LINEAR_NAMES.items():
                     # w: [in, out] -> [out, in]; CaraTransformerLayerInfer uses it for 2+ rows
-                    setattr(layer_weight, name + LINEAR_SUFFIX, getattr(layer_weight, name).t().contiguous())
+                    setattr(layer_weight, linear_name, getattr(layer_weight, name).t().contiguous())
 
     def _init_mem_manager(self):
         self.mem_manager = CaraMemoryManager(

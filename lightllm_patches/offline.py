@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from .configs import InstanceConfig, LoRAConfig, SidecarConfig
-from .lora.runtime import LoraRuntime
-from .model import CaraLlamaModel
-from .processes import remove_shm
+from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig
+from caraserve_router.lora.runtime import LoraRuntime
+from lightllm_patches.model import CaraLlamaModel
+from caraserve_router.contracts.processes import remove_shm
 
 
 class OfflineEngine:

@@ -24,12 +24,12 @@ import zmq.asyncio
 from lightllm.server.io_struct import AbortReq
 from lightllm.server.router.manager import RouterManager
 
-from .backend import CaraModelRpcClient
-from .configs import InstanceConfig
-from .control import ControlReply, ControlRequest, RequestFailed
-from .lightllm_args import lightllm_args
-from .lora.adapter_store import AdapterError
-from .req_queue import CaraReqQueue
+from lightllm_patches.backend import CaraModelRpcClient
+from caraserve_router.contracts.configs import InstanceConfig
+from caraserve_router.contracts.control import ControlReply, ControlRequest, RequestFailed
+from lightllm_patches.lightllm_args import lightllm_args
+from caraserve_router.lora.adapter_store import AdapterError
+from lightllm_patches.req_queue import CaraReqQueue
 
 log = logging.getLogger("caraserve.router")
 
@@ -71,7 +71,7 @@ class CaraRouterManager(RouterManager):
     # ---- control calls -------------------------------------------------------------------
 
     def _stats(self) -> dict:
-        """The instance's state in the shape `caraserve_router.scheduler_state` reads (ids are
+        """The instance's state in the shape `caraserve_router.scheduling.scheduler_state` reads (ids are
         LightLLM's; the HTTP process maps them to the front end's request ids)."""
         running = [] if self.running_batch is None else self.running_batch.reqs
         lora = self.model_rpc.lora_call("stats")
@@ -202,7 +202,7 @@ def start_router_process(config: InstanceConfig, router_port, detokenization_por
     """Process target (replaces upstream `start_router_process`)."""
     import signal
 
-    from ._global import set_log_level
+    from lightllm_patches._global import set_log_level
 
     set_log_level(config.log_level)
     router = None

@@ -30,7 +30,6 @@ import requests
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 MODES = ("cached", "on-demand", "pipeline", "cpu-assist")
 
@@ -56,7 +55,7 @@ def prefill_ms(model_dir: str, prompt_len: int, threads: int) -> float:
 
 
 def rank64_bytes(model_dir: str) -> int:
-    from lightllm_patches.lora.shapes import ModelShapes
+    from caraserve_router.lora.shapes import ModelShapes
 
     shapes = ModelShapes.from_model_dir(model_dir)
     return 64 * shapes.floats_per_rank_per_layer() * shapes.num_layers * 4  # fp32 on the CPU
@@ -65,9 +64,9 @@ def rank64_bytes(model_dir: str) -> int:
 def sync_roundtrip(model_dir: str) -> dict:
     import uuid
 
-    from lightllm_patches.configs import SidecarConfig
-    from lightllm_patches.lora.shapes import ModelShapes
-    from lightllm_patches.lora.sidecar import CpuLoraSidecar
+    from caraserve_router.contracts.configs import SidecarConfig
+    from caraserve_router.lora.shapes import ModelShapes
+    from caraserve_router.lora.sidecar import CpuLoraSidecar
 
     sidecar = CpuLoraSidecar(SidecarConfig(workers=1), ModelShapes.from_model_dir(model_dir), torch.float32,
                              f"caraserve_bench_{uuid.uuid4().hex[:8]}", max_tokens=512)
@@ -79,7 +78,7 @@ def sync_roundtrip(model_dir: str) -> dict:
 
 
 def make_adapters(model_dir: str, root: Path, cold: int) -> list[str]:
-    from caraserve_router.demo_adapters import make_random_adapter
+    from caraserve_router.assets.demo_adapters import make_random_adapter
 
     names = ["warm-r8"] + [f"cold-r64-{i}" for i in range(cold)]
     for i, name in enumerate(names):
@@ -102,7 +101,7 @@ def stream(url: str, body: dict) -> list[float]:
 
 
 def run_mode(mode: str, args, model_dir: str, adapters_dir: Path, bandwidth_mbps: float) -> dict:
-    from tests.servers import RunningServer
+    from caraserve_router.evaluation.server_process import RunningServer
 
     flags = ["--model-dir", model_dir, "--adapters", str(adapters_dir), "--policy", "round-robin",
              "--lora-mode", mode, "--lora-pool-mb", "1024", "--lora-link", "emulated",
@@ -175,7 +174,7 @@ def main() -> int:
     parser.add_argument("--engine-threads", type=int, default=1, help="torch threads of the model (the 'device')")
     parser.add_argument("--sidecar-workers", type=int, default=1, help="CPU sidecar workers (the 'host CPUs')")
     args = parser.parse_args()
-    from caraserve_router.model_prep import prepare_default_model
+    from caraserve_router.assets.model_prep import prepare_default_model
 
     model_dir = args.model_dir or str(prepare_default_model())
     out = Path(args.out)

@@ -34,11 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import kernels  # noqa: E402
+import kernels
 
 # The default model, SmolLM2-135M: hidden 576, 9 heads / 3 KV heads of 64, MLP 1536.
 GROUPS: dict[str, tuple[int, tuple[int, ...]]] = {

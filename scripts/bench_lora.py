@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from lightllm_patches.configs import WEIGHT_LAYOUTS, LoRAConfig  # noqa: E402
-from lightllm_patches.offline import OfflineEngine  # noqa: E402
+from caraserve_router.contracts.configs import WEIGHT_LAYOUTS, LoRAConfig
+from lightllm_patches.offline import OfflineEngine
 
 RANKS = (8, 16, 32, 64)
 
@@ -103,8 +102,8 @@ def main() -> int:
     parser.add_argument("--cpu-weight-layout", default="lightllm", choices=sorted(WEIGHT_LAYOUTS),
                         help="CaraServe engine's base weight layout on the CPU (see InstanceConfig)")
     args = parser.parse_args()
-    from caraserve_router.demo_adapters import make_random_adapter
-    from caraserve_router.model_prep import prepare_default_model
+    from caraserve_router.assets.demo_adapters import make_random_adapter
+    from caraserve_router.assets.model_prep import prepare_default_model
 
     model_dir = args.model_dir or str(prepare_default_model())
     root = Path(args.adapters_dir)

@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from lightllm_patches.configs import WEIGHT_LAYOUTS  # noqa: E402
-from lightllm_patches.offline import OfflineEngine  # noqa: E402
+from caraserve_router.contracts.configs import WEIGHT_LAYOUTS
+from lightllm_patches.offline import OfflineEngine
 
 
 def matmul_gflops(repeats: int = 20) -> float:
@@ -122,7 +121,7 @@ def main() -> int:
     layouts = args.cpu_weight_layouts.split(",")
     if not layouts or any(layout not in WEIGHT_LAYOUTS for layout in layouts):
         parser.error(f"--cpu-weight-layouts: choose from {sorted(WEIGHT_LAYOUTS)}")
-    from caraserve_router.model_prep import prepare_default_model
+    from caraserve_router.assets.model_prep import prepare_default_model
 
     model_dir = args.model_dir or str(prepare_default_model())
     if args.threads:
@@ -171,7 +170,7 @@ def main() -> int:
         for e in engines.values():
             e.close()
     if args.server:
-        from tests.servers import RunningServer
+        from caraserve_router.evaluation.server_process import RunningServer
 
         log = Path(args.out).with_suffix(".server.log")
         with RunningServer("caraserve_router.api_server", ["--model-dir", model_dir, "--lora-mode", "pipeline",

@@ -14,9 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caraserve_router import demo_adapters, model_prep  # noqa: E402
+from caraserve_router.assets import demo_adapters, model_prep
 
 
 def _parser() -> argparse.ArgumentParser:

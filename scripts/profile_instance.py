@@ -21,16 +21,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from caraserve_router.perf_model import PerfModel  # noqa: E402
-from caraserve_router.profiler import FULL_GRID, QUICK_GRID, collect_profile  # noqa: E402
+from caraserve_router.scheduling.perf_model import PerfModel
+from caraserve_router.scheduling.profiler import FULL_GRID, QUICK_GRID, collect_profile
 
 
 async def profile_url(url: str, grid, seed: int) -> dict:
     import aiohttp
 
-    from caraserve_router.instance_client import InstanceClient
+    from caraserve_router.frontend.instance_client import InstanceClient
 
     async with aiohttp.ClientSession() as session:
         client = InstanceClient(url, session)
@@ -52,9 +51,9 @@ def merge(profiles: list[dict]) -> dict:
 
 
 def start_and_profile(args, grid) -> list[dict]:
-    from caraserve_router.demo_adapters import make_demo_adapters
-    from caraserve_router.model_prep import prepare_default_model
-    from tests.servers import RunningServer
+    from caraserve_router.assets.demo_adapters import make_demo_adapters
+    from caraserve_router.assets.model_prep import prepare_default_model
+    from caraserve_router.evaluation.server_process import RunningServer
 
     model_dir = args.model_dir or str(prepare_default_model())
     adapters = Path(args.adapters_dir)
@@ -66,7 +65,7 @@ def start_and_profile(args, grid) -> list[dict]:
         flags = ["--model-dir", model_dir, "--lora-adapters", str(adapters), "--lora-decode-kernel", kernel,
                  "--lora-mode", "cached", "--lora-pool-mb", "1600", "--torch-threads", str(args.torch_threads)]
         print(f"starting an instance with the {kernel} decode kernel ...", flush=True)
-        with RunningServer("caraserve_router.instance", flags, log) as srv:
+        with RunningServer("lightllm_patches.instance", flags, log) as srv:
             profiles.append(asyncio.run(profile_url(srv.url, grid, args.seed)))
     return profiles
 

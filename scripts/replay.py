@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Replay a trace workload against a running CaraServe api_server (loopback only).
 
-Builds the workload (caraserve_router.workload: Azure-trace arrivals rescaled to --rate,
+Builds the workload (caraserve_router.evaluation.workload: Azure-trace arrivals rescaled to --rate,
 ShareGPT or trace lengths clipped to the model's context, power-law adapter popularity,
 ranks round robin), sends each request at its arrival time as a streaming
 POST /v1/completions with token-id prompts of the exact length and ignore_eos, and records
@@ -23,10 +23,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from caraserve_router.replay_client import ReplayConfig, ReplayError, replay  # noqa: E402
-from caraserve_router.workload import ARRIVALS, LENGTHS, POPULARITY, WorkloadConfig, WorkloadError, generate  # noqa: E402
+from caraserve_router.evaluation.replay_client import ReplayConfig, ReplayError, replay
+from caraserve_router.evaluation.workload import ARRIVALS, LENGTHS, POPULARITY, WorkloadConfig, WorkloadError, generate
 
 
 def csv_ints(text):

@@ -20,13 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from caraserve_router.perf_model import KERNELS, PerfModel, PerfModelError  # noqa: E402
-from caraserve_router.policies import POLICIES, PolicyConfig, PolicyError  # noqa: E402
-from caraserve_router.scheduler_state import LORA_MODES  # noqa: E402
-from caraserve_router.simulator import SimConfig, SimulatorError, SweepSpec, run_sweep  # noqa: E402
-from caraserve_router.workload import ARRIVALS, LENGTHS, POPULARITY, WorkloadConfig, WorkloadError  # noqa: E402
+from caraserve_router.scheduling.perf_model import KERNELS, PerfModel, PerfModelError
+from caraserve_router.scheduling.policies import POLICIES, PolicyConfig, PolicyError
+from caraserve_router.scheduling.scheduler_state import LORA_MODES
+from caraserve_router.evaluation.simulator import SimConfig, SimulatorError, SweepSpec, run_sweep
+from caraserve_router.evaluation.workload import ARRIVALS, LENGTHS, POPULARITY, WorkloadConfig, WorkloadError
 
 DEFAULT_PERF_MODEL = REPO / "data" / "perf_models" / "paper_a100_llama2_7b.json"
 PAPER_POLICIES = ("rank-aware", "rank-residency-aware", "random", "round-robin", "first-fit", "most-idle", "dlora")

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PY = sys.executable
 
-from tests.servers import RunningServer  # noqa: E402
+from caraserve_router.evaluation.server_process import RunningServer
 
 
 def run(cmd: list[str]) -> None:
@@ -84,8 +83,8 @@ def main() -> int:
                         help="keep replay_<policy>.json already beside --out (same workload flags) and only "
                              "re-simulate")
     args = parser.parse_args()
-    from caraserve_router.demo_adapters import make_demo_adapters
-    from caraserve_router.model_prep import prepare_default_model
+    from caraserve_router.assets.demo_adapters import make_demo_adapters
+    from caraserve_router.assets.model_prep import prepare_default_model
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Demo / random PEFT LoRA adapters (caraserve_router.demo_adapters, scripts/make_adapters.py).
+"""Demo / random PEFT LoRA adapters (caraserve_router.assets.demo_adapters, scripts/make_adapters.py).
 
 The reference for what an adapter does is a merge written here from the raw safetensors file
 and adapter_config.json (W + scaling * B @ A, scaling computed from r / lora_alpha /
@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caraserve_router import demo_adapters
-from caraserve_router.demo_adapters import make_demo_adapters, make_random_adapter
+from caraserve_router.assets import demo_adapters
+from caraserve_router.assets.demo_adapters import make_demo_adapters, make_random_adapter
 from tests import fixtures
 from tests.testing import assert_close
 

@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from caraserve_router import model_prep
-from caraserve_router.model_prep import ModelDirError, validate_model_dir
+from caraserve_router.assets import model_prep
+from caraserve_router.assets.model_prep import ModelDirError, validate_model_dir
 from tests import fixtures
 from tests.testing import assert_close
 

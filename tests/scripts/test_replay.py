@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from caraserve_router.replay_client import ReplayError, check_loopback, map_adapters
+from caraserve_router.evaluation.replay_client import ReplayError, check_loopback, map_adapters
 
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("replay_script", REPO / "scripts" / "replay.py")
@@ -254,7 +254,7 @@ def test_compare_mode(server, tmp_path):
 
 
 def test_make_adapters_flag_creates_the_dir_first(tmp_path, monkeypatch):
-    import caraserve_router.replay_client as rc_mod
+    import caraserve_router.evaluation.replay_client as rc_mod
 
     calls = []
 

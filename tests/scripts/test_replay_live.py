@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests import fixtures
-from tests.servers import REPO, RunningServer
+from caraserve_router.evaluation.server_process import REPO, RunningServer
 
 pytestmark = pytest.mark.slow
 

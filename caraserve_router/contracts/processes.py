@@ -1,0 +1,85 @@
+"""Starting and stopping the processes of an instance, and cleaning what they leave behind.
+
+LightLLM's `start_submodule_processes` exits the whole program when a child fails to start
+and its children ignore SIGTERM; an instance must instead report the failure and, on
+shutdown, leave no process, port or `/dev/shm` file behind.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+
+log = logging.getLogger("caraserve.processes")
+SPAWN = mp.get_context("spawn")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on the loopback interface."""
+    sockets, ports = [], []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_children(targets: list[tuple], timeout_s: float = 600.0) -> list:
+    """Start each (function, args) as a spawned process that reports "init ok" on a pipe.
+
+    Raises RuntimeError with the child's message if one fails; the started ones are stopped.
+    """
+    procs, readers = [], []
+    for func, args in targets:
+        reader, writer = SPAWN.Pipe(duplex=False)
+        proc = SPAWN.Process(target=func, args=args + (writer,), daemon=False)
+        proc.start()
+        procs.append(proc)
+        readers.append(reader)
+    for (func, _), proc, reader in zip(targets, procs, readers):
+        message = reader.recv() if reader.poll(timeout_s) else f"no answer in {timeout_s:.0f}s"
+        if message != "init ok":
+            stop_processes(procs)
+            raise RuntimeError(f"{func.__name__} failed to start:\n{message}")
+    return procs
+
+
+def stop_processes(procs: list, grace_s: float = 3.0) -> None:
+    """SIGTERM, wait up to `grace_s`, then SIGKILL every process (and reap them)."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.time() + grace_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.time()))
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(5)
+
+
+def remove_shm(prefix: str) -> list[str]:
+    """Unlink every /dev/shm entry whose name starts with `prefix`; returns what was removed."""
+    removed = []
+    for path in glob.glob(os.path.join("/dev/shm", glob.escape(prefix) + "*")):
+        try:
+            os.unlink(path)
+            removed.append(os.path.basename(path))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread by `raise_terminated` when SIGTERM arrives, so `finally`
+    blocks (children, ports, shared memory) run as for Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated(0)

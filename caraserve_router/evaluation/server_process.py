@@ -1,0 +1,95 @@
+"""Start a real CaraServe server for a test, and make sure it leaves nothing behind.
+
+`RunningServer` starts `python -m caraserve_router.api_server` (or `.instance`) in its own
+session on a free loopback port, waits until /health answers, and on exit sends SIGTERM,
+waits, kills whatever is left of its process group, and records what remains (processes,
+`/dev/shm` entries it created, the port) so tests can assert a clean shutdown.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from caraserve_router.contracts.processes import free_ports
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shm_entries() -> set:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("caraserve")}
+
+
+def group_alive(pgid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,pgid="], capture_output=True, text=True).stdout
+    return [int(p) for p, g in (line.split() for line in out.splitlines()) if int(g) == pgid]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+class RunningServer:
+    def __init__(self, module: str, args: list[str], log_path: Path, startup_s: float = 300.0):
+        self.port = free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.module, self.args, self.log_path, self.startup_s = module, args, log_path, startup_s
+        self.leftover_procs: list[int] = []
+        self.leftover_shm: set = set()
+
+    def __enter__(self) -> "RunningServer":
+        self.shm_before = shm_entries()
+        self.log = open(self.log_path, "wb")
+        cmd = [sys.executable, "-m", self.module, "--port", str(self.port), *self.args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + self.startup_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"server exited at start-up:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {self.startup_s}s:\n{self.tail()}")
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def tail(self, lines: int = 40) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(0.5)
+        self.leftover_procs = group_alive(self.proc.pid)
+        self.leftover_shm = shm_entries() - self.shm_before
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        for name in self.leftover_shm:  # never leave them, even when a test fails
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except FileNotFoundError:
+                pass
+        self.log.close()

@@ -1,0 +1,202 @@
+"""DeviceLink: copies adapters host -> device pool, layer group by layer group, in priority order.
+
+- `CudaLink`: asynchronous copies from page-locked host memory on a side stream; an event per
+  layer group marks residency; the compute stream never blocks on the link.
+- `EmulatedLink(bandwidth, latency)`: for machines without a GPU. The copy itself is a real
+  memcpy into the pool, but a layer group becomes resident no earlier than
+  `latency + bytes / bandwidth` after its transfer began, transfers are serial (one link), so
+  the GPU regime where loading an adapter outlasts a prefill is reproduced on a CPU. Every
+  number measured with it is labelled `emulated`.
+
+Loads are served one layer group at a time from a priority queue (lower value first: the
+arrival time of the earliest request waiting on that adapter), so a load that a waiting request
+needs can overtake a prefetch.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+
+import torch
+
+from caraserve_router.lora.adapter_pool import AdapterPool, PoolEntry
+from caraserve_router.lora.adapter_store import HostAdapter
+from caraserve_router.lora.residency import CudaResidency, EmulatedResidency
+from caraserve_router.lora.shapes import GROUPS
+
+log = logging.getLogger("caraserve.link")
+
+
+def copy_layers(pool: AdapterPool, entry: PoolEntry, host: HostAdapter, layers: range, non_blocking=False) -> int:
+    """Copy `layers` of `host` into the entry's pages; returns the bytes moved."""
+    moved = 0
+    clear = pool.slot_rows_to_clear(entry)
+    for layer in layers:
+        for g in GROUPS:
+            for which, buf in (("A", pool.A[g]), ("B", pool.B[g])):
+                src = host.block(layer, g, which)  # [R, ...]
+                dst = buf[layer]  # [P, ...]
+                if entry.contiguous:
+                    start = entry.pages_list[0]
+                    dst[start : start + entry.rank].copy_(src, non_blocking=non_blocking)
+                else:
+                    dst.index_copy_(0, entry.pages.long(), src.to(dst.device, non_blocking=non_blocking))
+                if clear is not None:
+                    dst[clear].zero_()
+                moved += src.numel() * src.element_size()
+    return moved
+
+
+class _Job:
+    __slots__ = ("entry", "host", "groups", "next")
+
+    def __init__(self, entry: PoolEntry, host: HostAdapter, group_size: int, num_layers: int):
+        self.entry, self.host = entry, host
+        self.groups = [range(s, min(s + group_size, num_layers)) for s in range(0, num_layers, group_size)]
+        self.next = 0
+
+
+class DeviceLink(ABC):
+    emulated: bool = False
+
+    def __init__(self, pool: AdapterPool, group_size: int):
+        self.pool = pool
+        self.group_size = group_size
+        self._heap: list = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._stop = False
+        self.bytes_moved = 0
+        self.groups_moved = 0
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+        self._thread.start()
+
+    @abstractmethod
+    def new_residency(self):
+        """A residency object of this link's kind for a new pool entry."""
+
+    @abstractmethod
+    def _transfer(self, job: _Job, layers: range) -> None:
+        """Move one layer group and mark it resident (called on the link thread)."""
+
+    def submit(self, entry: PoolEntry, host: HostAdapter, priority: float) -> None:
+        job = _Job(entry, host, self.group_size, self.pool.shapes.num_layers)
+        with self._cv:
+            heapq.heappush(self._heap, (priority, next(self._seq), job))
+            self._cv.notify()
+
+    def load_now(self, entry: PoolEntry, host: HostAdapter) -> None:
+        """Synchronous full copy (cached mode's preload); resident at once."""
+        self.bytes_moved += copy_layers(self.pool, entry, host, range(self.pool.shapes.num_layers))
+        if self.pool.device.type == "cuda":
+            torch.cuda.synchronize()
+        entry.residency.mark_all_now()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._heap)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=5)
+
+    def _next_group(self):
+        with self._cv:
+            while not self._heap and not self._stop:
+                self._cv.wait()
+            if self._stop:
+                return None, None
+            priority, seq, job = self._heap[0]
+            layers = job.groups[job.next]
+            job.next += 1
+            if job.next == len(job.groups):
+                heapq.heappop(self._heap)
+            return job, layers
+
+    def _run(self) -> None:
+        while True:
+            job, layers = self._next_group()
+            if job is None:
+                return
+            start = time.monotonic()
+            try:
+                self._transfer(job, layers)
+            except Exception:  # noqa: BLE001 - a failed copy must not kill the link
+                log.exception("copy of adapter %s layers %s failed", job.entry.name, list(layers))
+                job.entry.residency.failed = True
+            self.busy_s += time.monotonic() - start
+            self.groups_moved += 1
+
+
+class EmulatedLink(DeviceLink):
+    emulated = True
+
+    def __init__(self, pool: AdapterPool, group_size: int, bandwidth_mbps: float, latency_us: float):
+        self.bandwidth = bandwidth_mbps * 1e6  # bytes / s
+        self.latency = latency_us * 1e-6
+        self.free_at = 0.0
+        super().__init__(pool, group_size)
+
+    def new_residency(self):
+        return EmulatedResidency(self.pool.shapes.num_layers)
+
+    def _transfer(self, job: _Job, layers: range) -> None:
+        start = max(time.monotonic(), self.free_at)
+        moved = copy_layers(self.pool, job.entry, job.host, layers)
+        end = start + self.latency + moved / self.bandwidth
+        self.free_at = end
+        self.bytes_moved += moved
+        job.entry.residency.mark(layers, max(end, time.monotonic()))
+        delay = end - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)  # the link is busy with this group until then
+
+
+class CudaLink(DeviceLink):
+    def __init__(self, pool: AdapterPool, group_size: int):
+        self.stream = torch.cuda.Stream(device=pool.device)
+        super().__init__(pool, group_size)
+
+    def new_residency(self):
+        return CudaResidency(self.pool.shapes.num_layers)
+
+    def submit(self, entry: PoolEntry, host: HostAdapter, priority: float) -> None:
+        # Pages may have belonged to an evicted adapter that kernels already enqueued still read.
+        entry.reuse_fence = torch.cuda.current_stream(self.pool.device).record_event()
+        super().submit(entry, host, priority)
+
+    def _transfer(self, job: _Job, layers: range) -> None:
+        with torch.cuda.stream(self.stream):
+            fence = getattr(job.entry, "reuse_fence", None)
+            if fence is not None:
+                self.stream.wait_event(fence)
+            self.bytes_moved += copy_layers(self.pool, job.entry, job.host, layers, non_blocking=True)
+            event = self.stream.record_event()
+        job.entry.residency.mark(layers, event)
+        event.synchronize()  # this thread only: keeps one group in flight so priorities apply
+
+
+LINKS = {
+    "emulated": lambda pool, cfg: EmulatedLink(pool, cfg.layer_group_size, cfg.link_bandwidth_mbps, cfg.link_latency_us),
+    "cuda": lambda pool, cfg: CudaLink(pool, cfg.layer_group_size),
+}
+
+
+def make_link(pool: AdapterPool, lora_config) -> DeviceLink:
+    kind = lora_config.link
+    if kind == "auto":
+        kind = "cuda" if pool.device.type == "cuda" else "emulated"
+    if kind == "cuda" and pool.device.type != "cuda":
+        raise ValueError("link 'cuda' needs the cuda device")
+    link = LINKS[kind](pool, lora_config)
+    if link.emulated:
+        log.info("adapter link: emulated, %.0f MB/s, %.0f us latency, %d layer(s) per copy",
+                 lora_config.link_bandwidth_mbps, lora_config.link_latency_us, lora_config.layer_group_size)
+    return link

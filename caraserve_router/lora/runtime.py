@@ -1,0 +1,223 @@
+"""LoraRuntime: everything LoRA inside one model worker.
+
+Owns the AdapterStore (host), AdapterPool (device), DeviceLink, the CPU sidecar (cpu-assist
+mode) and the mode. The backend calls it per request (`attach_request` / `detach_request`) and
+per step (`build_batch` / `after_forward`); the router calls the control methods
+(`CONTROL_METHODS`) for registration, admission and stats.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from caraserve_router.lora.adapter_pool import AdapterPool
+from caraserve_router.lora.adapter_store import AdapterError, AdapterStore
+from caraserve_router.lora.batch import LoraBatch
+from caraserve_router.lora.device_link import make_link
+from caraserve_router.lora.modes import MODES
+from caraserve_router.lora.shapes import GROUPS, ModelShapes
+
+log = logging.getLogger("caraserve.lora")
+
+
+class LoraRuntime:
+    CONTROL_METHODS = ("register", "unregister", "list", "admit", "prefetch", "stats", "pin", "unpin", "is_known",
+                       "begin_admission")
+
+    def __init__(self, config, model):
+        self.config = config
+        lora = config.lora
+        self.shapes = ModelShapes.from_config(model.config)
+        self.device = model.device
+        self.store = AdapterStore(self.shapes, model.data_type, config.shm_prefix, lora.max_rank,
+                                  pin=self.device.type == "cuda")
+        layout = "slot" if lora.decode_kernel == "bgmv" else "paged"
+        self.pool = AdapterPool(self.shapes, model.data_type, self.device, lora.pool_mb, lora.max_rank, layout)
+        self.link = make_link(self.pool, lora)
+        self.mode = MODES[lora.mode](self)
+        self.slice_offsets = {
+            g: torch.tensor(self.shapes.group(g).slice_offsets, dtype=torch.int32, device=self.device) for g in GROUPS
+        }
+        self.sidecar = self._start_sidecar(config, model) if self.mode.uses_sidecar else None
+        self.request_adapter: dict[int, str] = {}
+        self.counters = collections.Counter()
+        log.info("LoRA pool: %d rank rows (%.1f MiB each), layout %s, mode %s", self.pool.num_pages,
+                 self.pool.page_bytes / 2**20, layout, lora.mode)
+
+    def _start_sidecar(self, config, model):
+        from caraserve_router.lora.sidecar import CpuLoraSidecar
+
+        sidecar = CpuLoraSidecar(config.sidecar, self.shapes, model.data_type, config.shm_prefix,
+                                 max_tokens=config.max_req_total_len * 2)
+        sidecar.start()
+        return sidecar
+
+    # ---- registration ---------------------------------------------------------------------
+
+    def register(self, name: str, path: str) -> dict:
+        host = self.store.add(name, path)
+        try:
+            if self.sidecar is not None:
+                self.sidecar.register_adapter(host)
+            if self.mode.preload:
+                self._preload(host)
+        except Exception:
+            self._drop(name)
+            raise
+        return host.spec.info()
+
+    def _preload(self, host) -> None:
+        entry = self.pool.place(host, self.link.new_residency())
+        if entry is None:
+            raise AdapterError(
+                f"cached mode keeps every adapter on the device, and the pool ({self.config.lora.pool_mb} MiB) "
+                f"has no room for {host.spec.name!r}: raise --lora-pool-mb", 507)
+        self.link.load_now(entry, host)
+        self.pool.set_pinned(host.spec.name, True)
+
+    def unregister(self, name: str) -> bool:
+        self.store.get(name)  # 404 if unknown
+        entry = self.pool.get(name)
+        if entry is not None and entry.refs > 0:
+            raise AdapterError(f"adapter {name!r} is in use by {entry.refs} request(s)", 409)
+        if entry is not None and not entry.residency.all_ready():
+            raise AdapterError(f"adapter {name!r} is being loaded; retry", 409)
+        self._drop(name)
+        return True
+
+    def _drop(self, name: str) -> None:
+        if name in self.pool:
+            self.pool.remove(name)
+        if self.sidecar is not None:
+            self.sidecar.unregister_adapter(name)
+        if name in self.store:
+            self.store.remove(name)
+
+    def list(self) -> dict:
+        return {n: self.store.get(n).spec.info() for n in self.store.names()}
+
+    def is_known(self, name: str) -> bool:
+        return name in self.store
+
+    def pin(self, name: str) -> bool:
+        if not self.admit(name):
+            raise AdapterError(f"no room in the pool to pin {name!r}", 507)
+        self.pool.set_pinned(name, True)
+        return True
+
+    def unpin(self, name: str) -> bool:
+        if self.pool.get(name) is not None and not self.mode.preload:
+            self.pool.set_pinned(name, False)
+        return True
+
+    # ---- admission and loading ---------------------------------------------------------------
+
+    def begin_admission(self) -> None:
+        """A new batch is being formed: adapters admitted from now on stay in the pool until
+        the batch's requests attach to them (placing one adapter must not evict another that
+        was admitted a moment earlier for the same batch)."""
+        self.pool.protected.clear()
+
+    def admit(self, name: str) -> bool:
+        """Is `name` resident or placeable now? Starts its load if it was not on the device."""
+        if name not in self.store:
+            return True  # the router fails such a request; it must not block the queue
+        self.pool.protected.add(name)
+        if name in self.pool:
+            self.pool.touch(name)
+            return True
+        return self._start_load(name)
+
+    def prefetch(self, name: str) -> bool:
+        """Start loading `name` on a request's arrival (when `--lora-prefetch` is on); unlike
+        `admit` it protects nothing: a prefetched adapter stays evictable."""
+        if not self.config.lora.prefetch or name not in self.store or name in self.pool:
+            return False
+        return self._start_load(name)
+
+    def _start_load(self, name: str) -> bool:
+        """Place `name` in the pool and start its copy; False when the pool has no room."""
+        host = self.store.get(name)
+        entry = self.pool.place(host, self.link.new_residency())
+        if entry is None:
+            return False
+        self.link.submit(entry, host, priority=time.monotonic())
+        self.counters["loads_cold"] += 1
+        return True
+
+    # ---- requests and steps --------------------------------------------------------------------
+
+    def attach_request(self, r_id: int, adapter: Optional[str]) -> None:
+        if adapter is None:
+            return
+        if adapter not in self.pool and not self.admit(adapter):
+            raise AdapterError(f"adapter {adapter!r} could not be placed in the pool", 503)
+        entry = self.pool.acquire(adapter)  # the reference now keeps it; the admission guard can go
+        self.pool.protected.discard(adapter)
+        self.request_adapter[r_id] = adapter
+        self.counters["requests_warm" if entry.residency.all_ready() else "requests_cold"] += 1
+
+    def detach_request(self, r_id: int) -> None:
+        adapter = self.request_adapter.pop(r_id, None)
+        if adapter is not None:
+            self.pool.release(adapter)
+
+    def request_rank(self, r_id: int) -> int:
+        adapter = self.request_adapter.get(r_id)
+        return self.store.get(adapter).spec.rank if adapter is not None and adapter in self.store else 0
+
+    def slice_ranks(self, entry, group: str) -> tuple:
+        if entry is None:
+            return (0,) * self.shapes.group(group).num_slices
+        return self.store.get(entry.name).spec.slice_ranks[group]
+
+    def build_batch(self, reqs, kwargs) -> Optional[LoraBatch]:
+        names = [self.request_adapter.get(r.r_id) for r in reqs]
+        if not any(names):
+            return None
+        entries = [self.pool.get(n) if n else None for n in names]
+        seg_lens = None
+        if kwargs["is_prefill"]:
+            seg_lens = (kwargs["b_seq_len"] - kwargs["b_ready_cache_len"]).tolist()
+        batch = LoraBatch(self, entries, kwargs["is_prefill"], seg_lens)
+        self.mode.before_forward(batch)
+        return batch
+
+    def after_forward(self, batch: Optional[LoraBatch]) -> None:
+        if batch is not None:
+            self.mode.after_forward(batch)
+
+    # ---- introspection -------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        resident = [
+            {"name": e.name, "rank": e.rank, "refs": e.refs, "pinned": e.pinned, "loaded": e.residency.all_ready()}
+            for e in self.pool.entries.values()
+        ]
+        return {
+            "mode": self.mode.name,
+            "link": "emulated" if self.link.emulated else "cuda",
+            "registered": self.store.names(),
+            "resident": resident,
+            "pages_used": self.pool.pages_used,
+            "pages_total": self.pool.num_pages,
+            "loads": {"cold": self.counters["loads_cold"], "warm_requests": self.counters["requests_warm"],
+                      "cold_requests": self.counters["requests_cold"],
+                      "cpu_assisted_steps": self.counters["cpu_assisted_steps"]},
+            "counters": dict(self.counters),
+            "link_bytes": self.link.bytes_moved,
+            "page_bytes": self.pool.page_bytes,
+            "link_bandwidth_mbps": self.config.lora.link_bandwidth_mbps if self.link.emulated else None,
+            "link_latency_us": self.config.lora.link_latency_us if self.link.emulated else None,
+            "sidecar": self.sidecar.stats() if self.sidecar is not None else None,
+        }
+
+    def shutdown(self) -> None:
+        self.link.stop()
+        if self.sidecar is not None:
+            self.sidecar.stop()
+        self.store.close()

@@ -1,0 +1,166 @@
+"""Mixed multi-LoRA batches through LightLLM's llama with the patches, against HF + PEFT.
+
+Every mode and decode kernel must give PEFT's logits (fp32 tolerance) for every row of a batch
+that mixes adapters of different ranks, target modules and scalings, and base-only rows.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests import fixtures
+from tests.caraserve_router.lora.lora_harness import lora_engine, peft_logits
+from tests.testing import assert_close
+
+STEPS = 4
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27], [30, 31], [40, 41, 42, 43], [50]]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A tiny llama and adapters: ranks 2/4/8 on all modules, one attention-only, one with
+    rank_pattern + alpha_pattern, one rsLoRA."""
+    root = tmp_path_factory.mktemp("lora-engine")
+    model_dir, dirs = fixtures.tiny_llama_with_adapters(root, ranks=(2, 4, 8))
+    dirs.append(fixtures.make_tiny_adapter(model_dir, root / "attn-r6", rank=6, target_modules=["q_proj", "k_proj",
+                                           "v_proj", "o_proj"], seed=11))
+    dirs.append(fixtures.make_tiny_adapter(model_dir, root / "pattern-r4", rank=4, seed=12,
+                                           rank_pattern={"model.layers.0.self_attn.q_proj": 7, "down_proj": 3},
+                                           alpha_pattern={"up_proj": 5.0}))
+    dirs.append(fixtures.make_tiny_adapter(model_dir, root / "rslora-r5", rank=5, seed=13, use_rslora=True,
+                                           target_modules=["v_proj", "gate_proj"]))
+    return model_dir, dirs
+
+
+def check_against_peft(model_dir, dirs, names, outs):
+    by_name = {d.name: d for d in dirs}
+    for i, (prompt, name) in enumerate(zip(PROMPTS, names)):
+        tokens = [int(outs[s][i].argmax()) for s in range(STEPS)]
+        ref = peft_logits(model_dir, by_name.get(name), prompt, tokens)
+        for s in range(STEPS + 1):
+            assert_close(outs[s][i], ref[s], msg=f"row {i} adapter {name} step {s}")
+
+
+@pytest.mark.parametrize("mode,kernel", [("cached", "mbgmv"), ("on-demand", "mbgmv"), ("pipeline", "mbgmv"),
+                                         ("cpu-assist", "mbgmv"), ("cached", "bgmv"), ("pipeline", "bgmv"),
+                                         ("cpu-assist", "bgmv")])
+def test_mixed_batch_matches_peft(adapters, mode, kernel):
+    model_dir, dirs = adapters
+    names = [dirs[0].name, None, dirs[2].name, dirs[3].name, dirs[4].name, dirs[5].name]
+    engine = lora_engine(model_dir, dirs, mode=mode, decode_kernel=kernel, pool_mb=16, max_rank=8)
+    try:
+        outs = engine.run(PROMPTS, names, STEPS)
+    finally:
+        engine.close()
+    check_against_peft(model_dir, dirs, names, outs)
+
+
+def test_same_adapter_in_several_rows(adapters):
+    model_dir, dirs = adapters
+    names = [dirs[1].name] * 4 + [None, dirs[1].name]
+    engine = lora_engine(model_dir, dirs, mode="pipeline", pool_mb=16, max_rank=8)
+    try:
+        outs = engine.run(PROMPTS, names, STEPS)
+    finally:
+        engine.close()
+    check_against_peft(model_dir, dirs, names, outs)
+
+
+def test_eviction_and_reload_keep_outputs(adapters):
+    """A pool that holds fewer adapters than the working set: every batch evicts and reloads,
+    and the outputs equal those of a pool that holds them all."""
+    model_dir, dirs = adapters
+    rounds = [[dirs[0].name, dirs[2].name], [dirs[3].name, dirs[4].name], [dirs[5].name, dirs[1].name],
+              [dirs[0].name, dirs[2].name]]
+    results = {}
+    for label, pool_mb in (("small", 0.125), ("large", 16)):
+        engine = lora_engine(model_dir, dirs, mode="pipeline", pool_mb=pool_mb, max_rank=8)
+        try:
+            results[label] = [engine.run(PROMPTS[:2], names, 2) for names in rounds]
+            if label == "small":
+                assert engine.runtime.counters["loads_cold"] > len(dirs), "the small pool must evict and reload"
+        finally:
+            engine.close()
+    for r, (small, large) in enumerate(zip(results["small"], results["large"])):
+        for s in range(3):
+            assert_close(small[s], large[s], atol=0, rtol=0, msg=f"round {r} step {s}")
+
+
+def test_cpu_assist_slow_link_uses_the_sidecar(adapters):
+    """With a link so slow that no layer lands during the steps, every LoRA term of the cold
+    adapters comes from the CPU sidecar, and the result is still PEFT's."""
+    model_dir, dirs = adapters
+    names = [dirs[0].name, None, dirs[2].name, dirs[3].name, dirs[4].name, dirs[5].name]
+    engine = lora_engine(model_dir, dirs, mode="cpu-assist", pool_mb=16, max_rank=8, link_bandwidth_mbps=0.001)
+    try:
+        outs = engine.run(PROMPTS, names, STEPS)
+        counters = engine.runtime.counters
+        assert counters["sidecar_calls"] > 0 and counters["sidecar_fallbacks"] == 0
+        assert counters["layer_wait_s"] == 0
+    finally:
+        engine.close()
+    check_against_peft(model_dir, dirs, names, outs)
+
+
+def test_forced_split_equals_device_only(adapters):
+    """Layers 0..k-1 from the sidecar and k.. from the device kernel give the device-only logits."""
+    model_dir, dirs = adapters
+    names = [dirs[2].name, dirs[4].name, None]
+    engine = lora_engine(model_dir, dirs, mode="cpu-assist", pool_mb=16, max_rank=8)
+    try:
+        device_only = engine.run(PROMPTS[:3], names, 2)
+        for name in set(n for n in names if n):
+            residency = engine.runtime.pool.get(name).residency
+            residency.wait_all()
+            residency.ready_at[0] = float("inf")  # layer 0 not resident: the sidecar computes it
+        calls = engine.runtime.counters["sidecar_calls"]
+        split = engine.run(PROMPTS[:3], names, 2)
+        assert engine.runtime.counters["sidecar_calls"] > calls
+    finally:
+        engine.close()
+    for s in range(3):
+        assert_close(split[s], device_only[s], msg=f"step {s}")
+
+
+def test_killed_sidecar_worker_mid_prefill_still_gives_peft_output(adapters):
+    """A sidecar worker SIGKILLed while cold layers are being CPU-assisted (at the prefill's
+    third sidecar call): the engine falls back to waiting for the device copy, the worker is
+    replaced, and the output is still PEFT's."""
+    import os
+    import signal
+    import time
+
+    model_dir, dirs = adapters
+    names = [dirs[0].name, None, dirs[2].name, dirs[3].name, dirs[4].name, dirs[5].name]
+    engine = lora_engine(model_dir, dirs, mode="cpu-assist", pool_mb=16, max_rank=8, link_bandwidth_mbps=0.2)
+    sidecar = engine.runtime.sidecar
+    victim = sidecar.worker_pids()[0]
+    submit, calls = sidecar.submit, []
+
+    def killing_submit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(victim, signal.SIGKILL)
+            while not _gone(victim):
+                time.sleep(0.001)
+        return submit(*args, **kwargs)
+
+    sidecar.submit = killing_submit
+    try:
+        outs = engine.run(PROMPTS, names, STEPS)
+        assert engine.runtime.counters["sidecar_fallbacks"] >= 1
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (victim in sidecar.worker_pids() or not sidecar.healthy()):
+            time.sleep(0.05)
+        assert victim not in sidecar.worker_pids() and sidecar.healthy(), "the killed worker must be replaced"
+    finally:
+        engine.close()
+    check_against_peft(model_dir, dirs, names, outs)
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it computes nothing any more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
