@@ -1,14 +1,16 @@
 """Running the front end: prepare the model, start the instances, serve HTTP, stop cleanly."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import signal
 import sys
+import time
 
-from caraserve_router.contracts.processes import Terminated, raise_terminated
 from caraserve_router.frontend.config import FrontendConfig, parse_configs
 from caraserve_router.frontend.service import FrontEnd
+
+log = logging.getLogger("caraserve.api")
 
 
 def prepare_model(front_cfg: FrontendConfig) -> None:
@@ -18,30 +20,41 @@ def prepare_model(front_cfg: FrontendConfig) -> None:
     if front_cfg.model_dir:
         validate_model_dir(front_cfg.model_dir)
     else:
-        print("preparing the default model (SmolLM2-135M-Instruct) ...", flush=True)
+        start = time.monotonic()
+        print("preparing the default model (SmolLM2-135M-Instruct; the first time takes about a minute) ...",
+              flush=True)
         front_cfg.model_dir = str(prepare_default_model())
+        print(f"default model ready in {time.monotonic() - start:.0f} s: {front_cfg.model_dir}", flush=True)
     front_cfg.model_dir = os.path.abspath(front_cfg.model_dir)
 
 
 async def serve(front: FrontEnd) -> None:
+    from caraserve_router.frontend.app import build_app
+    from caraserve_router.frontend.shutdown import QuietServer, Shutdown
     import uvicorn
 
-    from caraserve_router.frontend.app import build_app
-
+    config = front.config
+    # The graceful part of uvicorn's shutdown waits for in-flight requests; ours ends them with
+    # an error at half the timeout, so this only bounds what remains.
+    server = QuietServer(uvicorn.Config(build_app(front), host=config.host, port=config.port, log_level="warning",
+                                        timeout_keep_alive=5, timeout_graceful_shutdown=config.shutdown_timeout_s / 2 + 2))
+    shutdown = Shutdown(front, server, config.shutdown_timeout_s)
+    shutdown.install()  # a signal during start-up also ends within the timeout
     try:
         await front.start()
-        server = uvicorn.Server(uvicorn.Config(build_app(front), host=front.config.host, port=front.config.port,
-                                               log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=5))
-        await server.serve()
+        if shutdown.started_at is None:
+            await server.serve()
+    except asyncio.CancelledError:
+        log.warning("start-up interrupted")
     finally:
-        await front.stop()
+        shutdown.begin("stopping")
+        await front.stop(grace_s=max(1.0, shutdown.remaining_s() - 2.0))
 
 
 def main(argv=None, description: str = "") -> int:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, raise_terminated)  # so `finally` stops the instances
     try:
         front_cfg, template = parse_configs(argv, description)
         front_cfg.validate()
@@ -53,6 +66,6 @@ def main(argv=None, description: str = "") -> int:
     except (ValueError, RuntimeError, OSError) as e:
         print(f"caraserve: error: {e}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Terminated):
+    except KeyboardInterrupt:
         pass
     return 0

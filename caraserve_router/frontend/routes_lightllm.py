@@ -2,12 +2,12 @@
 cluster."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from caraserve_router.contracts import sse
 from caraserve_router.contracts.protocol import GenerateRequest
-from caraserve_router.frontend.relay import RELAY_ERRORS, error_from, fail, next_item
+from caraserve_router.frontend.relay import RELAY_ERRORS, error_from, fail, fail_from, next_item, until_disconnected
 
 
 def router(front) -> APIRouter:
@@ -16,7 +16,7 @@ def router(front) -> APIRouter:
     async def lightllm(body: GenerateRequest, stream: bool):
         try:
             adapter, rank = front.resolve_model(body.adapter)
-            ids = front.encode(body.prompt())
+            ids = await front.encode_async(body.prompt())
         except KeyError:
             return fail(front, f"adapter {body.adapter!r} is not loaded", 404, "not_found")
         except ValueError as e:
@@ -26,7 +26,7 @@ def router(front) -> APIRouter:
         try:
             first = await next_item(gen)
         except RELAY_ERRORS as e:
-            return fail(front, str(e), *error_from(e))
+            return fail_from(front, e)
         if stream:
             return StreamingResponse(events(gen, first), media_type=sse.MEDIA_TYPE)
         return await whole(gen, first)
@@ -50,7 +50,7 @@ def router(front) -> APIRouter:
                 items.append(item)
                 item = await next_item(gen) if not item[1].get("finished") else None
         except RELAY_ERRORS as e:
-            return fail(front, str(e), *error_from(e))
+            return fail_from(front, e)
         finally:
             await gen.aclose()
         last = items[-1][1]
@@ -59,11 +59,11 @@ def router(front) -> APIRouter:
                 "token_ids": [e["token"]["id"] for _, e in items]}
 
     @api.post("/generate")
-    async def generate(body: GenerateRequest):
-        return await lightllm(body, stream=False)
+    async def generate(body: GenerateRequest, request: Request):
+        return await until_disconnected(request, lightllm(body, stream=False))
 
     @api.post("/generate_stream")
-    async def generate_stream(body: GenerateRequest):
-        return await lightllm(body, stream=True)
+    async def generate_stream(body: GenerateRequest, request: Request):
+        return await until_disconnected(request, lightllm(body, stream=True))
 
     return api

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from caraserve_router.contracts import sse
 from caraserve_router.frontend.openai_api import (
     DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest,
-    ResponseShaper, StopMatcher, Usage, parameters, stop_list, unsupported,
+    ResponseShaper, StopMatcher, Usage, parameters, single_prompt, stop_list, unsupported,
 )
-from caraserve_router.frontend.relay import RELAY_ERRORS, error_from, fail, next_item
+from caraserve_router.frontend.relay import RELAY_ERRORS, error_from, fail, fail_from, next_item, until_disconnected
 
 
 def _reason(event, matcher: StopMatcher) -> Optional[str]:
@@ -26,7 +26,7 @@ def _reason(event, matcher: StopMatcher) -> Optional[str]:
 def router(front) -> APIRouter:
     api = APIRouter()
 
-    def prepare(req, chat: bool):
+    async def prepare(req, chat: bool):
         """(adapter, rank, prompt ids, parameters dict, stops) or an error response."""
         problem = unsupported(req)
         if problem:
@@ -37,9 +37,12 @@ def router(front) -> APIRouter:
             return fail(front, f"model {req.model!r} is neither the base model ({front.base_name}) nor a loaded "
                         "adapter", 404, "not_found")
         try:
-            ids = front.chat_ids([m.model_dump() for m in req.messages]) if chat else front.encode(req.prompt)
             stops = stop_list(req.stop)
             params = parameters(req, DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS)
+            if chat:
+                ids = await front.chat_ids_async([{"role": m.role, "content": m.text()} for m in req.messages])
+            else:
+                ids = await front.encode_async(single_prompt(req.prompt))
         except ValueError as e:
             return fail(front, str(e), 400)
         limit = front.template.max_req_total_len
@@ -49,7 +52,7 @@ def router(front) -> APIRouter:
         return adapter, rank, ids, params.model_dump(exclude={"return_details"}), stops
 
     async def openai(req, chat: bool):
-        prepared = prepare(req, chat)
+        prepared = await prepare(req, chat)
         if isinstance(prepared, JSONResponse):
             return prepared
         adapter, rank, ids, params, stops = prepared
@@ -59,9 +62,10 @@ def router(front) -> APIRouter:
         try:
             first = await next_item(gen)
         except RELAY_ERRORS as e:
-            return fail(front, str(e), *error_from(e))
+            return fail_from(front, e)
         if req.stream:
-            return StreamingResponse(stream(gen, first, shaper, matcher), media_type=sse.MEDIA_TYPE)
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream(gen, first, shaper, matcher, len(ids), usage), media_type=sse.MEDIA_TYPE)
         return await whole(gen, first, shaper, matcher, len(ids))
 
     async def whole(gen, first, shaper, matcher, prompt_tokens):
@@ -74,18 +78,19 @@ def router(front) -> APIRouter:
                 parts.append(matcher.feed(text))
                 item = await next_item(gen) if not last.get("finished") else None
         except RELAY_ERRORS as e:
-            return fail(front, str(e), *error_from(e))
+            return fail_from(front, e)
         finally:
             await gen.aclose()
         parts.append(matcher.flush())
         return JSONResponse(shaper.final("".join(parts), _reason(last, matcher) or "stop",
                                          Usage(prompt_tokens, count)))
 
-    async def stream(gen, first, shaper, matcher):
-        item, is_first = first, True
+    async def stream(gen, first, shaper, matcher, prompt_tokens, include_usage):
+        item, is_first, count = first, True, 0
         try:
             while item is not None and not matcher.stopped:
                 text, event = item
+                count += 1
                 out = matcher.feed(text)
                 done = bool(event.get("finished")) or matcher.stopped
                 if done:
@@ -93,6 +98,8 @@ def router(front) -> APIRouter:
                 yield sse.event(shaper.chunk(out, _reason(event, matcher) if done else None, first=is_first))
                 is_first = False
                 item = await next_item(gen) if not done else None
+            if include_usage:
+                yield sse.event(shaper.usage_chunk(Usage(prompt_tokens, count)))
             yield sse.DONE
         except RELAY_ERRORS as e:
             status, kind = error_from(e)
@@ -102,11 +109,11 @@ def router(front) -> APIRouter:
             await gen.aclose()
 
     @api.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await openai(req, chat=False)
+    async def completions(req: CompletionRequest, request: Request):
+        return await until_disconnected(request, openai(req, chat=False))
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await openai(req, chat=True)
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await until_disconnected(request, openai(req, chat=True))
 
     return api

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Optional
 
 from caraserve_router.contracts.configs import InstanceConfig
@@ -14,6 +15,16 @@ from caraserve_router.frontend.config import FrontendConfig
 from caraserve_router.scheduling.policies import make_policy, policy_class
 
 log = logging.getLogger("caraserve.api")
+
+# API role -> the role given to the chat template
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
 
 
 class FrontEnd:
@@ -34,6 +45,10 @@ class FrontEnd:
         self.base_name = ""
         self.stats: dict[int, dict] = {}
         self.tasks: list = []
+        self.started_at = int(time.time())
+        self.profiling = False  # a background profile is being taken for the configured policy
+        self.active_policy = config.policy
+        self.tokenizer_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
 
     # ---- start / stop ---------------------------------------------------------------------
 
@@ -45,7 +60,8 @@ class FrontEnd:
         from caraserve_router.frontend.metrics import ClusterMetrics
 
         self.template.model_dir = self.config.model_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir)
+        self.tokenizer = await asyncio.get_running_loop().run_in_executor(
+            self.tokenizer_pool, AutoTokenizer.from_pretrained, self.config.model_dir)
         name = os.path.basename(self.config.model_dir.rstrip("/"))
         self.base_names = {name, "base", ""}
         self.base_name = name
@@ -58,14 +74,18 @@ class FrontEnd:
         await self.cluster.wait_ready()
         await self.registry.collect()
         self.perf_model = await self._perf_model()
+        loop = asyncio.get_running_loop()
+        if self.policy_cls.needs_perf_model and self.perf_model is None:
+            self.profiling = True
+            self.active_policy = self.config.warmup_policy
+            self.tasks.append(loop.create_task(self._profile_then_switch()))
         self._build_dispatcher()
         self.cluster.on_down = self._instance_down
         self.cluster.on_up = self._instance_up
-        loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self.cluster.monitor(self.config.health_interval_s)),
-                      loop.create_task(self._poll_stats())]
+        self.tasks += [loop.create_task(self.cluster.monitor(self.config.health_interval_s)),
+                       loop.create_task(self._poll_stats())]
         log.info("serving %s on http://%s:%d with %d instance(s), policy %s", name, self.config.host,
-                 self.config.port, len(handles), self.config.policy)
+                 self.config.port, len(handles), self.active_policy)
 
     def _build_cluster(self):
         """The instances, started: local processes (`--instances`) plus attached `--instance-urls`.
@@ -78,13 +98,13 @@ class FrontEnd:
         for url in self.config.urls:
             handles.append(InstanceHandle(index=len(handles), url=url))
         clients = [InstanceClient(h.url, self.session, self.config.request_timeout_s) for h in handles]
-        cluster = Cluster(handles, LocalLauncher(self.config.log_dir), clients, self.config.restart_dead)
+        cluster = Cluster(handles, LocalLauncher(self.config.log_dir, self.config.shm_prefix), clients,
+                          self.config.restart_dead)
         cluster.start_local()
         return cluster
 
     def _build_dispatcher(self) -> None:
         from caraserve_router.frontend.dispatcher import Dispatcher
-        from caraserve_router.scheduling.policies import PolicyConfig
         from caraserve_router.scheduling.scheduler_state import ClusterState, InstanceState
 
         states = []
@@ -92,13 +112,49 @@ class FrontEnd:
             cfg = h.config or self.template
             states.append(InstanceState(h.name, max_batch=cfg.running_max_req_size, lora_mode=cfg.lora.mode,
                                         kernel=cfg.lora.decode_kernel))
-        slo = self.config.slo_tpot_ms or self._default_slo()
-        policy = make_policy(self.config.policy, PolicyConfig(
-            slo_tpot_ms=slo, mean_output_len=self.config.mean_output_len,
-            max_batch=max(s.max_batch for s in states), seed=self.config.seed))
-        self.slo_tpot_ms = slo
-        self.dispatcher = Dispatcher(self.cluster, ClusterState(states), policy, self.perf_model, self.metrics,
-                                     self.config.wait_timeout_s)
+        capacity = sum(s.max_batch for s in states)
+        self.dispatcher = Dispatcher(self.cluster, ClusterState(states), self._make_policy(), self.perf_model,
+                                     self.metrics, self.config.wait_timeout_s,
+                                     self.config.max_waiting or 4 * capacity)
+
+    def _make_policy(self):
+        from caraserve_router.scheduling.policies import PolicyConfig
+
+        max_batch = max((h.config or self.template).running_max_req_size for h in self.cluster.handles)
+        self.slo_tpot_ms = self.config.slo_tpot_ms or self._default_slo()
+        return make_policy(self.active_policy, PolicyConfig(
+            slo_tpot_ms=self.slo_tpot_ms, mean_output_len=self.config.mean_output_len, max_batch=max_batch,
+            seed=self.config.seed))
+
+    def _perf_cache_path(self):
+        from caraserve_router.frontend.perf_bootstrap import cache_path
+
+        if not self.config.perf_model_cache:
+            return None
+        device = str(self.stats.get(0, {}).get("device") or self.template.device)
+        return cache_path(self.config.perf_model_cache, self.config.model_dir, device,
+                          str(self.template.lora.decode_kernel), str(self.template.lora.mode))
+
+    async def _profile_then_switch(self) -> None:
+        """Profile instance 0 while the warm-up policy serves; then serve with the configured one."""
+        from caraserve_router.frontend.perf_bootstrap import profile_instance, save_cached
+
+        try:
+            model = await profile_instance(self.cluster.clients[0], self.tokenizer, self.adapters,
+                                           self.template.lora.decode_kernel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the warm-up policy keeps serving
+            log.error("the start-up profile failed (%s: %s); policy %s keeps serving (give --perf-model)",
+                      type(e).__name__, e, self.active_policy)
+            self.profiling = False
+            return
+        save_cached(model, self._perf_cache_path())
+        self.perf_model = model
+        self.active_policy = self.config.policy
+        self.dispatcher.set_policy(self._make_policy(), model)
+        self.profiling = False
+        log.info("policy %s now serves (SLO %.1f ms per token)", self.active_policy, self.slo_tpot_ms)
 
     def _default_slo(self) -> float:
         if self.perf_model is None:
@@ -106,30 +162,44 @@ class FrontEnd:
         return 3.0 * self.perf_model.predict_decode_step_ms([0], self.template.lora.decode_kernel)
 
     async def _perf_model(self):
+        """The model from --perf-model or the cache, else None (then profiled in the background)."""
+        from caraserve_router.frontend.perf_bootstrap import load_cached
         from caraserve_router.scheduling.perf_model import PerfModel
 
-        if not self.config.perf_model and not self.policy_cls.needs_perf_model:
-            return None
         if self.config.perf_model:
             model = PerfModel.load(self.config.perf_model)
             log.info("perf model from %s: %s", self.config.perf_model, model.describe())
             return model
-        from caraserve_router.scheduling.profiler import quick_profile
+        if not self.policy_cls.needs_perf_model:
+            return None
+        try:
+            self.stats[0] = await self.cluster.clients[0].stats()  # its device names the cache entry
+        except Exception:  # noqa: BLE001 - without it the configured device names the entry
+            pass
+        return load_cached(self._perf_cache_path())
 
-        log.warning("no --perf-model given: taking a quick profile of instance 0 (scripts/profile_instance.py "
-                    "makes a better one)")
-        model = await quick_profile(self.cluster.clients[0], self.tokenizer, self.adapters,
-                                    self.template.lora.decode_kernel)
-        log.info("quick perf model: %s", model.describe())
-        return model
+    @property
+    def closing(self) -> bool:
+        return self.dispatcher is not None and self.dispatcher.closing is not None
 
-    async def stop(self) -> None:
+    async def abort_all(self, reason: str) -> None:
+        """Shutdown: end every request with a 503 `reason` (streams get an error event)."""
+        if self.dispatcher is not None:
+            await self.dispatcher.abort_all(reason)
+
+    async def stop(self, grace_s: float = 15.0) -> None:
         for task in self.tasks:
             task.cancel()
         if self.session is not None:
             await self.session.close()
         if self.cluster is not None:
-            self.cluster.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self.cluster.stop, grace_s)
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    def kill(self) -> None:
+        """End every local instance now (second signal, shutdown deadline); safe from any thread."""
+        if self.cluster is not None:
+            self.cluster.kill()
 
     # ---- adapters and instances -----------------------------------------------------------
 
@@ -169,7 +239,7 @@ class FrontEnd:
                         log.debug("stats of instance %d: %s", i, e)
                 self.stats[i] = stats
                 self.metrics.instance_stats(handle.name, stats, handle.healthy, handle.restarts)
-            if self.policy_cls.rebalances and self.dispatcher.rebalance():
+            if self.dispatcher.policy.rebalances and self.dispatcher.rebalance():
                 await self.dispatcher.notify_capacity()
 
     # ---- requests -------------------------------------------------------------------------
@@ -184,6 +254,7 @@ class FrontEnd:
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
+            _check_text(prompt, "the prompt")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
@@ -192,15 +263,26 @@ class FrontEnd:
             raise ValueError(f"the prompt must be non-empty text or token ids in [0, {vocab})")
         return ids
 
-    def chat_ids(self, messages: list) -> list[int]:
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat (messages: {"role", "content": str}) with the model's template."""
         if not messages:
             raise ValueError("messages must not be empty")
-        roles = {"system", "user", "assistant"}
+        turns = []
         for m in messages:
-            if m["role"] not in roles:
-                raise ValueError(f"unknown message role {m['role']!r}")
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if m["role"] not in CHAT_ROLES:
+                raise ValueError(f"unknown message role {m['role']!r}; supported: {sorted(CHAT_ROLES)}")
+            _check_text(m["content"], "a message")
+            # OpenAI's `developer` role is the `system` role of models before o1; templates know the latter.
+            turns.append({"role": CHAT_ROLES[m["role"]], "content": m["content"]})
+        out = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"]) if isinstance(out, dict) or hasattr(out, "keys") else list(out)
+
+    async def encode_async(self, prompt) -> list[int]:
+        """`encode` on the tokenizer threads: a long prompt never stalls the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.encode, prompt)
+
+    async def chat_ids_async(self, messages: list[dict]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.chat_ids, messages)
 
     async def generate(self, adapter, rank, prompt_ids, parameters: dict) -> AsyncIterator[tuple]:
         """Route one request; yields (text, event) per token and records its latencies."""

@@ -297,7 +297,8 @@ class PerfModel:
 # ---------------------------------------------------------------------- fitting
 def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float],
                   features: Sequence[str]) -> LinearFit:
-    """Least squares with R^2 and RMSE (numpy; used only while fitting). Every coefficient but
+    """Least squares with R^2 and RMSE (numpy; used only while fitting). Terms constant over the
+    points are not fitted (coefficient 0). Every coefficient but
     the constant is kept >= 0, since more batch, rank or tokens never make a step faster (a
     noisy small profile can fit a negative rank slope, which would make a policy prefer high
     ranks): the most negative one is fixed at 0 and the rest refitted, until none is negative."""
@@ -305,9 +306,14 @@ def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float],
 
     x = np.asarray(rows, dtype=np.float64)
     y = np.asarray(targets, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < x.shape[1] + 1:
+    if x.ndim != 2 or x.shape[0] == 0:
         raise PerfModelError(f"need at least {len(features) + 1} points to fit {list(features)}, got {len(y)}")
-    free = list(range(x.shape[1]))
+    # Fit only the terms the points can support: a term that never varies over them (the rank
+    # term of a profile taken without adapters) cannot be told from the constant; it stays 0.
+    free = [j for j in range(x.shape[1]) if features[j] == "const" or np.ptp(x[:, j]) > 0]
+    if x.shape[0] < len(free) + 1:
+        names = [features[j] for j in free]
+        raise PerfModelError(f"need at least {len(free) + 1} points to fit {names}, got {len(y)}")
     while True:
         sub, *_ = np.linalg.lstsq(x[:, free], y, rcond=None)
         coef = np.zeros(x.shape[1])
