@@ -229,9 +229,6 @@ class InstanceState:
             if name != adapter and self.adapter_counts.get(name, 0) == 0:
                 total -= self.resident.pop(name)
 
-    def set_healthy(self, healthy: bool) -> None:
-        self.healthy = bool(healthy)
-
     # ------------------------------------------------------------------ reconciliation
     def apply_stats(self, stats: Mapping[str, Any], drop_missing: bool = False) -> ReconcileReport:
         """Reconcile with the instance's stats (layout in the module docstring)."""
@@ -353,7 +350,8 @@ class InstanceState:
     def snapshot(self) -> dict[str, Any]:
         """JSON-able summary (for a debug endpoint or logs)."""
         return {"name": self.name, "healthy": self.healthy, "lora_mode": self.lora_mode.value,
-                "kernel": self.kernel.value, "max_batch": self.max_batch, "num_running": self.num_running, "num_queued": self.num_queued,
+                "kernel": self.kernel.value, "max_batch": self.max_batch, "num_running": self.num_running,
+                "num_queued": self.num_queued,
                 "sum_ranks": self.sum_ranks, "max_rank": self.max_rank,
                 "outstanding_tokens": self.outstanding_tokens, "resident_adapters": list(self.resident)}
 
@@ -367,10 +365,6 @@ class ClusterState:
 
     def __len__(self) -> int:
         return len(self.instances)
-
-    def add_instance(self, inst: InstanceState) -> int:
-        self.instances.append(inst)
-        return len(self.instances) - 1
 
     def instance_of(self, request_id: Hashable) -> int | None:
         return self._where.get(request_id)
