@@ -54,6 +54,8 @@ class LoraRuntime:
         sidecar = CpuLoraSidecar(config.sidecar, self.shapes, model.data_type, config.shm_prefix,
                                  max_tokens=config.max_req_total_len * 2)
         sidecar.start()
+        if self.device.type == "cuda":
+            sidecar.pin_memory()  # page-lock now, not inside the first cold prefill
         return sidecar
 
     # ---- registration ---------------------------------------------------------------------
