@@ -25,6 +25,7 @@ from lightllm.server.router.model_infer.mode_backend.continues_batch.impl import
 from lightllm.server.router.model_infer.model_rpc import ModelRpcClient, ModelRpcServer
 
 from caraserve_router.contracts.configs import InstanceConfig
+from caraserve_router.contracts.names import LoraMode
 from lightllm_patches.device import resolve_device, resolve_dtype
 from caraserve_router.lora.runtime import LoraRuntime
 from lightllm_patches.model import CaraLlamaModel
@@ -96,7 +97,7 @@ def split_cpu_cores(config: InstanceConfig, device: torch.device) -> None:
     """When the CPU is the device *and* hosts the cpu-assist sidecar, give each its own cores
     (half each by default): spinning sidecar workers and torch's thread team on the same cores
     slow both down badly. Explicit settings are kept."""
-    if device.type != "cpu" or config.lora.mode != "cpu-assist":
+    if device.type != "cpu" or not LoraMode(config.lora.mode).uses_sidecar:
         return
     cores = len(os.sched_getaffinity(0))
     if config.sidecar.workers == 0:

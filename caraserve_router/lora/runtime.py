@@ -18,7 +18,8 @@ from caraserve_router.lora.adapter_pool import AdapterPool
 from caraserve_router.lora.adapter_store import AdapterError, AdapterStore
 from caraserve_router.lora.batch import LoraBatch
 from caraserve_router.lora.device_link import make_link
-from caraserve_router.lora.modes import MODES
+from caraserve_router.lora.modes import mode_for
+from caraserve_router.contracts.names import DecodeKernel, LoraMode
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
 
 log = logging.getLogger("caraserve.lora")
@@ -35,18 +36,20 @@ class LoraRuntime:
         self.device = model.device
         self.store = AdapterStore(self.shapes, model.data_type, config.shm_prefix, lora.max_rank,
                                   pin=self.device.type == "cuda")
-        layout = "slot" if lora.decode_kernel == "bgmv" else "paged"
+        self.kind = LoraMode(lora.mode)
+        layout = "slot" if DecodeKernel(lora.decode_kernel).pads_to_max_rank else "paged"
         self.pool = AdapterPool(self.shapes, model.data_type, self.device, lora.pool_mb, lora.max_rank, layout)
         self.link = make_link(self.pool, lora)
-        self.mode = MODES[lora.mode](self)
+        self.mode = mode_for(self.kind)
         self.slice_offsets = {
             g: torch.tensor(self.shapes.group(g).slice_offsets, dtype=torch.int32, device=self.device) for g in GROUPS
         }
-        self.sidecar = self._start_sidecar(config, model) if self.mode.uses_sidecar else None
+        self.sidecar = self._start_sidecar(config, model) if self.kind.uses_sidecar else None
         self.request_adapter: dict[int, str] = {}
+        # Since start: loads, warm/cold requests, and every step's counters (LoraBatch.counters).
         self.counters = collections.Counter()
         log.info("LoRA pool: %d rank rows (%.1f MiB each), layout %s, mode %s", self.pool.num_pages,
-                 self.pool.page_bytes / 2**20, layout, lora.mode)
+                 self.pool.page_bytes / 2**20, layout, self.kind)
 
     def _start_sidecar(self, config, model):
         from caraserve_router.lora.sidecar import CpuLoraSidecar
@@ -65,7 +68,7 @@ class LoraRuntime:
         try:
             if self.sidecar is not None:
                 self.sidecar.register_adapter(host)
-            if self.mode.preload:
+            if self.kind.preloads:
                 self._preload(host)
         except Exception:
             self._drop(name)
@@ -112,7 +115,7 @@ class LoraRuntime:
         return True
 
     def unpin(self, name: str) -> bool:
-        if self.pool.get(name) is not None and not self.mode.preload:
+        if self.pool.get(name) is not None and not self.kind.preloads:
             self.pool.set_pinned(name, False)
         return True
 
@@ -185,13 +188,15 @@ class LoraRuntime:
         seg_lens = None
         if kwargs["is_prefill"]:
             seg_lens = (kwargs["b_seq_len"] - kwargs["b_ready_cache_len"]).tolist()
-        batch = LoraBatch(self, entries, kwargs["is_prefill"], seg_lens)
-        self.mode.before_forward(batch)
+        batch = LoraBatch(self, entries, kwargs["is_prefill"], seg_lens, self.mode, self.sidecar)
+        batch.start()
         return batch
 
     def after_forward(self, batch: Optional[LoraBatch]) -> None:
+        """Postprocess a step (also a failed one): disarm the sidecar, keep the step's counters."""
         if batch is not None:
-            self.mode.after_forward(batch)
+            batch.finish()
+            self.counters.update(batch.counters)
 
     # ---- introspection -------------------------------------------------------------------
 
@@ -201,7 +206,7 @@ class LoraRuntime:
             for e in self.pool.entries.values()
         ]
         return {
-            "mode": self.mode.name,
+            "mode": self.kind.value,
             "link": "emulated" if self.link.emulated else "cuda",
             "registered": self.store.names(),
             "resident": resident,
