@@ -3,10 +3,10 @@
 | ours | upstream | why |
 |---|---|---|
 | `CaraBackend.init_model` | `ModeBackend.init_model` | builds `CaraLlamaModel` on the configured device (upstream: nccl + `torch.cuda.set_device`, a model-type if/elif over 20 models) and the instance's `LoraRuntime`. |
-| `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the adapter and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys); upstream calls `torch.cuda.current_device()`. |
+| `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the `AdapterRequest` and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys) and attaches the adapter; upstream calls `torch.cuda.current_device()`. |
 | `CaraBackend.forward` | `ContinuesBatchBackend.forward` | inputs on the device, the step's `LoraBatch`, the seedable sampler. |
 | `CaraBackend.filter_batch` / `remove_batch` | `ModeBackend.*` | release per-request state (generator, adapter reference) of finished requests. |
-| `CaraModelRpcServer` / `CaraModelRpcClient` | `ModelRpcServer` / `ModelRpcClient` | select `CaraBackend`; expose the LoRA control calls. |
+| `CaraModelRpcServer` / `CaraModelRpcClient` | `ModelRpcServer` / `ModelRpcClient` | select `CaraBackend`; give the router the worker's `LoraRuntime` (`client.lora`, an `AdapterManager`). |
 """
 from __future__ import annotations
 
@@ -238,14 +238,6 @@ class CaraBackend(ContinuesBatchBackend):
             self.model.req_manager.free([req.req_idx], tokens)
         self._release(request_ids)
 
-    # ---- LoRA control (called by the router) -------------------------------------------
-
-    def lora_call(self, method: str, *args):
-        """Run one of `LoraRuntime.CONTROL_METHODS` (register, unregister, list, admit, stats)."""
-        if method not in LoraRuntime.CONTROL_METHODS:
-            raise ValueError(f"unknown LoRA control method {method!r}")
-        return getattr(self.lora, method)(*args)
-
     def shutdown(self) -> None:
         self.lora.shutdown()
 
@@ -258,18 +250,17 @@ class CaraModelRpcServer(ModelRpcServer):
         self.backend = CaraBackend()
         self.backend.init_model(kvargs)
 
-    def exposed_lora_call(self, method, *args):
-        return self.backend.lora_call(method, *args)
-
 
 class CaraModelRpcClient(ModelRpcClient):
-    """Adds the LoRA control call to upstream's client (tp = 1: direct, in-process calls)."""
+    """Upstream's client with `CaraModelRpcServer` in process (tp = 1), so the router reaches the
+    worker's `LoraRuntime` (its `AdapterManager`) by typed calls instead of rpyc method names."""
 
     def __init__(self):
         super().__init__(CaraModelRpcServer(), world_size=1)
 
-    def lora_call(self, method: str, *args):
-        return self.model.exposed_lora_call(method, *args)
+    @property
+    def lora(self) -> LoraRuntime:
+        return self.backend.lora
 
     @property
     def backend(self) -> Optional[CaraBackend]:

@@ -21,7 +21,8 @@ import zmq.asyncio
 from lightllm.server.httpserver.manager import HttpServerManager, ReqStatus
 from lightllm.server.multimodal_params import MultimodalParams
 
-from caraserve_router.contracts.control import ControlReply, ControlRequest, RequestFailed
+from caraserve_router.contracts.adapters import AdapterOp, AdapterRequest
+from caraserve_router.contracts.control import AdapterCall, ControlCall, ControlReply, ControlRequest, RequestFailed
 from caraserve_router.lora.adapter_store import AdapterError
 from lightllm_patches.sampling import CaraSamplingParams
 
@@ -52,15 +53,16 @@ class CaraHttpServerManager(HttpServerManager):
 
     # ---- control --------------------------------------------------------------------------
 
-    async def control(self, method: str, *args, timeout: float = 60.0):
+    async def control(self, call: ControlCall, timeout: float = 60.0):
+        """Send one typed control call to the router process and return its reply's value."""
         call_id = next(self.call_ids)
         future = asyncio.get_running_loop().create_future()
         self.pending[call_id] = future
-        self.send_to_router.send_pyobj(ControlRequest(call_id, method, args))
+        self.send_to_router.send_pyobj(ControlRequest(call_id, call))
         try:
             reply: ControlReply = await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError as e:
-            raise RequestError(f"instance router did not answer {method!r} in {timeout:.0f}s", 503,
+            raise RequestError(f"instance router did not answer {type(call).__name__} in {timeout:.0f}s", 503,
                                "server_error") from e
         finally:
             self.pending.pop(call_id, None)
@@ -83,7 +85,7 @@ class CaraHttpServerManager(HttpServerManager):
                 future.set_result(msg)
 
     async def refresh_adapters(self) -> dict:
-        self.adapters = await self.control("list")
+        self.adapters = await self.control(AdapterCall(AdapterOp.LIST))
         return self.adapters
 
     # ---- generation -------------------------------------------------------------------------
@@ -99,9 +101,17 @@ class CaraHttpServerManager(HttpServerManager):
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    def adapter_request(self, name: Optional[str]) -> Optional[AdapterRequest]:
+        """The typed adapter of a request named `name` (None: the base model); 404 when this
+        instance has no such adapter. The one check of a request's adapter."""
+        if name is None:
+            return None
+        info = self.adapters.get(name)
+        if info is None:
+            raise RequestError(f"adapter {name!r} is not loaded on this instance", 404, "not_found")
+        return AdapterRequest.from_info(name, info)
+
     def _check(self, prompt_ids: list, params: CaraSamplingParams) -> None:
-        if params.adapter is not None and params.adapter not in self.adapters:
-            raise RequestError(f"adapter {params.adapter!r} is not loaded on this instance", 404, "not_found")
         if len(prompt_ids) > self.max_req_input_len:
             raise RequestError(f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_req_input_len}")
         total = len(prompt_ids) + params.max_new_tokens
@@ -146,7 +156,7 @@ class CaraHttpServerManager(HttpServerManager):
                     yield sub_id, text, metadata, finish
                     if finish.is_finished():
                         self.req_id_to_out_inf.pop(group_request_id, None)
-                        self._observe(sampling_params.adapter, start, first_token_at, count)
+                        self._observe(sampling_params.adapter_name, start, first_token_at, count)
                         return
         finally:
             if group_request_id in self.req_id_to_out_inf:

@@ -30,6 +30,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from caraserve_router.contracts.adapters import AdapterOp
+from caraserve_router.contracts.control import AdapterCall, GetSamples, GetStats, Ping
+from caraserve_router.contracts.stats import InstanceStats
 from caraserve_router.contracts.protocol import (
     GenerateRequest, LoadAdapterRequest, UnloadAdapterRequest, error_kind, error_response, validation_message,
 )
@@ -48,10 +51,10 @@ from lightllm_patches.sampling import CaraSamplingParams
 log = logging.getLogger("caraserve.instance")
 
 
-def _sampling_params(req: GenerateRequest) -> CaraSamplingParams:
+def _sampling_params(req: GenerateRequest, manager: CaraHttpServerManager) -> CaraSamplingParams:
     p = req.parameters
     params = CaraSamplingParams(
-        adapter=req.adapter, seed=p.seed, do_sample=p.do_sample, temperature=p.temperature, top_p=p.top_p,
+        adapter=manager.adapter_request(req.adapter), seed=p.seed, do_sample=p.do_sample, temperature=p.temperature, top_p=p.top_p,
         top_k=p.top_k, ignore_eos=p.ignore_eos, max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
         stop_sequences=p.stop_sequences, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
@@ -109,7 +112,7 @@ class InstanceApp:
 
     async def _start(self, body: GenerateRequest, request: Request):
         prompt = body.prompt()
-        params = _sampling_params(body)
+        params = _sampling_params(body, self.manager)
         req_id = self._new_id()
         if body.request_id is not None:
             self.client_ids[req_id] = body.request_id
@@ -179,7 +182,7 @@ class InstanceApp:
 
     async def load_adapter(self, body: LoadAdapterRequest):
         try:
-            info = await self.manager.control("register", body.lora_name, body.lora_path)
+            info = await self.manager.control(AdapterCall(AdapterOp.ADD, body.lora_name, body.lora_path))
         except (AdapterError, RequestError) as e:
             return self._error(e)
         await self.manager.refresh_adapters()
@@ -189,7 +192,7 @@ class InstanceApp:
         deadline = time.monotonic() + body.wait_s
         while True:
             try:
-                await self.manager.control("unregister", body.lora_name)
+                await self.manager.control(AdapterCall(AdapterOp.REMOVE, body.lora_name))
                 break
             except AdapterError as e:
                 if e.status != 409 or time.monotonic() >= deadline:
@@ -199,24 +202,22 @@ class InstanceApp:
         return {"lora_name": body.lora_name, "unloaded": True}
 
     async def stats(self):
-        stats = await self.manager.control("stats", timeout=10.0)
-        for req in stats["running"] + stats["queued"]:
-            req["request_id"] = self.client_ids.get(req["request_id"], str(req["request_id"]))
-        return stats
+        stats = InstanceStats.from_dict(await self.manager.control(GetStats(), timeout=10.0))
+        return stats.with_request_ids(lambda rid: self.client_ids.get(rid, str(rid))).to_dict()
 
     async def step_samples(self, clear: int = 0):
-        return await self.manager.control("samples", bool(clear), timeout=10.0)
+        return await self.manager.control(GetSamples(bool(clear)), timeout=10.0)
 
     async def health(self):
         try:
-            await self.manager.control("ping", timeout=5.0)
+            await self.manager.control(Ping(), timeout=5.0)
         except Exception as e:  # noqa: BLE001
             return error_response(f"unhealthy: {e}", 503, "server_error")
         return {"status": "ok"}
 
     async def prometheus(self):
         try:
-            self.metrics.update_from_stats(await self.manager.control("stats", timeout=5.0))
+            self.metrics.update_from_stats(await self.manager.control(GetStats(), timeout=5.0))
         except Exception:  # noqa: BLE001 - still serve the histograms
             pass
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
