@@ -81,10 +81,6 @@ class LoraBatch:
 
     # ---- residency ----------------------------------------------------------------------
 
-    def loading_entries(self) -> list:
-        """Adapters of this batch whose load is not complete."""
-        return self._loading
-
     def start(self) -> None:
         """Carry out the mode's step decision (before the forward)."""
         decision: StepDecision = self._mode.step(self._loading)
