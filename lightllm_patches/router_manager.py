@@ -22,7 +22,7 @@ import traceback
 import zmq
 import zmq.asyncio
 
-from lightllm.server.io_struct import AbortReq
+from lightllm.server.io_struct import AbortReq, ReqRunStatus
 from lightllm.server.router.manager import RouterManager
 
 from lightllm_patches.backend import CaraModelRpcClient
@@ -33,6 +33,7 @@ from caraserve_router.contracts.control import (
 )
 from caraserve_router.contracts.names import DecodeKernel, LoraMode
 from caraserve_router.contracts.stats import InstanceStats, RequestView, ResidentAdapter
+from caraserve_router.contracts.processes import die_with_parent, remove_shm
 from lightllm_patches.lightllm_args import lightllm_args
 from caraserve_router.lora.adapter_store import AdapterError
 from lightllm_patches.req_queue import CaraReqQueue
@@ -164,6 +165,15 @@ class CaraRouterManager(RouterManager):
             else:
                 log.error("router got an unknown message %r", type(msg))
 
+    async def abort(self, group_req_id):
+        """Upstream `abort` (marks the request aborted: a running one leaves the batch after
+        its next step), and drops it at once if it is still waiting: upstream leaves that to
+        the next batch formation, which does not come while the running batch is full."""
+        await super().abort(group_req_id)
+        queue = self.req_queue
+        queue.waiting_req_list = [r for r in queue.waiting_req_list
+                                  if not (r.finish_status.is_aborted() and r.req_status == ReqRunStatus.WAIT_IN_QUEUE)]
+
     async def _step(self):
         self.steps += 1
         await super()._step()
@@ -217,6 +227,7 @@ def start_router_process(config: InstanceConfig, router_port, detokenization_por
 
     from lightllm_patches._global import set_log_level
 
+    die_with_parent(signal.SIGTERM)  # -> _stop below once started: the sidecar and shm go too
     set_log_level(config.log_level)
     router = None
     try:
@@ -230,6 +241,7 @@ def start_router_process(config: InstanceConfig, router_port, detokenization_por
 
     def _stop(signum, frame):
         router.clean_up()
+        remove_shm(config.shm_prefix)  # normally the HTTP process does it; it may be the one that died
         os._exit(0)
 
     signal.signal(signal.SIGTERM, _stop)
