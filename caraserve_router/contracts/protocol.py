@@ -21,7 +21,7 @@ def error_response(message: str, status: int, kind: str = "invalid_request_error
 
 def error_kind(status: int) -> str:
     return {400: "invalid_request_error", 404: "not_found", 409: "conflict", 413: "invalid_request_error",
-            422: "invalid_request_error", 503: "server_error"}.get(status, "server_error")
+            422: "invalid_request_error", 503: "server_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
 class GenerateParameters(BaseModel):
