@@ -99,6 +99,17 @@ class CaraHttpServerManager(HttpServerManager):
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    async def _resolve(self, adapter: Optional[str]) -> None:
+        """An adapter this server has not seen: ask the runtime, which registers DIR/<name> when
+        its resolver (`--lora-adapter-dir`) is on (LoraRuntime.resolve: 400 for a name that is not
+        a plain directory name or a bad adapter, 404 for none)."""
+        if adapter is None or adapter in self.adapters:
+            return
+        try:
+            self.adapters[adapter] = await self.control("resolve", adapter)
+        except AdapterError as e:
+            raise RequestError(str(e), e.status, "not_found" if e.status == 404 else "invalid_request_error") from e
+
     def _check(self, prompt_ids: list, params: CaraSamplingParams) -> None:
         if params.adapter is not None and params.adapter not in self.adapters:
             raise RequestError(f"adapter {params.adapter!r} is not loaded on this instance", 404, "not_found")
@@ -115,6 +126,7 @@ class CaraHttpServerManager(HttpServerManager):
                        multimodal_params: Optional[MultimodalParams] = None, request=None) -> AsyncIterator:
         """Yield (sub_req_id, text, metadata, finish_status) per generated token."""
         prompt_ids = self._prompt_ids(prompt)
+        await self._resolve(sampling_params.adapter)
         self._check(prompt_ids, sampling_params)
         sampling_params.stop_sentences_to_token_ids(self.tokenizer)
         status = ReqStatus(group_request_id, multimodal_params)
