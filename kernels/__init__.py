@@ -12,7 +12,9 @@ an adapter is two rows in W, each starting at a unit boundary: its lora_A row (I
 from unit `a_rows[i, s, j]`) and its lora_B column (= a row of lora_B^T, OUT_s elements from
 unit `b_rows[i, s, j]`). An adapter stores only the slices it targets, each at its own rank,
 so memory is its own bytes. Descriptors of row / segment i: a_rows / b_rows [N, S, R] (-1
-past the slice's rank), ranks[i, s] (0: no adapter or slice not targeted), scales[i, s].
+past the slice's rank), ranks[i, s] (0: no adapter or slice not targeted), scales[i, s] (a
+per-slice multiplier; CaraServe folds PEFT's lora_alpha / r into B when it loads an adapter
+and passes ones).
 Rank rows j >= ranks[i, s] are never read.
 
 Punica's bgmv (padding to the batch's max rank) is mbgmv over descriptors padded by
@@ -92,7 +94,7 @@ def sgmv_expand(y, W, seg_starts, b_rows, ranks, scales, slice_offsets, out, *,
         seg_starts:    [N + 1] int32
         b_rows:        [N, S, R] int32 first unit of lora_B^T row j of slice s of segment i
         ranks:         [N, S] int32
-        scales:        [N, S] f32      lora_alpha / r (per slice)
+        scales:        [N, S] f32      per-slice multiplier (CaraServe: ones, lora_alpha / r is in B)
         slice_offsets: [S + 1] int32   column range of slice s in out; 0 .. OUT_TOTAL
         out:           [T, OUT_TOTAL]  accumulated in place
     """
