@@ -200,7 +200,10 @@ class HostAdapter:
         except BufferError:  # a view is still alive somewhere: the unlink below still frees the name
             pass
         if self.owner:
-            self.shm.unlink()
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:  # someone removed /dev/shm/<name> under us: it is gone either way
+                log.warning("host segment of adapter %s was already unlinked", self.spec.name)
         self.shm = None
 
     def close(self) -> None:
