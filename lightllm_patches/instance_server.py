@@ -147,6 +147,7 @@ class InstanceApp:
 
     async def _start(self, body: GenerateRequest, request: Request):
         prompt = body.prompt()
+        await self.manager.resolve_adapter(body.adapter)  # the resolver's first use of a name
         params = _sampling_params(body, self.manager)
         req_id = self._new_id()
         if body.request_id is not None:
