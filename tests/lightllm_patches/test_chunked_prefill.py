@@ -11,7 +11,7 @@ import pytest
 from lightllm_patches.chunked_prefill import plan_step
 from tests import fixtures
 from tests.caraserve_router.lora.lora_harness import peft_logits
-from tests.lightllm_patches.backend_harness import BackendDriver, Job
+from lightllm_patches.offline_backend import BackendDriver, Job
 from tests.testing import assert_close
 
 CHUNK = 5

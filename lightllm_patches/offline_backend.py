@@ -1,4 +1,5 @@
-"""Drive the real model worker (`CaraBackend`) in process, the way LightLLM's router does.
+"""Drive the real model worker (`CaraBackend`) in process, the way LightLLM's router does
+(tests of chunked prefill, scripts/bench_chunked_prefill.py).
 
 `BackendDriver.run` plays the router's part for a schedule of requests that arrive at given
 steps: without chunked prefill it prefills each arriving group and merges it into the running
@@ -12,7 +13,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 
 from lightllm.server.io_struct import FinishStatus, ReqRunStatus
 from lightllm.server.multimodal_params import MultimodalParams
@@ -37,22 +37,25 @@ class Job:
 
 class BackendDriver:
     def __init__(self, model_dir, chunk_tokens: int, adapters: Optional[dict] = None, mode: str = "cached",
-                 eos_id: int = 0, **lora_kw):
+                 eos_id: int = 0, torch_threads: int = 1, max_batch: int = 16, max_total_tokens: int = 4096,
+                 max_input: int = 400, max_total_len: int = 512, **lora_kw):
         lora_kw.setdefault("link_bandwidth_mbps", 1e5)
         lora_kw.setdefault("pool_mb", 16)
         lora_kw.setdefault("max_rank", 8)
         # Not "caraserve...": RunningServer (evaluation/server_process.py) unlinks every new
         # /dev/shm entry with that prefix when it stops, whoever made it (tests run in parallel).
-        self.prefix = f"cstest_bt_{uuid.uuid4().hex[:8]}"
-        self.config = InstanceConfig(model_dir=str(model_dir), shm_prefix=self.prefix, max_total_token_num=4096,
-                                     max_req_input_len=400, max_req_total_len=512, running_max_req_size=16,
-                                     prefill_chunk_tokens=chunk_tokens, device="cpu", torch_threads=1,
+        self.prefix = f"csoffline_{uuid.uuid4().hex[:8]}"
+        self.config = InstanceConfig(model_dir=str(model_dir), shm_prefix=self.prefix, max_total_token_num=max_total_tokens,
+                                     max_req_input_len=max_input, max_req_total_len=max_total_len,
+                                     running_max_req_size=max_batch, prefill_chunk_tokens=chunk_tokens, device="cpu",
+                                     torch_threads=torch_threads,
                                      lora=LoRAConfig(mode=mode, **lora_kw), sidecar=SidecarConfig(workers=1))
         self.backend = CaraBackend()
         self.backend.init_model({"cara_config": self.config, "eos_id": [eos_id], "shm_prefix": self.prefix})
         for name, path in (adapters or {}).items():
             self.backend.lora.register(name, str(path))
         self.steps: list = []  # per step: "prefill" | "decode" | "mixed"
+        self.on_step = None  # optional callback(kind) after every forward step
 
     def close(self) -> None:
         self.backend.shutdown()
@@ -99,6 +102,8 @@ class BackendDriver:
                 if not chunked:
                     self._collect(be.prefill_batch(batch_id), tokens, left, batch_id)
                     self.steps.append("prefill")
+                    if self.on_step:
+                        self.on_step("prefill")
                 if running is None:
                     running = batch_id
                 elif batch_id in be.cache:
@@ -106,6 +111,8 @@ class BackendDriver:
             if running is not None and len(be.cache[running].request_ids) > 0:
                 out = be.decode_batch(running)
                 self.steps.append(be.step_samples[-1]["kind"])
+                if self.on_step:
+                    self.on_step(self.steps[-1])
                 self._collect(out, tokens, left, running)
             if all(v == 0 for v in left.values()) and all(j.arrive <= step for j in jobs):
                 break
@@ -128,23 +135,3 @@ class BackendDriver:
         if finished:
             keep = [r for r in self.backend.cache[batch_id].request_ids if r not in finished]
             self.backend.filter_batch(batch_id, keep, finished)
-
-
-def greedy_reference(model_dir, adapter_dir, prompt, steps: int):
-    """HF (+ PEFT) greedy tokens and the logits each was chosen from."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    ids, toks, rows = list(prompt), [], []
-    with torch.no_grad():
-        for _ in range(steps):
-            row = model(torch.tensor([ids])).logits[0, -1]
-            rows.append(row)
-            toks.append(int(row.argmax()))
-            ids.append(toks[-1])
-    return toks, rows
