@@ -327,9 +327,7 @@ def main() -> int:
     print(f"capacity ~{1000 / service_ms:.2f} req/s; arrivals rescaled to {rate:.2f} req/s ({args.load:.0%})", flush=True)
     print(f"EMULATED link: {bandwidth:.1f} MB/s (rank-64 adapter {r64['size_bytes'] / 1e6:.1f} MB loads in "
           f"{args.load_factor:.1f}x the prefill)", flush=True)
-    print(wl.describe(), flush=True)
-    for n in wl.notes:
-        print(f"note: {n}", flush=True)
+    print(wl.describe(), flush=True)  # with the scaling and clipping notes
 
     modes = [m for m in args.modes.split(",") if m]
     runs = {m: [] for m in modes}
