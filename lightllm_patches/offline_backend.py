@@ -9,6 +9,7 @@ the logits each token was sampled from (recorded by wrapping the backend's sampl
 """
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,6 +20,7 @@ from lightllm.server.multimodal_params import MultimodalParams
 from lightllm.server.router.model_infer.infer_batch import requests_mapping
 
 import lightllm_patches.backend as backend_module
+from caraserve_router.contracts.adapters import AdapterRequest
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig
 from caraserve_router.contracts.processes import remove_shm
 from lightllm_patches.backend import CaraBackend
@@ -53,7 +55,7 @@ class BackendDriver:
         self.backend = CaraBackend()
         self.backend.init_model({"cara_config": self.config, "eos_id": [eos_id], "shm_prefix": self.prefix})
         for name, path in (adapters or {}).items():
-            self.backend.lora.register(name, str(path))
+            self.backend.lora.add(name, os.path.abspath(str(path)))
         self.steps: list = []  # per step: "prefill" | "decode" | "mixed"
         self.on_step = None  # optional callback(kind) after every forward step
 
@@ -81,7 +83,8 @@ class BackendDriver:
         return [tokens[i] for i in ids], [logits.get(i, []) for i in ids]
 
     def _rpc_req(self, r_id: int, job: Job) -> dict:
-        params = CaraSamplingParams(adapter=job.adapter, max_new_tokens=job.max_new_tokens, ignore_eos=True,
+        adapter = AdapterRequest(job.adapter) if job.adapter is not None else None
+        params = CaraSamplingParams(adapter=adapter, max_new_tokens=job.max_new_tokens, ignore_eos=True,
                                     **(job.sampling or {"top_k": 1}))
         params.stop_sequences = [list(s) for s in job.stop]  # what the HTTP server's tokenisation makes
         return {"request_id": r_id, "group_req_id": r_id, "input_id": list(job.prompt),
