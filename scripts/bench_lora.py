@@ -124,7 +124,7 @@ def main() -> int:
                            adapters={d.name: d for d in dirs},
                            max_total_tokens=args.batch * (args.prompt_len + args.new_tokens) + 64,
                            max_seq=args.prompt_len + args.new_tokens + 8, max_req=args.batch + 8,
-                           cpu_weight_layout=args.cpu_weight_layout)
+                           cpu_weight_layout=args.cpu_weight_layout, shm_prefix="csbench_lora")
     runs = {"caraserve_lora": caraserve_generate_fn(engine, prompts, names, args.new_tokens),
             "caraserve_base": caraserve_generate_fn(engine, prompts, [None] * args.batch, args.new_tokens)}
     if not args.skip_hf:

@@ -50,7 +50,11 @@ def pct(values: list, q: float):
 
 
 def calibrate(model_dir: str, adapter_dir: Path, prompt_len: int, args) -> dict:
-    """Prefill / decode times and the LoRA numbers that decide how honest the emulation is."""
+    """Prefill / decode times and the LoRA numbers that decide how honest the emulation is.
+
+    The device's LoRA time is measured directly: the step's LoRA kernels (sgmv) for every
+    layer and targeted group of a `prompt_len`-token prefill, on the engine's thread; the
+    sidecar's time is the same work through `CpuLoraSidecar.compute`."""
     import torch
 
     from caraserve_router.contracts.configs import LoRAConfig, SidecarConfig
@@ -61,46 +65,60 @@ def calibrate(model_dir: str, adapter_dir: Path, prompt_len: int, args) -> dict:
     name = adapter_dir.name
     engine = OfflineEngine(model_dir, lora=LoRAConfig(mode="cpu-assist", link_bandwidth_mbps=1e5, pool_mb=512),
                            sidecar=SidecarConfig(workers=args.sidecar_workers), adapters={name: adapter_dir},
-                           max_seq=prompt_len + 16)
+                           max_seq=prompt_len + 16, shm_prefix="csbench_modes")
     prompt = [1000 + (i * 37) % 20000 for i in range(prompt_len)]
+    rt = engine.runtime
+    shapes = rt.shapes
 
-    def timed(adapter, batch=1, steps=0, kind="prefill"):
-        out = []
-        for _ in range(4):
-            times = []
-            engine.run([prompt[: prompt_len if batch == 1 else 16]] * batch, [adapter] * batch, steps,
-                       on_step=lambda k, s: times.append(s * 1000) if k == kind else None)
-            out.append(statistics.median(times))
-        return statistics.median(out[1:]), statistics.pstdev(out[1:])
+    def step_ms(adapter, batch=1, steps=0, kind="prefill"):
+        times = []
+        engine.run([prompt[: prompt_len if batch == 1 else 16]] * batch, [adapter] * batch, steps,
+                   on_step=lambda k, s: times.append(s * 1000) if k == kind else None)
+        return statistics.median(times)
 
     try:
-        base, base_sd = timed(None)
-        lora, lora_sd = timed(name)  # resident after the first run (fast link)
-        decode8, _ = timed(None, batch=8, steps=6, kind="decode")
-        sidecar = engine.runtime.sidecar
-        spec = engine.runtime.store.get(name).spec
+        step_ms(name)  # loads the adapter (fast link), warms up
+        base_runs, decode_runs = [], []
+        for _ in range(args.calibration_rounds):
+            base_runs.append(step_ms(None))
+            decode_runs.append(step_ms(None, batch=8, steps=4, kind="decode"))
+        spec = rt.store.get(name).spec
         groups = [g for g in GROUPS if any(spec.slice_ranks[g])]
-        x_in = {g: torch.randn(prompt_len, engine.runtime.shapes.group(g).in_features) for g in groups}
-        runs = []
-        for _ in range(3):
-            sidecar.arm()
-            start = time.perf_counter()
-            for layer in range(engine.runtime.shapes.num_layers):
-                for g in groups:
-                    out = torch.zeros(prompt_len, engine.runtime.shapes.group(g).out_total)
-                    if not sidecar.compute(layer, g, x_in[g], [(0, prompt_len, name)], out):
-                        raise RuntimeError("the sidecar did not answer during calibration")
-            runs.append((time.perf_counter() - start) * 1000)
-            sidecar.disarm()
-        cpu_lora = statistics.median(runs)
+        x_in = {g: torch.randn(prompt_len, shapes.group(g).in_features) for g in groups}
+        outs = {g: torch.zeros(prompt_len, shapes.group(g).out_total) for g in groups}
+        req = engine._attach(name)
+        device_runs, cpu_runs = [], []
+        try:
+            view = {"is_prefill": True, "b_seq_len": torch.tensor([prompt_len]), "b_ready_cache_len": torch.tensor([0])}
+            for _ in range(args.calibration_rounds):
+                batch = rt.build_batch([req], view)
+                start = time.perf_counter()
+                for layer in range(shapes.num_layers):
+                    for g in groups:
+                        batch.add_delta(layer, g, x_in[g], outs[g])
+                device_runs.append((time.perf_counter() - start) * 1000)
+                rt.after_forward(batch)
+                rt.sidecar.arm()
+                start = time.perf_counter()
+                for layer in range(shapes.num_layers):
+                    for g in groups:
+                        if not rt.sidecar.compute(layer, g, x_in[g], [(0, prompt_len, name)], outs[g]):
+                            raise RuntimeError("the sidecar did not answer during calibration")
+                cpu_runs.append((time.perf_counter() - start) * 1000)
+                rt.sidecar.disarm()
+        finally:
+            rt.detach_request(req.r_id)
+        page_bytes = rt.pool.page_bytes
     finally:
         engine.close()
-    device_lora = max(lora - base, 1e-3)
-    return {"prompt_tokens": prompt_len, "prefill_ms_base": base, "prefill_ms_base_sd": base_sd,
-            "prefill_ms_rank64": lora, "prefill_ms_rank64_sd": lora_sd, "decode_step_ms_batch8": decode8,
-            "lora_share_of_prefill": device_lora / lora, "device_lora_ms": device_lora,
-            "sidecar_lora_ms": cpu_lora, "cpu_vs_device_lora_time_ratio": cpu_lora / device_lora,
-            "targets": groups}
+    base, device_lora, cpu_lora = (statistics.median(v) for v in (base_runs, device_runs, cpu_runs))
+    return {"prompt_tokens": prompt_len, "prefill_ms_base": base, "prefill_ms_base_runs": base_runs,
+            "decode_step_ms_batch8": statistics.median(decode_runs), "decode_step_ms_batch8_runs": decode_runs,
+            "device_lora_ms": device_lora, "device_lora_ms_runs": device_runs,
+            "lora_share_of_prefill": device_lora / (base + device_lora),
+            "sidecar_lora_ms": cpu_lora, "sidecar_lora_ms_runs": cpu_runs,
+            "cpu_vs_device_lora_time_ratio": cpu_lora / device_lora, "targets": groups,
+            "pool_page_bytes": page_bytes}
 
 
 # ------------------------------------------------------------------------------ one mode
@@ -264,17 +282,17 @@ def main() -> int:
                         "default ../shared/traces/AzureLLMInferenceTrace_conv.csv relative to the repo")
     parser.add_argument("--modes", default=",".join(MODES), help="modes to compare")
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode (modes interleaved)")
-    parser.add_argument("--max-requests", type=int, default=60, help="requests per run (the first of the trace)")
-    parser.add_argument("--duration", type=float, default=90.0, help="arrivals within this many seconds")
-    parser.add_argument("--load", type=float, default=0.6, help="arrival rate as a fraction of estimated capacity")
+    parser.add_argument("--max-requests", type=int, default=24, help="requests per run (the first of the trace)")
+    parser.add_argument("--duration", type=float, default=300.0, help="arrivals within this many seconds")
+    parser.add_argument("--load", type=float, default=0.7, help="arrival rate as a fraction of estimated capacity")
     parser.add_argument("--adapters", type=int, default=128, help="adapters (>= 128 for the paper's setting)")
     parser.add_argument("--ranks", default="8,16,32,64", help="adapter ranks (round robin by index)")
     parser.add_argument("--targets", default="q,k,v", help="adapter target modules (the paper's headline: q,k,v)")
     parser.add_argument("--alpha", type=float, default=0.5, help="power-law popularity exponent (S-LoRA's)")
-    parser.add_argument("--prompt-scale", type=float, default=0.25, help="trace prompt lengths x this")
+    parser.add_argument("--prompt-scale", type=float, default=0.125, help="trace prompt lengths x this")
     parser.add_argument("--output-scale", type=float, default=0.25, help="trace output lengths x this")
-    parser.add_argument("--max-prompt", type=int, default=384, help="clip prompts to this many tokens")
-    parser.add_argument("--max-output", type=int, default=48, help="clip outputs to this many tokens")
+    parser.add_argument("--max-prompt", type=int, default=256, help="clip prompts to this many tokens")
+    parser.add_argument("--max-output", type=int, default=32, help="clip outputs to this many tokens")
     parser.add_argument("--load-factor", type=float, default=1.5,
                         help="emulated link: loading a rank-64 adapter takes this x the mean prompt's prefill")
     parser.add_argument("--prefill-chunk-tokens", type=int, default=256, help="chunked prefill (0 = off)")
@@ -283,6 +301,7 @@ def main() -> int:
     parser.add_argument("--sidecar-workers", type=int, default=1, help="CPU sidecar workers (the 'host CPUs')")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="per request, seconds")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    parser.add_argument("--calibration-rounds", type=int, default=5, help="rounds of each calibration timing")
     args = parser.parse_args()
 
     from caraserve_router.assets.demo_adapters import make_demo_adapters, parse_ranks
@@ -297,10 +316,6 @@ def main() -> int:
     made = make_demo_adapters(model_dir, adapters_dir, ranks, args.adapters, args.targets, log=lambda m: None)
     made = [a for a in made if a["name"].startswith("demo-")][: args.adapters]
     total_mb = sum(a["size_bytes"] for a in made) / 2**20
-    if args.pool_mb == 0:
-        args.pool_mb = int(total_mb * 1.3) + 64
-    print(f"{len(made)} adapters (ranks {ranks}, targets {args.targets}), {total_mb:.0f} MiB; pool {args.pool_mb} MiB",
-          flush=True)
 
     trace = args.trace or str(DEFAULT_TRACE)
 
@@ -311,17 +326,25 @@ def main() -> int:
             max_prompt_tokens=args.max_prompt, min_output_tokens=2, max_output_tokens=args.max_output,
             num_adapters=args.adapters, popularity="power", alpha=args.alpha, ranks=tuple(ranks), seed=args.seed))
 
-    probe = workload(None)
+    # The trace is bursty: its first requests arrive slower than its overall mean rate, so the
+    # rate given to the generator (which scales the whole trace) is set from the effective rate
+    # of the requests actually used (time scaling is linear in it).
+    probe = workload(1.0)
+    probe_rate = (len(probe.requests) - 1) / max(probe.requests[-1].arrival_s, 1e-9)
     prompt_mean = int(statistics.mean(r.prompt_tokens for r in probe.requests))
     output_mean = statistics.mean(r.output_tokens for r in probe.requests)
     r64 = next(a for a in made if a["rank"] == max(ranks))
     cal = calibrate(model_dir, Path(r64["path"]), prompt_mean, args)
+    if args.pool_mb == 0:  # every adapter fits (cached mode preloads them all); a page spans every group
+        args.pool_mb = int(sum(a["rank"] for a in made) * cal["pool_page_bytes"] / 2**20 * 1.05) + 16
+    print(f"{len(made)} adapters (ranks {ranks}, targets {args.targets}), {total_mb:.0f} MiB of files; "
+          f"pool {args.pool_mb} MiB", flush=True)
     service_ms = cal["prefill_ms_base"] + output_mean * cal["decode_step_ms_batch8"] / 8
     rate = args.load * 1000.0 / service_ms
-    wl = workload(rate)
+    wl = workload(rate / probe_rate)
     bandwidth = r64["size_bytes"] / 1e6 / (args.load_factor * cal["prefill_ms_base"] / 1000.0)
     print(f"calibration (CPU as device, {args.engine_threads} thread): prefill {prompt_mean} tokens "
-          f"{cal['prefill_ms_base']:.0f} ms (rank-64 {cal['prefill_ms_rank64']:.0f} ms: LoRA share "
+          f"{cal['prefill_ms_base']:.0f} ms, its rank-64 LoRA kernels {cal['device_lora_ms']:.1f} ms (LoRA share "
           f"{100 * cal['lora_share_of_prefill']:.1f}%), decode step @8 {cal['decode_step_ms_batch8']:.1f} ms, "
           f"sidecar/device LoRA time {cal['cpu_vs_device_lora_time_ratio']:.2f}x", flush=True)
     print(f"capacity ~{1000 / service_ms:.2f} req/s; arrivals rescaled to {rate:.2f} req/s ({args.load:.0%})", flush=True)
