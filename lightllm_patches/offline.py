@@ -28,8 +28,8 @@ class OfflineEngine:
     def __init__(self, model_dir, *, device: str = "cpu", lora: Optional[LoRAConfig] = None,
                  sidecar: Optional[SidecarConfig] = None, adapters: Optional[dict] = None,
                  max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64,
-                 cpu_weight_layout: str = "lightllm"):
-        self.shm_prefix = f"caraserve_offline_{uuid.uuid4().hex[:8]}"
+                 cpu_weight_layout: str = "lightllm", shm_prefix: str = "caraserve_offline"):
+        self.shm_prefix = f"{shm_prefix}_{uuid.uuid4().hex[:8]}"  # unique per engine
         self.model = CaraLlamaModel({
             "tp_rank": 0, "world_size": 1, "weight_dir": str(model_dir), "max_total_token_num": max_total_tokens,
             "load_way": "HF", "mode": [], "max_req_num": max_req, "max_seq_length": max_seq,
