@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -36,6 +36,7 @@ from caraserve_router.frontend.openai_api import (
     DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest,
     ResponseShaper, StopMatcher, Usage, parameters, stop_list, unsupported,
 )
+from caraserve_router.frontend.ray_config import CLUSTER_KINDS, RayClusterConfig
 from caraserve_router.scheduling.policies import make_policy
 from caraserve_router.contracts.protocol import (
     GenerateRequest, LoadAdapterRequest, UnloadAdapterRequest, error_body, error_kind, error_response,
@@ -75,6 +76,9 @@ class FrontendConfig:
     log_dir: str = option(".cache/logs", "Where local instances write their logs")
     log_level: str = option("info", "Log level", choices=("debug", "info", "warning", "error"))
     seed: int = option(0, "Seed of the random policy")
+    cluster: str = option("local", "Who runs the --instances: local (processes of this host) or ray (Ray actors "
+                          "over a Ray cluster's nodes: --ray-* flags, docs/DEPLOY.md)", choices=CLUSTER_KINDS)
+    ray: RayClusterConfig = field(default_factory=RayClusterConfig)
 
     def validate(self) -> None:
         if self.instances < 0 or (self.instances == 0 and not self.instance_urls):
@@ -104,12 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(parser, InstanceConfig, skip=INSTANCE_FLAGS_SKIP)
     add_arguments(parser, LoRAConfig, prefix="lora_", skip=("adapters",))
     add_arguments(parser, SidecarConfig, prefix="sidecar_")
+    add_arguments(parser, RayClusterConfig, prefix="ray_")
     return parser
 
 
 def parse_configs(argv=None) -> tuple[FrontendConfig, InstanceConfig]:
     ns = build_parser().parse_args(argv)
-    front = from_namespace(FrontendConfig, ns)
+    front = from_namespace(FrontendConfig, ns, ray=from_namespace(RayClusterConfig, ns, prefix="ray_"))
     lora = from_namespace(LoRAConfig, ns, prefix="lora_", adapters=front.adapters or None)
     sidecar = from_namespace(SidecarConfig, ns, prefix="sidecar_")
     fields = {k: getattr(ns, k) for k in vars(InstanceConfig()) if hasattr(ns, k) and k not in ("lora", "sidecar")}
@@ -150,15 +155,23 @@ class FrontEnd:
         name = os.path.basename(self.config.model_dir.rstrip("/"))
         self.base_names = {name, "base", ""}
         self.base_name = name
-        handles = local_handles(self.template, self.config.instances, self.config.instance_base_port,
-                                "127.0.0.1") if self.config.instances else []
-        for url in self.config.urls:
-            handles.append(InstanceHandle(index=len(handles), url=url))
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        clients = [InstanceClient(h.url, self.session, self.config.request_timeout_s) for h in handles]
-        self.cluster = Cluster(handles, LocalLauncher(self.config.log_dir), clients, self.config.restart_dead)
         self.metrics = ClusterMetrics(self.config.policy)
-        self.cluster.start_local()
+        if self.config.cluster == "ray":
+            from caraserve_router.frontend.ray_cluster import start_ray_cluster
+
+            self.cluster = start_ray_cluster(self.config.ray, self.template, self.config.instances,
+                                             self.config.log_dir, self.session, self.config.request_timeout_s,
+                                             self.config.restart_dead, self.config.urls)
+        else:
+            handles = local_handles(self.template, self.config.instances, self.config.instance_base_port,
+                                    "127.0.0.1") if self.config.instances else []
+            for url in self.config.urls:
+                handles.append(InstanceHandle(index=len(handles), url=url))
+            clients = [InstanceClient(h.url, self.session, self.config.request_timeout_s) for h in handles]
+            self.cluster = Cluster(handles, LocalLauncher(self.config.log_dir), clients, self.config.restart_dead)
+            self.cluster.start_local()
+        handles = self.cluster.handles
         log.info("waiting for %d instance(s)...", len(handles))
         await self.cluster.wait_ready()
         await self._collect_adapters()
