@@ -79,6 +79,8 @@ class FrontendConfig:
     cluster: str = option("local", "Who runs the --instances: local (processes of this host) or ray (Ray actors "
                           "over a Ray cluster's nodes: --ray-* flags, docs/DEPLOY.md)", choices=CLUSTER_KINDS)
     ray: RayClusterConfig = field(default_factory=RayClusterConfig)
+    share_gpus: bool = option(False, "Allow more local instances than GPUs (instance i gets GPU i mod #GPUs); "
+                              "without it, --instances N on a GPU host gives instance i GPU i and refuses N > #GPUs")
 
     def validate(self) -> None:
         if self.instances < 0 or (self.instances == 0 and not self.instance_urls):
@@ -147,6 +149,7 @@ class FrontEnd:
         from transformers import AutoTokenizer
 
         from caraserve_router.frontend.cluster import Cluster, InstanceHandle, LocalLauncher, local_handles
+        from caraserve_router.frontend.gpu_assignment import assign_gpus
         from caraserve_router.frontend.instance_client import InstanceClient
         from caraserve_router.frontend.metrics import ClusterMetrics
 
@@ -166,6 +169,8 @@ class FrontEnd:
         else:
             handles = local_handles(self.template, self.config.instances, self.config.instance_base_port,
                                     "127.0.0.1") if self.config.instances else []
+            for handle, gpu in zip(handles, assign_gpus(len(handles), self.config.share_gpus)):
+                handle.gpu = gpu
             for url in self.config.urls:
                 handles.append(InstanceHandle(index=len(handles), url=url))
             clients = [InstanceClient(h.url, self.session, self.config.request_timeout_s) for h in handles]

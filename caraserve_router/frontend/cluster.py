@@ -20,6 +20,7 @@ from typing import Optional
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig, to_cli
 from caraserve_router.contracts.processes import free_ports, remove_shm
 
+from caraserve_router.frontend.gpu_assignment import gpu_env
 from caraserve_router.frontend.instance_client import InstanceClient
 
 log = logging.getLogger("caraserve.cluster")
@@ -41,6 +42,7 @@ class InstanceHandle:
     log_path: Optional[str] = None
     started_at: float = field(default_factory=time.time)
     crash_loops: int = 0  # restarts in a row that died before becoming healthy (for back-off)
+    gpu: Optional[str] = None  # CUDA_VISIBLE_DEVICES of a local instance (gpu_assignment.py)
 
     @property
     def local(self) -> bool:
@@ -71,7 +73,7 @@ class LocalLauncher:
         handle.log_path = os.path.join(self.log_dir, f"instance{handle.index}.log")
         out = open(handle.log_path, "ab")
         handle.proc = subprocess.Popen(_command(config), stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                                       stdin=subprocess.DEVNULL, start_new_session=True, env=gpu_env(handle.gpu))
         out.close()
         handle.started_at = time.time()
         handle.healthy = False

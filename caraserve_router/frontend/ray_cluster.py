@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -36,6 +37,9 @@ from caraserve_router.frontend.ray_config import PLACEMENTS, RayClusterConfig
 log = logging.getLogger("caraserve.ray")
 
 ACTOR_CALL_TIMEOUT_S = 10.0
+# Instance actors are named `caraserve-<front end>-instance<i>-<n>` in this Ray namespace, so
+# `ray list actors` (and tests) can find them.
+RAY_NAMESPACE = "caraserve"
 # ActorDiedError this many health checks in a row: Ray gave up restarting the actor.
 DEAD_AFTER_CHECKS = 2
 
@@ -50,6 +54,7 @@ class RayInstanceHandle(InstanceHandle):
     node_id: str = ""
     device_kind: str = ""
     dead_checks: int = 0  # consecutive ActorDiedError answers
+    actors_created: int = 0
 
     @property
     def actor_dead(self) -> bool:
@@ -145,6 +150,7 @@ class RayLauncher:
         self.started_runtime = False
         self.adapters_ref = None
         self._actor_cls = None
+        self.run_id = uuid.uuid4().hex[:8]
 
     def connect(self, adapters_dir: Optional[str]) -> None:
         """Join (or start) the Ray runtime; put `--adapters DIR`'s bytes in its object store."""
@@ -182,8 +188,10 @@ class RayLauncher:
                                      sidecar=dataclasses.replace(handle.config.sidecar))
         handle.actor = self._actor_cls.options(
             num_cpus=self.config.cpus_per_instance, num_gpus=self._gpus(), max_restarts=self.config.max_restarts,
-            scheduling_strategy=PLACEMENTS[self.config.placement],
+            scheduling_strategy=PLACEMENTS[self.config.placement], namespace=RAY_NAMESPACE,
+            name=f"caraserve-{self.run_id}-instance{handle.index}-{handle.actors_created}",
         ).remote(config, handle.index, self.log_dir, self.adapters_ref)
+        handle.actors_created += 1
         handle.url = ""
         handle.pid = None
         handle.dead_checks = 0
