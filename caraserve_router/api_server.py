@@ -79,6 +79,8 @@ class FrontendConfig:
     cluster: str = option("local", "Who runs the --instances: local (processes of this host) or ray (Ray actors "
                           "over a Ray cluster's nodes: --ray-* flags, docs/DEPLOY.md)", choices=CLUSTER_KINDS)
     ray: RayClusterConfig = field(default_factory=RayClusterConfig)
+    perf_models_dir: str = option("", "Directory of PerfModel JSONs, one per device kind (metadata.device); each "
+                                  "instance uses the one of its device, others the --perf-model")
     share_gpus: bool = option(False, "Allow more local instances than GPUs (instance i gets GPU i mod #GPUs); "
                               "without it, --instances N on a GPU host gives instance i GPU i and refuses N > #GPUs")
 
@@ -182,6 +184,11 @@ class FrontEnd:
         await self._collect_adapters()
         self.perf_model = await self._perf_model()
         self._build_dispatcher()
+        if self.config.perf_models_dir:
+            from caraserve_router.frontend.perf_models import PerfModelCatalog, assign_from_cluster
+
+            await assign_from_cluster(PerfModelCatalog.load_dir(self.config.perf_models_dir), self.cluster,
+                                      self.dispatcher.state.instances)
         self.cluster.on_down = self._instance_down
         self.cluster.on_up = self._instance_up
         loop = asyncio.get_running_loop()

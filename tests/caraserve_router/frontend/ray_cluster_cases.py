@@ -56,15 +56,17 @@ def nodes():
     from ray.cluster_utils import Cluster
 
     temp = tempfile.mkdtemp(prefix="rayt_", dir="/tmp")  # short: Ray's socket paths have a length limit
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 100 * 2**20, "_temp_dir": temp, "include_dashboard": False})
-    cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
-    ray.init(address=cluster.address, namespace="caraserve", logging_level="WARNING")
-    yield cluster, temp
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20, temp_dir=temp, include_dashboard=False)
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+        ray.init(address=cluster.address, namespace="caraserve", logging_level="WARNING")
+        yield cluster, temp
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -196,14 +198,14 @@ def stream(url, adapter, ids, n, results, key, started=None):
         results[key] = ("exception", str(e))
 
 
-def wait_for(predicate, timeout_s, what):
+def wait_for(predicate, timeout_s, what, show=None):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f": {show()}" if show else ""))
 
 
 def test_instance_metrics_speak_vllm(tiny, server):
@@ -248,20 +250,23 @@ def test_killed_instance_is_restarted_by_ray(tiny, server):
     old = actor_infos()
     results, threads = {}, []
     for key in range(8):
-        t = threading.Thread(target=stream, args=(server.url + "/generate_stream", None, [30 + key, 4, 5], 300,
+        t = threading.Thread(target=stream, args=(server.url + "/generate_stream", None, [30 + key, 4, 5], 600,
                                                   results, key))
         t.start()
         threads.append(t)
-    # four running, each past its first tokens (so they have been streamed out)
-    wait_for(lambda: sum(r.get("generated", 0) >= 3 for i in instances(server.url)
-                         for r in i["stats"].get("running", [])) == 4, 120, "four requests running")
+    # four running, each past its first tokens (so they have been streamed out), as the
+    # instances themselves report it
+    def running():
+        return [r["generated"] for i in old for r in requests.get(i["url"] + "/stats", timeout=30).json()["running"]]
+
+    wait_for(lambda: sum(g >= 3 for g in running()) == 4, 120, "four requests running", lambda: (results, running()))
     os.kill(old[1]["pid"], signal.SIGKILL)
     for t in threads:
         t.join(300)
         assert not t.is_alive(), "a request hung"
     kinds = sorted(r[0] for r in results.values())
     assert kinds.count("ok") == 6 and kinds.count("error") == 2, results
-    assert all(r == ("ok", 300) for r in results.values() if r[0] == "ok")
+    assert all(r == ("ok", 600) for r in results.values() if r[0] == "ok")
     assert all("instance" in r[1] for r in results.values() if r[0] == "error")
 
     new = wait_for(lambda: (lambda i: i if len(i) == 2 and i[1]["pid"] != old[1]["pid"] else None)(actor_infos()),
