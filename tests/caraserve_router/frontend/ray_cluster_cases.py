@@ -7,7 +7,7 @@ interface address otherwise): `test_ray_cluster.py` runs this file that way; by 
 One front end, two instance actors of a tiny llama, one per node, round-robin routing (so where
 each request goes is known), each instance running at most two requests. In order: placement
 and outputs against HF + PEFT; an adapter loaded from a directory only the front end was given;
-the vLLM metric names in a scripted scenario; an instance's process killed mid-run; shutdown.
+an instance's process killed mid-run; the vLLM metric names in a scripted scenario; shutdown.
 """
 from __future__ import annotations
 
@@ -208,41 +208,6 @@ def wait_for(predicate, timeout_s, what, show=None):
     raise AssertionError(f"timed out waiting for {what}" + (f": {show()}" if show else ""))
 
 
-def test_instance_metrics_speak_vllm(tiny, server):
-    """Straight to instance 0 (max two running): a, b run, a third request (the base model)
-    and a fourth (c) wait; the vLLM series say exactly that, then go back to idle."""
-    _, adapters, _ = tiny
-    url = instances(server.url)[0]["url"]
-    results, threads = {}, []
-    plan = [("lora-r2-0", 1500), ("lora-r8-1", 1500), (None, 4), ("late", 4)]
-    for key, (adapter, n) in enumerate(plan):
-        t = threading.Thread(target=stream, args=(url + "/generate_stream", adapter, [7, 8, 9], n, results, key))
-        t.start()
-        threads.append(t)
-        if key < 2:
-            wait_for(lambda: len(scrape(url)["vllm:num_requests_running"]) and
-                     scrape(url)["vllm:num_requests_running"][0][1] == key + 1, 60, f"request {key} running")
-    got = wait_for(lambda: (lambda m: m if m["vllm:num_requests_waiting"][0][1] == 2 else None)(scrape(url)), 60,
-                   "two waiting")
-    assert got["vllm:num_requests_running"][0][1] == 2
-    [(labels, stamp)] = got["vllm:lora_requests_info"]
-    assert labels["running_lora_adapters"] == "lora-r2-0,lora-r8-1"
-    assert labels["waiting_lora_adapters"] == "late"  # the base-model request names no adapter
-    assert int(labels["max_lora"]) >= 1 and abs(stamp - time.time()) < 60
-    assert set(labels["resident_lora_adapters"].split(",")) >= {"lora-r2-0", "lora-r8-1"}
-    stats = requests.get(url + "/stats", timeout=30).json()
-    assert int(labels["max_lora"]) == stats["lora"]["pages_total"] // 8
-    assert 0 < got["vllm:kv_cache_usage_perc"][0][1] <= 1
-    for t in threads:
-        t.join(300)
-    assert [results[k][0] for k in range(4)] == ["ok"] * 4, results
-    idle = scrape(url)
-    assert idle["vllm:num_requests_running"][0][1] == 0 and idle["vllm:num_requests_waiting"][0][1] == 0
-    assert idle["vllm:kv_cache_usage_perc"][0][1] == 0
-    [(labels, _)] = idle["vllm:lora_requests_info"]
-    assert labels["running_lora_adapters"] == "" and labels["waiting_lora_adapters"] == ""
-
-
 def test_killed_instance_is_restarted_by_ray(tiny, server):
     """Eight long requests: two run on each instance, four wait at the front end. Instance 1's
     process is killed: its two running requests end with an error event, the other six
@@ -284,6 +249,42 @@ def test_killed_instance_is_restarted_by_ray(tiny, server):
         assert len(generate(server.url, "late", PROMPTS[1])) == NEW_TOKENS
     after = decisions(server.url)
     assert after["instance1"] - before.get("instance1", 0) == 1
+
+
+def test_instance_metrics_speak_vllm(tiny, server):
+    """Straight to instance 0 (max two running): a, b run, a third request (the base model)
+    and a fourth (c) wait; the vLLM series say exactly that, then go back to idle. (Last but
+    one: the front end adopts requests it did not send into its view of the instance.)"""
+    _, adapters, _ = tiny
+    url = instances(server.url)[0]["url"]
+    results, threads = {}, []
+    plan = [("lora-r2-0", 1500), ("lora-r8-1", 1500), (None, 4), ("late", 4)]
+    for key, (adapter, n) in enumerate(plan):
+        t = threading.Thread(target=stream, args=(url + "/generate_stream", adapter, [7, 8, 9], n, results, key))
+        t.start()
+        threads.append(t)
+        if key < 2:
+            wait_for(lambda: len(scrape(url)["vllm:num_requests_running"]) and
+                     scrape(url)["vllm:num_requests_running"][0][1] == key + 1, 60, f"request {key} running")
+    got = wait_for(lambda: (lambda m: m if m["vllm:num_requests_waiting"][0][1] == 2 else None)(scrape(url)), 60,
+                   "two waiting")
+    assert got["vllm:num_requests_running"][0][1] == 2
+    [(labels, stamp)] = got["vllm:lora_requests_info"]
+    assert labels["running_lora_adapters"] == "lora-r2-0,lora-r8-1"
+    assert labels["waiting_lora_adapters"] == "late"  # the base-model request names no adapter
+    assert int(labels["max_lora"]) >= 1 and abs(stamp - time.time()) < 60
+    assert set(labels["resident_lora_adapters"].split(",")) >= {"lora-r2-0", "lora-r8-1"}
+    stats = requests.get(url + "/stats", timeout=30).json()
+    assert int(labels["max_lora"]) == stats["lora"]["pages_total"] // 8
+    assert 0 < got["vllm:kv_cache_usage_perc"][0][1] <= 1
+    for t in threads:
+        t.join(300)
+    assert [results[k][0] for k in range(4)] == ["ok"] * 4, results
+    idle = scrape(url)
+    assert idle["vllm:num_requests_running"][0][1] == 0 and idle["vllm:num_requests_waiting"][0][1] == 0
+    assert idle["vllm:kv_cache_usage_perc"][0][1] == 0
+    [(labels, _)] = idle["vllm:lora_requests_info"]
+    assert labels["running_lora_adapters"] == "" and labels["waiting_lora_adapters"] == ""
 
 
 def own_processes(marker: str) -> list:
