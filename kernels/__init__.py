@@ -10,7 +10,8 @@ input. The pool holds per layer and group `A [P, S, IN]` and `B [P, OUT_TOTAL]`;
 one rank row of an adapter (A: row j of each slice's lora_A; B: row j of lora_B^T, slice s
 in columns slice_offsets[s]:slice_offsets[s+1]). Descriptors of row / segment i:
 page_table[i, j] (page of rank row j, -1 past the adapter's rank), ranks[i, s] (0: no
-adapter or slice not targeted), scales[i, s]. Rank rows j >= ranks[i, s] of a slice are
+adapter or slice not targeted), scales[i, s] (a per-slice multiplier; CaraServe folds
+PEFT's lora_alpha / r into B when it loads an adapter and passes ones). Rank rows j >= ranks[i, s] of a slice are
 never read (bgmv excepted: slot mode reads the padded rows, which the pool keeps zero).
 
 Dtypes: x / A / B / out share float16, bfloat16 (meant for the GPU path; the CPU path accepts
@@ -86,7 +87,7 @@ def sgmv_expand(y, B, seg_starts, page_table, ranks, scales, slice_offsets, out,
         seg_starts:    [N + 1] int32
         page_table:    [N, R] int32
         ranks:         [N, S] int32
-        scales:        [N, S] f32      lora_alpha / r (per slice)
+        scales:        [N, S] f32      per-slice multiplier (CaraServe: ones, lora_alpha / r is in B)
         slice_offsets: [S + 1] int32   column range of slice s in B / out; 0 .. OUT_TOTAL
         out:           [T, OUT_TOTAL]  accumulated in place
     """

@@ -3,10 +3,10 @@
 | ours | upstream | why |
 |---|---|---|
 | `CaraBackend.init_model` | `ModeBackend.init_model` | builds `CaraLlamaModel` on the configured device (upstream: nccl + `torch.cuda.set_device`, a model-type if/elif over 20 models) and the instance's `LoraRuntime`. |
-| `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the adapter and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys); upstream calls `torch.cuda.current_device()`. |
+| `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the `AdapterRequest` and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys) and attaches the adapter; upstream calls `torch.cuda.current_device()`. |
 | `CaraBackend.forward` | `ContinuesBatchBackend.forward` | inputs on the device, the step's `LoraBatch`, the seedable sampler. |
 | `CaraBackend.filter_batch` / `remove_batch` | `ModeBackend.*` | release per-request state (generator, adapter reference) of finished requests. |
-| `CaraModelRpcServer` / `CaraModelRpcClient` | `ModelRpcServer` / `ModelRpcClient` | select `CaraBackend`; expose the LoRA control calls. |
+| `CaraModelRpcServer` / `CaraModelRpcClient` | `ModelRpcServer` / `ModelRpcClient` | select `CaraBackend`; give the router the worker's `LoraRuntime` (`client.lora`, an `AdapterManager`). |
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from lightllm.server.router.model_infer.mode_backend.continues_batch.impl import
 from lightllm.server.router.model_infer.model_rpc import ModelRpcClient, ModelRpcServer
 
 from caraserve_router.contracts.configs import InstanceConfig
+from caraserve_router.contracts.names import LoraMode
 from lightllm_patches.device import resolve_device, resolve_dtype
 from caraserve_router.lora.runtime import LoraRuntime
 from lightllm_patches.model import CaraLlamaModel
@@ -96,7 +97,7 @@ def split_cpu_cores(config: InstanceConfig, device: torch.device) -> None:
     """When the CPU is the device *and* hosts the cpu-assist sidecar, give each its own cores
     (half each by default): spinning sidecar workers and torch's thread team on the same cores
     slow both down badly. Explicit settings are kept."""
-    if device.type != "cpu" or config.lora.mode != "cpu-assist":
+    if device.type != "cpu" or not LoraMode(config.lora.mode).uses_sidecar:
         return
     cores = len(os.sched_getaffinity(0))
     if config.sidecar.workers == 0:
@@ -237,14 +238,6 @@ class CaraBackend(ContinuesBatchBackend):
             self.model.req_manager.free([req.req_idx], tokens)
         self._release(request_ids)
 
-    # ---- LoRA control (called by the router) -------------------------------------------
-
-    def lora_call(self, method: str, *args):
-        """Run one of `LoraRuntime.CONTROL_METHODS` (register, unregister, list, admit, stats)."""
-        if method not in LoraRuntime.CONTROL_METHODS:
-            raise ValueError(f"unknown LoRA control method {method!r}")
-        return getattr(self.lora, method)(*args)
-
     def shutdown(self) -> None:
         self.lora.shutdown()
 
@@ -257,18 +250,17 @@ class CaraModelRpcServer(ModelRpcServer):
         self.backend = CaraBackend()
         self.backend.init_model(kvargs)
 
-    def exposed_lora_call(self, method, *args):
-        return self.backend.lora_call(method, *args)
-
 
 class CaraModelRpcClient(ModelRpcClient):
-    """Adds the LoRA control call to upstream's client (tp = 1: direct, in-process calls)."""
+    """Upstream's client with `CaraModelRpcServer` in process (tp = 1), so the router reaches the
+    worker's `LoraRuntime` (its `AdapterManager`) by typed calls instead of rpyc method names."""
 
     def __init__(self):
         super().__init__(CaraModelRpcServer(), world_size=1)
 
-    def lora_call(self, method: str, *args):
-        return self.model.exposed_lora_call(method, *args)
+    @property
+    def lora(self) -> LoraRuntime:
+        return self.backend.lora
 
     @property
     def backend(self) -> Optional[CaraBackend]:

@@ -30,6 +30,7 @@ from lightllm.models.llama.model import LlamaTpPartModel
 from lightllm.server.router.dynamic_prompt.shared_arr import SharedInt
 
 from caraserve_router.contracts.configs import WEIGHT_LAYOUTS
+from caraserve_router.contracts.model_config import rope_scaling_problem
 from lightllm_patches.layer_infer import LINEAR_NAMES, CaraTransformerLayerInfer
 from lightllm_patches.llama_ops import cpu_decode_plan, ops_for
 
@@ -179,9 +180,9 @@ class CaraLlamaModel(LlamaTpPartModel):
 
     def _verify_params(self):
         super()._verify_params()
-        scaling = self.config.get("rope_scaling")
-        if scaling not in (None, {}) and scaling.get("type", scaling.get("rope_type")) not in ("linear", "default"):
-            raise ValueError(f"rope_scaling {scaling} is not supported by CaraServe (plain or linear RoPE only)")
+        problem = rope_scaling_problem(self.config)  # the same check model preparation makes
+        if problem:
+            raise ValueError(problem)
         if "rope_theta" not in self.config:
             raise ValueError(
                 "config.json has no top-level rope_theta; LightLLM would silently use 10000. "

@@ -10,12 +10,14 @@ greedy decode steps, returning the logits of every step.
 """
 from __future__ import annotations
 
+import os
 import types
 import uuid
 from typing import Optional
 
 import torch
 
+from caraserve_router.contracts.adapters import AdapterRequest
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig
 from caraserve_router.lora.runtime import LoraRuntime
 from lightllm_patches.model import CaraLlamaModel
@@ -38,7 +40,7 @@ class OfflineEngine:
                                 lora=lora or LoRAConfig(mode="cached"), sidecar=sidecar or SidecarConfig(workers=1))
         self.runtime = LoraRuntime(config, self.model)
         for name, path in (adapters or {}).items():
-            self.runtime.register(name, str(path))
+            self.runtime.add(name, os.path.abspath(str(path)))
         self._next_id = 0
 
     def close(self) -> None:
@@ -86,7 +88,7 @@ class OfflineEngine:
         self._next_id += 1
         if name is not None and not self.runtime.admit(name):
             raise RuntimeError(f"adapter {name!r} does not fit in the pool")
-        self.runtime.attach_request(self._next_id, name)
+        self.runtime.attach_request(self._next_id, AdapterRequest(name) if name is not None else None)
         return types.SimpleNamespace(r_id=self._next_id)
 
     def _step(self, kwargs, reqs, on_step):

@@ -23,7 +23,7 @@ class CaraReqQueue(ContinuesBatchQueue):
         self.begin_admission = begin_admission
 
     def _adapter_ok(self, req) -> bool:
-        adapter = getattr(req.sample_params, "adapter", None)
+        adapter = req.sample_params.adapter_name  # the request's AdapterRequest, checked at the HTTP server
         if adapter is None or req.req_status == ReqRunStatus.PAUSED_AND_OFFLOAD:
             return True  # base model, or a paused request whose adapter is still referenced
         return self.admit_adapter(adapter)

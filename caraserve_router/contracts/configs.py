@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from caraserve_router.contracts.names import DecodeKernel, LoraMode, values
+
 
 def option(default: Any, help: str, choices: Optional[tuple] = None, **kw) -> Any:
     """A dataclass field with its CLI help (and optional choices)."""
@@ -81,8 +83,8 @@ def to_cli(config, prefix: str = "", skip: tuple = ()) -> list[str]:
     return args
 
 
-LORA_MODES = ("cached", "on-demand", "pipeline", "cpu-assist")
-DECODE_KERNELS = ("mbgmv", "bgmv")
+LORA_MODES = values(LoraMode)  # the CLI strings; code uses LoraMode(config.mode) and its capabilities
+DECODE_KERNELS = values(DecodeKernel)
 
 
 @dataclass

@@ -106,7 +106,8 @@ def device_kind(gpu_ids: list) -> str:
 class InstanceActor:
     """Ray actor class (wrapped with `ray.remote` by `ray_cluster`, which sets its resources)."""
 
-    def __init__(self, config: InstanceConfig, index: int, log_dir: str, adapters: Optional[AdapterSet] = None):
+    def __init__(self, config: InstanceConfig, index: int, log_dir: str, adapters: Optional[AdapterSet] = None,
+                 shm_prefix: str = "caraserve"):
         import ray
 
         self.index = index
@@ -119,7 +120,7 @@ class InstanceActor:
         # The node's address: the one other nodes (and the front end) reach it on.
         config.host = ray.util.get_node_ip_address()
         config.port = free_port(config.host)
-        config.shm_prefix = f"caraserve_r{index}_{uuid.uuid4().hex[:8]}"
+        config.shm_prefix = f"{shm_prefix}_r{index}_{uuid.uuid4().hex[:8]}"
         self.work_dir = tempfile.mkdtemp(prefix=f"caraserve_ray{index}_")
         if adapters:
             root = os.path.join(self.work_dir, "adapters")

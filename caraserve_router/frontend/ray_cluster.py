@@ -69,12 +69,17 @@ async def _call(ref, timeout_s: float = ACTOR_CALL_TIMEOUT_S):
 # --------------------------------------------------------------------------- adapters as bytes
 
 
-def read_adapter_dir(path: str) -> AdapterFiles:
-    """The files of one PEFT adapter directory; InstanceError(400) if it is not one."""
+def check_adapter_dir(path: str) -> None:
+    """InstanceError(400) unless `path` is a PEFT adapter directory the front end can read."""
     if not os.path.isdir(path):
         raise InstanceError(400, error_body(f"adapter path {path!r} is not a directory the front end can read", 400))
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise InstanceError(400, error_body(f"{path!r} has no adapter_config.json (not a PEFT adapter)", 400))
+
+
+def read_adapter_dir(path: str) -> AdapterFiles:
+    """The files of one PEFT adapter directory; InstanceError(400) if it is not one."""
+    check_adapter_dir(path)
     files = {}
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
@@ -100,6 +105,7 @@ class AdapterBundles:
         import ray
 
         real = os.path.realpath(path)
+        check_adapter_dir(real)
         try:
             key = (real, tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in sorted(
                 os.scandir(real), key=lambda e: e.name) if e.is_file()))
@@ -144,9 +150,10 @@ class RayInstanceClient(InstanceClient):
 class RayLauncher:
     """Starts and stops instance actors (the `LocalLauncher` interface, on Ray)."""
 
-    def __init__(self, config: RayClusterConfig, log_dir: str):
+    def __init__(self, config: RayClusterConfig, log_dir: str, shm_prefix: str = "caraserve"):
         self.config = config
         self.log_dir = os.path.abspath(log_dir)
+        self.shm_prefix = shm_prefix
         self.started_runtime = False
         self.adapters_ref = None
         self._actor_cls = None
@@ -159,14 +166,16 @@ class RayLauncher:
         if not ray.is_initialized():
             # ray.init replaces the driver's SIGTERM handler with one that exits at once; the
             # front end's own handler unwinds through `finally` and stops the instances first.
-            on_sigterm = signal.getsignal(signal.SIGTERM)
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
             if self.config.address:
                 ray.init(address=self.config.address, logging_level=logging.WARNING)
             else:
                 ray.init(include_dashboard=False, logging_level=logging.WARNING)
                 self.started_runtime = True
-            if on_sigterm is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, on_sigterm)
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in handlers.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
         log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if "node:" not in k})
         self._actor_cls = ray.remote(InstanceActor)
         if adapters_dir:
@@ -190,7 +199,7 @@ class RayLauncher:
             num_cpus=self.config.cpus_per_instance, num_gpus=self._gpus(), max_restarts=self.config.max_restarts,
             scheduling_strategy=PLACEMENTS[self.config.placement], namespace=RAY_NAMESPACE,
             name=f"caraserve-{self.run_id}-instance{handle.index}-{handle.actors_created}",
-        ).remote(config, handle.index, self.log_dir, self.adapters_ref)
+        ).remote(config, handle.index, self.log_dir, self.adapters_ref, self.shm_prefix)
         handle.actors_created += 1
         handle.url = ""
         handle.pid = None
@@ -220,6 +229,18 @@ class RayLauncher:
         handle.actor = None
         handle.stop_ref = None
         handle.healthy = False
+
+    @staticmethod
+    def kill(handle: RayInstanceHandle) -> None:
+        """Kill the actor now (any thread); its instance gets SIGTERM from the kernel
+        (PR_SET_PDEATHSIG) and cleans up after itself."""
+        import ray
+
+        if handle.actor is not None:
+            try:
+                ray.kill(handle.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone, or Ray is shutting down
+                pass
 
     @staticmethod
     def alive(handle: RayInstanceHandle) -> bool:
@@ -292,9 +313,9 @@ class RayCluster(Cluster):
         await self.refresh()
         await super().check_once()
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 15.0) -> None:
         try:
-            super().stop()
+            super().stop(grace_s)
         finally:
             self.launcher.shutdown()
 
@@ -309,19 +330,19 @@ def ray_handles(template: InstanceConfig, count: int) -> list[RayInstanceHandle]
     return handles
 
 
-def start_ray_cluster(config: RayClusterConfig, template: InstanceConfig, count: int, log_dir: str, session,
-                      request_timeout_s: float, restart_dead: bool = True, urls: tuple = ()) -> RayCluster:
-    """A `RayCluster` of `count` instance actors (created, not yet ready: `await wait_ready()`),
-    plus the instances at `urls` (started elsewhere, attached as with `--cluster local`)."""
-    config.validate()
-    launcher = RayLauncher(config, log_dir)
+def start_ray_cluster(front, template: InstanceConfig, session) -> RayCluster:
+    """A `RayCluster` of `front.instances` instance actors (created, not yet ready: `await
+    wait_ready()`), plus the instances at `--instance-urls` (attached as with `--cluster local`).
+    `front` is the FrontendConfig; `template` the config every instance's is copied from."""
+    front.ray.validate()
+    launcher = RayLauncher(front.ray, front.log_dir, front.shm_prefix)
     launcher.connect(template.lora.adapters)
     bundles = AdapterBundles()
-    handles: list = ray_handles(template, count)
-    clients: list = [RayInstanceClient(h, session, request_timeout_s, bundles) for h in handles]
-    for url in urls:
+    handles: list = ray_handles(template, front.instances)
+    clients: list = [RayInstanceClient(h, session, front.request_timeout_s, bundles) for h in handles]
+    for url in front.urls:
         handles.append(InstanceHandle(index=len(handles), url=url))
-        clients.append(InstanceClient(url, session, request_timeout_s))
-    cluster = RayCluster(handles, launcher, clients, restart_dead)
+        clients.append(InstanceClient(url, session, front.request_timeout_s))
+    cluster = RayCluster(handles, launcher, clients, front.restart_dead)
     cluster.start_local()
     return cluster

@@ -4,20 +4,32 @@ Rows are the step's requests, in batch order (prefill: one segment of tokens per
 decode: one token per request). The kernel descriptors of docs/DESIGN.md (page table, per-slice
 ranks, segment starts or Punica slots) are built here once; `add_delta` is what the layer
 calls for each projection group.
+
+The batch owns the step's LoRA state: the adapters still loading, the sidecar jobs in flight,
+whether the sidecar is armed, and the step's counters (`counters`, folded into the runtime's
+by `LoraRuntime.after_forward`). It carries out the mode's decisions (`modes.py`); the mode
+itself writes nowhere.
 """
 from __future__ import annotations
 
+import collections
+import logging
+import time
 from typing import Optional
 
 import torch
 
 import kernels
 
+from caraserve_router.lora.modes import LayerDecision, Mode, StepDecision
 from caraserve_router.lora.shapes import GROUPS
+
+log = logging.getLogger("caraserve.lora")
 
 
 class LoraBatch:
-    def __init__(self, runtime, entries: list, is_prefill: bool, seg_lens: Optional[list]):
+    def __init__(self, runtime, entries: list, is_prefill: bool, seg_lens: Optional[list], mode: Mode,
+                 sidecar=None):
         self.runtime = runtime
         self.pool = runtime.pool
         self.entries = entries  # PoolEntry or None per row
@@ -27,10 +39,13 @@ class LoraBatch:
         self._build_descriptors(seg_lens)
         self._loading = [e for e in {e.name: e for e in entries if e is not None}.values()
                          if not e.residency.all_ready()]
-        self._pending_by_layer: dict[int, list] = {}
+        self._decisions: dict[int, LayerDecision] = {}  # layer -> the mode's decision, once per layer
         self._skip_cache: dict[tuple, tuple] = {}
-        self.tickets: dict[tuple, object] = {}  # (layer, group) -> work the mode started in begin()
-        self.armed = False
+        self._mode = mode
+        self._sidecar = sidecar
+        self._tickets: dict[tuple, object] = {}  # (layer, group) -> sidecar job posted in begin()
+        self.armed = False  # the sidecar was armed for this step (disarmed after the forward)
+        self.counters: collections.Counter = collections.Counter()  # this step's; see LoraRuntime.counters
 
     # ---- descriptors ---------------------------------------------------------------------
 
@@ -48,8 +63,8 @@ class LoraBatch:
             rows = [self.runtime.slice_ranks(e, g) for e in self.entries]
             self.ranks[g] = torch.tensor(rows, dtype=torch.int32, device=self.device)  # [N, S]
             self.any_rank[g] = any(any(r) for r in rows)
+        # [N, S] ones: the store folds lora_alpha / r into B, so the kernels' multiplier is 1
         self.scales = {g: torch.ones(self.ranks[g].shape, dtype=torch.float32, device=self.device) for g in GROUPS}
-        self.seg_lens = seg_lens
         if self.is_prefill:
             starts = [0]
             for length in seg_lens:
@@ -66,25 +81,43 @@ class LoraBatch:
 
     # ---- residency ----------------------------------------------------------------------
 
-    def loading_entries(self) -> list:
-        """Adapters of this batch whose load is not complete."""
-        return self._loading
+    def start(self) -> None:
+        """Carry out the mode's step decision (before the forward)."""
+        decision: StepDecision = self._mode.step(self._loading)
+        if decision.wait_full:
+            start = time.monotonic()
+            for entry in decision.wait_full:
+                entry.residency.wait_all()
+            self.counters["full_wait_s"] += time.monotonic() - start
+            self._loading = [e for e in self._loading if e not in decision.wait_full]
+        if decision.arm_sidecar and self._sidecar is not None:
+            self._sidecar.arm()
+            self.armed = True
+            self.counters["cpu_assisted_steps"] += 1
 
-    def pending(self, layer: int) -> list:
-        """Adapters not resident at `layer` (decided once per layer, for all its groups)."""
+    def finish(self) -> None:
+        """After the forward (also a failed one): disarm the sidecar if this step armed it."""
+        if self.armed:
+            self._sidecar.disarm()
+            self.armed = False
+
+    def _decision(self, layer: int) -> LayerDecision:
+        """The mode's decision for the adapters not resident at `layer` (asked once per layer,
+        for all its groups, so every group of a layer takes the same path)."""
         if not self._loading:
-            return []
-        if layer not in self._pending_by_layer:
-            self._pending_by_layer[layer] = [e for e in self._loading if not e.residency.is_ready(layer)]
-        return self._pending_by_layer[layer]
+            return LayerDecision()
+        if layer not in self._decisions:
+            pending = [e for e in self._loading if not e.residency.is_ready(layer)]
+            self._decisions[layer] = self._mode.layer(pending) if pending else LayerDecision()
+        return self._decisions[layer]
 
-    def forget_pending(self, layer: int) -> None:
-        self._pending_by_layer[layer] = []
+    def _wait(self, layer: int, entries: tuple) -> None:
+        start = time.monotonic()
+        for entry in entries:
+            entry.residency.wait(layer)
+        self.counters["layer_wait_s"] += time.monotonic() - start
 
-    def forget_all_pending(self) -> None:
-        self._loading = []
-
-    def row_segments(self, names: list) -> list:
+    def row_segments(self, names) -> list:
         """(row_start, row_end, adapter) of every row/segment using one of `names`."""
         wanted = set(names)
         return [(self.row_starts[i], self.row_starts[i + 1], name)
@@ -93,11 +126,38 @@ class LoraBatch:
     # ---- compute ------------------------------------------------------------------------
 
     def begin(self, layer: int, group: str, x: torch.Tensor) -> None:
-        """Called before the base projection: lets the mode start work for rows whose adapter
-        is not resident at `layer` (cpu-assist posts them to the sidecar, so the CPU computes
-        while the device runs the base matmul)."""
-        if self.any_rank[group] and self.pending(layer):
-            self.runtime.mode.begin(self, layer, group, x, self.pending(layer))
+        """Called before the base projection: posts the rows the sidecar computes at `layer`
+        (cpu-assist), so the CPU computes while the device runs the base matmul."""
+        if not self.any_rank[group]:
+            return
+        decision = self._decision(layer)
+        if decision.sidecar:
+            segments = self.row_segments(e.name for e in decision.sidecar)
+            self._tickets[(layer, group)] = self._sidecar.submit(layer, group, x, segments)
+
+    def _resolve(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> tuple:
+        """Carry out the layer's decision for `group`; returns the adapter names whose rows the
+        device kernel must skip (their delta is already in `out`)."""
+        decision = self._decision(layer)
+        if decision.wait:
+            self._wait(layer, decision.wait)
+        if not decision.sidecar:
+            return ()
+        start = time.monotonic()
+        ticket = self._tickets.pop((layer, group), None)
+        if ticket is not None:
+            ok = self._sidecar.collect(ticket, out)
+        else:
+            segments = self.row_segments(e.name for e in decision.sidecar)
+            ok = self._sidecar.compute(layer, group, x, segments, out)
+        self.counters["sidecar_s"] += time.monotonic() - start
+        if ok:
+            self.counters["sidecar_calls"] += 1
+            return tuple(e.name for e in decision.sidecar)
+        self.counters["sidecar_fallbacks"] += 1
+        log.warning("sidecar missed layer %d %s; waiting for the device copy instead", layer, group)
+        self._wait(layer, decision.sidecar)
+        return ()
 
     def add_delta(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> bool:
         """out += LoRA delta of `group` at `layer` for every row. Shape: x [T, IN], out [T, OUT].
@@ -106,11 +166,7 @@ class LoraBatch:
         """
         if not self.any_rank[group]:
             return False
-        skip = []
-        pending = self.pending(layer)
-        if pending:
-            skip = self.runtime.mode.resolve(self, layer, group, x, out, pending)
-        skip = tuple(skip)
+        skip = self._resolve(layer, group, x, out)
         ranks, slots = self._masked(group, skip)
         a, b = self.pool.layer_view(group, layer)
         gs = self.runtime.shapes.group(group)

@@ -71,11 +71,12 @@ def nodes():
 
 @pytest.fixture(scope="module")
 def server(tiny, nodes, tmp_path_factory):
-    model_dir, adapters, _ = tiny
+    model_dir, adapters, late = tiny
     logs = tmp_path_factory.mktemp("ray-logs")
     srv = RunningServer("caraserve_router.api_server", [
         "--cluster", "ray", "--ray-address", nodes[0].address, "--instances", "2", "--model-dir", str(model_dir),
-        "--adapters", str(adapters[0].parent), "--policy", "round-robin", "--running-max-req-size", "2",
+        "--adapters", str(adapters[0].parent), "--adapter-roots", f"{adapters[0].parent},{late.parent}",
+        "--policy", "round-robin", "--running-max-req-size", "2",
         "--lora-mode", "pipeline", "--lora-pool-mb", "4", "--lora-max-rank", "8", "--sidecar-workers", "1",
         "--log-dir", str(logs), "--health-interval-s", "0.5", "--stats-interval-s", "0.3"], logs / "server.log",
         startup_s=400)
@@ -163,8 +164,8 @@ def test_adapter_from_a_directory_only_the_front_end_knows(tiny, server):
     after = decisions(server.url)
     assert {k: after[k] - before.get(k, 0) for k in after} == {"instance0": 1.0, "instance1": 1.0}
     # a path the front end cannot read is a clear 400, nothing is registered
-    r = requests.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "nope", "lora_path": "/no/such"},
-                      timeout=60)
+    r = requests.post(server.url + "/v1/load_lora_adapter",
+                      json={"lora_name": "nope", "lora_path": str(late.parent / "nope")}, timeout=60)
     assert r.status_code == 400 and "not a directory" in r.json()["error"]["message"]
 
 
