@@ -97,6 +97,12 @@ class FrontendConfig:
                 raise ValueError(f"adapter root {root!r} must be an absolute path")
         if not self.shm_prefix.replace("_", "").replace("-", "").isalnum():
             raise ValueError("shm_prefix may hold letters, digits, '_' and '-' only")
+        if self.cluster == "local":
+            from caraserve_router.frontend.gpu_assignment import assign_gpus
+
+            assign_gpus(self.instances, self.share_gpus)  # refuses more instances than GPUs, before anything starts
+        else:
+            self.ray.validate()
 
     @property
     def urls(self) -> list[str]:
