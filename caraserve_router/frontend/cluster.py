@@ -43,6 +43,7 @@ class InstanceHandle:
     started_at: float = field(default_factory=time.time)
     crash_loops: int = 0  # restarts in a row that died before becoming healthy (for back-off)
     gpu: Optional[str] = None  # CUDA_VISIBLE_DEVICES of a local instance (gpu_assignment.py)
+    removed: bool = False  # taken out at run time (routes_instances.py): never checked or restarted again
 
     @property
     def local(self) -> bool:
@@ -175,6 +176,8 @@ class Cluster:
 
     async def check_once(self) -> None:
         for i, h in enumerate(self.handles):
+            if h.removed:
+                continue
             dead = h.local and not self.launcher.alive(h)
             ok = not dead and await self.clients[i].health(timeout_s=5.0)
             if h.healthy and not ok:

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig
@@ -313,6 +313,11 @@ class RayCluster(Cluster):
         await self.refresh()
         await super().check_once()
 
+    def new_instance(self, template: InstanceConfig, index: int, session, request_timeout_s: float):
+        """(handle, client) of one more instance actor (not started: `launcher.start(handle)`)."""
+        handle = ray_handles(template, index + 1)[index]
+        return handle, RayInstanceClient(handle, session, request_timeout_s, self.bundles)
+
     def stop(self, grace_s: float = 15.0) -> None:
         try:
             super().stop(grace_s)
@@ -344,5 +349,6 @@ def start_ray_cluster(front, template: InstanceConfig, session) -> RayCluster:
         handles.append(InstanceHandle(index=len(handles), url=url))
         clients.append(InstanceClient(url, session, front.request_timeout_s))
     cluster = RayCluster(handles, launcher, clients, front.restart_dead)
+    cluster.bundles = bundles
     cluster.start_local()
     return cluster

@@ -7,11 +7,11 @@ interface address otherwise): `test_ray_cluster.py` runs this file that way; by 
 One front end, two instance actors of a tiny llama, one per node, round-robin routing (so where
 each request goes is known), each instance running at most two requests. In order: placement
 and outputs against HF + PEFT; an adapter loaded from a directory only the front end was given;
-an instance's process killed mid-run; the vLLM metric names in a scripted scenario; shutdown.
+an instance's process killed mid-run; an instance removed and one added at run time; the vLLM
+metric names in a scripted scenario; shutdown.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import os
 import shutil
@@ -252,10 +252,42 @@ def test_killed_instance_is_restarted_by_ray(tiny, server):
     assert after["instance1"] - before.get("instance1", 0) == 1
 
 
+def test_instances_removed_and_added_at_run_time(tiny, server):
+    model_dir, _, late = tiny
+    r = requests.delete(server.url + "/admin/instances/1?drain_s=5", timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["removed"] is True and r.json()["healthy"] is False
+    assert [i["url"] for i in actor_infos()] == [instances(server.url)[0]["url"]], "instance 1's actor is gone"
+    before = decisions(server.url)
+    for _ in range(2):
+        assert len(generate(server.url, None, PROMPTS[0])) == NEW_TOKENS
+    after = decisions(server.url)
+    assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {"instance0": 2.0}
+    assert requests.delete(server.url + "/admin/instances/1", timeout=30).status_code == 409
+    assert requests.delete(server.url + "/admin/instances/0", timeout=30).status_code == 409  # the last one
+
+    r = requests.post(server.url + "/admin/instances", json={"count": 1}, timeout=120)
+    assert r.status_code == 200, r.text
+    [added] = r.json()["added"]
+    assert added["index"] == 2 and added["name"] == "instance2"
+    wait_for(lambda: requests.get(server.url + "/admin/instances", timeout=30).json()["instances"][2]["healthy"],
+             300, "the added instance healthy")
+    url = instances(server.url)[2]["url"]
+    wait_for(lambda: "late" in {m["id"] for m in requests.get(url + "/v1/models", timeout=30).json()["data"]}, 60,
+             "the run-time adapter restored on the added instance")
+    expected = peft_greedy(model_dir, late, PROMPTS[1])
+    before = decisions(server.url)
+    assert [generate(server.url, "late", PROMPTS[1]) for _ in range(2)] == [expected, expected]
+    after = decisions(server.url)
+    assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {
+        "instance0": 1.0, "instance2": 1.0}
+
+
 def test_instance_metrics_speak_vllm(tiny, server):
     """Straight to instance 0 (max two running): a, b run, a third request (the base model)
-    and a fourth (c) wait; the vLLM series say exactly that, then go back to idle. (Last but
-    one: the front end adopts requests it did not send into its view of the instance.)"""
+    and a fourth (c) wait; the vLLM series say exactly that, then go back to idle. (Last before
+    shutdown: the front end adopts requests it did not send into its view of the instance and
+    keeps them there, so routing to instance 0 is off afterwards.)"""
     _, adapters, _ = tiny
     url = instances(server.url)[0]["url"]
     results, threads = {}, []
