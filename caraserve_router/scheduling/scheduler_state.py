@@ -36,6 +36,7 @@ from enum import Enum
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 from caraserve_router.contracts.names import DecodeKernel, LoraMode
+from caraserve_router.contracts.stats import InstanceStats
 
 
 class SchedulerStateError(ValueError):
@@ -231,8 +232,11 @@ class InstanceState:
                 total -= self.resident.pop(name)
 
     # ------------------------------------------------------------------ reconciliation
-    def apply_stats(self, stats: Mapping[str, Any], drop_missing: bool = False) -> ReconcileReport:
-        """Reconcile with the instance's stats (layout in the module docstring)."""
+    def apply_stats(self, stats: InstanceStats | Mapping[str, Any], drop_missing: bool = False) -> ReconcileReport:
+        """Reconcile with the instance's stats: its typed record, or a dict in the layout of the
+        module docstring (the record's `to_dict()`; the simulator passes partial dicts)."""
+        if isinstance(stats, InstanceStats):
+            stats = stats.to_dict()
         if not isinstance(stats, Mapping):
             raise SchedulerStateError(f"{self.name}: stats must be a dict, got {type(stats).__name__}")
         self._apply_settings(stats)
@@ -396,7 +400,8 @@ class ClusterState:
         self.instances[to_index].dispatched(req)
         self._where[request_id] = to_index
 
-    def apply_stats(self, index: int, stats: Mapping[str, Any], drop_missing: bool = False) -> ReconcileReport:
+    def apply_stats(self, index: int, stats: InstanceStats | Mapping[str, Any],
+                    drop_missing: bool = False) -> ReconcileReport:
         inst = self.instances[index]
         for rid in _reported_ids(stats):
             other = self._where.get(rid)
