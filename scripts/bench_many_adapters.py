@@ -60,7 +60,8 @@ def distinct_specs(count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     specs = []
     for d in range(count):
-        rank = rng.choices(RANKS, RANK_WEIGHTS)[0]
+        # the first 2 x len(RANKS) cover every rank, attention-only and all-module; then skewed draws
+        rank = RANKS[d // 2] if d < 2 * len(RANKS) else rng.choices(RANKS, RANK_WEIGHTS)[0]
         targets = ATTENTION if d % 2 else ALL
         spec = {"rank": rank, "target_modules": targets, "rank_pattern": None}
         if d % 4 == 3:  # per-module ranks, one module at a quarter of the rank
@@ -69,14 +70,20 @@ def distinct_specs(count: int, seed: int) -> list[dict]:
     return specs
 
 
-def make_adapters(work: Path, model_dir: Path, count: int, distinct: int, seed: int) -> tuple[Path, list[dict]]:
-    """work/distinct/dNN made with PEFT (kept between runs), work/adapters/ad<i> hard links."""
+def distinct_dir(work: Path, d: int, spec: dict, seed: int) -> Path:
+    pattern = "-pattern" if spec["rank_pattern"] else ""
+    return work / "distinct" / f"d{d:03d}-s{seed}-r{spec['rank']}-{len(spec['target_modules'])}m{pattern}"
+
+
+def make_adapters(work: Path, model_dir: Path, count: int, distinct: int, seed: int) -> tuple[Path, list[Path]]:
+    """work/distinct/d<NNN>-... made with PEFT (kept between runs), work/adapters-.../ad<i> hard links."""
     from caraserve_router.assets import demo_adapters
 
     specs = distinct_specs(distinct, seed)
+    dirs = [distinct_dir(work, d, spec, seed) for d, spec in enumerate(specs)]
     base = None
     for d, spec in enumerate(specs):
-        out = work / "distinct" / f"d{d:03d}"
+        out = dirs[d]
         if (out / "adapter_model.safetensors").exists():
             continue
         if base is None:
@@ -85,7 +92,7 @@ def make_adapters(work: Path, model_dir: Path, count: int, distinct: int, seed: 
             f"{', rank_pattern' if spec['rank_pattern'] else ''}")
         demo_adapters.make_random_adapter(base, out, rank=spec["rank"], target_modules=spec["target_modules"],
                                           rank_pattern=spec["rank_pattern"], seed=seed + d, overwrite=True)
-    root = work / f"adapters-{count}-{distinct}"
+    root = work / f"adapters-{count}-{distinct}-s{seed}"
     if not root.exists():
         tmp = root.with_suffix(".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
@@ -94,9 +101,9 @@ def make_adapters(work: Path, model_dir: Path, count: int, distinct: int, seed: 
             d.mkdir(exist_ok=True)
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 if not (d / name).exists():
-                    os.link(work / "distinct" / f"d{i % distinct:03d}" / name, d / name)
+                    os.link(dirs[i % distinct] / name, d / name)
         tmp.rename(root)
-    return root, specs
+    return root, dirs
 
 
 def adapter_bytes(adapter_dir: Path, shapes) -> dict:
@@ -113,7 +120,9 @@ def adapter_bytes(adapter_dir: Path, shapes) -> dict:
 # ---- sampling ------------------------------------------------------------------------------
 
 class Sampler(threading.Thread):
-    """RSS of the server's process group and bytes of its /dev/shm entries, every `period` s."""
+    """RSS of the server's process tree (front end, instance processes, sidecar workers; shared
+    memory a process maps counts in its RSS) and the resident bytes of the server's /dev/shm
+    entries, every `period` s."""
 
     def __init__(self, server: RunningServer, period: float = 1.0):
         super().__init__(daemon=True)
@@ -126,12 +135,15 @@ class Sampler(threading.Thread):
         import psutil
 
         rss = 0
-        for p in psutil.process_iter(["pid"]):
-            try:
-                if os.getpgid(p.pid) == self.server.proc.pid:
+        try:
+            root = psutil.Process(self.server.proc.pid)
+            for p in [root] + root.children(recursive=True):
+                try:
                     rss += p.memory_info().rss
-            except (psutil.Error, ProcessLookupError, PermissionError):
-                continue
+                except psutil.Error:
+                    continue
+        except psutil.Error:
+            pass
         shm = 0
         for name in os.listdir("/dev/shm"):
             if name.startswith(self.server.shm_prefix):
@@ -222,8 +234,8 @@ def main(argv=None) -> dict:
 
     model_dir = args.model_dir or prepare_default_model()
     shapes = ModelShapes.from_model_dir(str(model_dir))
-    root, specs = make_adapters(args.work_dir, Path(model_dir), args.adapters, args.distinct, args.seed)
-    per_distinct = [adapter_bytes(args.work_dir / "distinct" / f"d{d:03d}", shapes) for d in range(args.distinct)]
+    root, distinct_dirs = make_adapters(args.work_dir, Path(model_dir), args.adapters, args.distinct, args.seed)
+    per_distinct = [adapter_bytes(d, shapes) for d in distinct_dirs]
     per_adapter = {f"ad{i}": per_distinct[i % args.distinct] for i in range(args.adapters)}
 
     workload = generate(WorkloadConfig(arrival="trace", rate=args.rate, duration_s=args.duration,
