@@ -247,6 +247,7 @@ def main(argv=None) -> dict:
                                        ranks=tuple(per_adapter[f"ad{i}"]["max_rank"] for i in range(args.adapters))))
     server_args = ["--model-dir", str(model_dir), "--adapters", str(root), "--lora-mode", args.mode,
                    "--policy", "most-idle",  # one instance: no start-up profile running beside the replay
+                   "--lora-max-rank", str(max(RANKS)),
                    "--lora-host-cache-mb", str(args.host_cache_mb), "--lora-pool-mb", str(args.pool_mb)]
     log_path = args.out.with_suffix(".server.log")
     args.out.parent.mkdir(parents=True, exist_ok=True)
