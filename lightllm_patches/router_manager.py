@@ -8,6 +8,10 @@
   worker's `AdapterManager`, `GetStats` -> `InstanceStats`, `GetSamples`, `Ping`) and answers
   them on the control-reply socket.
 - `clean_up`: stops the CPU sidecar and releases shared memory.
+- `_step`: with `--prefill-chunk-tokens` (chunked prefill), `_chunked_step` replaces
+  upstream's step: waiting requests join the running batch at every step (upstream: every
+  `router_max_wait_tokens` steps) without a prefill of their own, and every step is one
+  mixed forward (decode rows + at most one chunk of prompt tokens; `CaraBackend._forward_mixed`).
 
 `start_router_process` replaces upstream's function of the same name (the process target).
 """
@@ -24,6 +28,7 @@ import zmq.asyncio
 
 from lightllm.server.io_struct import AbortReq, ReqRunStatus
 from lightllm.server.router.manager import RouterManager
+from lightllm.server.router.pause_strategy import select_paused_reqs
 
 from lightllm_patches.backend import CaraModelRpcClient
 from caraserve_router.contracts.adapters import AdapterOp
@@ -178,7 +183,36 @@ class CaraRouterManager(RouterManager):
 
     async def _step(self):
         self.steps += 1
-        await super()._step()
+        if self.is_splitfuse_mode:  # set from config.prefill_chunk_tokens > 0 (lightllm_args)
+            await self._chunked_step()
+        else:
+            await super()._step()
+
+    async def _chunked_step(self):
+        """Upstream `_step` for chunked prefill. New requests are registered with the worker
+        (`_prefill_batch` only initialises in splitfuse mode) and merged into the running
+        batch at once; their prompts then run chunk by chunk inside the decode steps, so the
+        running requests never wait for a whole prompt."""
+        if self.req_queue.waiting_req_list:
+            new_batch = self.req_queue.generate_new_batch(self.running_batch)
+            if new_batch is not None:
+                self.stats_tool.count_prompt_tokens(new_batch)
+                await self._prefill_batch(new_batch)
+                if not new_batch.is_clear():
+                    if self.running_batch is None:
+                        self.running_batch = new_batch
+                    else:
+                        await self._merge_batch(self.running_batch, new_batch)
+                        self.running_batch.merge(new_batch)
+        if self.running_batch is None:
+            return
+        if self._can_decode(self.running_batch):
+            self.stats_tool.count_output_tokens(self.running_batch)
+            await self._decode_batch(self.running_batch)
+            self._filter_runing_batch()
+            return
+        paused = select_paused_reqs(self.running_batch, self.pause_strategy, self.req_queue, self.max_total_token_num)
+        await self._pause_reqs(self.running_batch, paused)
 
     # A failed forward must not stop the router (upstream's loop task would die silently and
     # every request would hang): the batch's requests end with an error, the rest go on.

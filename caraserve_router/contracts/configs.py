@@ -183,7 +183,12 @@ class InstanceConfig:
     max_req_total_len: int = option(3072, "Longest prompt + output accepted, in tokens")
     running_max_req_size: int = option(64, "Most requests in the running batch")
     batch_max_tokens: int = option(0, "Most prompt tokens in one prefill batch (0 = derived)")
-    router_max_wait_tokens: int = option(10, "Decode steps between admissions of new requests")
+    router_max_wait_tokens: int = option(10, "Decode steps between admissions of new requests (without "
+                                         "chunked prefill; with it, waiting requests are admitted every step)")
+    prefill_chunk_tokens: int = option(
+        256, "Chunked prefill (SARATHI): most prompt tokens one forward step runs beside the running batch's "
+        "decode tokens, so no decode step waits for more than one chunk of a prompt; 0 = off (LightLLM's "
+        "whole-prompt prefill between decode steps). Default measured in docs/RESULTS.md (chunked prefill)")
     torch_threads: int = option(0, "Intra-op threads of the model worker (0 = all cores, or the cores the "
                                 "cpu-assist sidecar leaves free when the CPU is the device)")
     cpu_weight_layout: str = option(
@@ -207,6 +212,8 @@ class InstanceConfig:
             raise ValueError("need 0 < max_req_input_len < max_req_total_len <= max_total_token_num")
         if self.running_max_req_size < 1:
             raise ValueError("running_max_req_size must be >= 1")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0 (0 = off), got {self.prefill_chunk_tokens}")
         self.lora.validate()
         self.sidecar.validate()
 

@@ -101,7 +101,7 @@ class DeviceLink(ABC):
         """Synchronous full copy (cached mode's preload); resident at once."""
         self.bytes_moved += copy_layers(self.pool, entry, host, range(self.pool.shapes.num_layers))
         if self.pool.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.pool.device)  # the pool's GPU, not whichever is current
         entry.residency.mark_all_now()
 
     def pending(self) -> int:
@@ -179,7 +179,7 @@ class CudaLink(DeviceLink):
         super().__init__(pool, group_size)
 
     def new_residency(self):
-        return CudaResidency(self.pool.shapes.num_layers)
+        return CudaResidency(self.pool.shapes.num_layers, self.pool.device)
 
     def submit(self, entry: PoolEntry, host: HostAdapter, priority: float, on_done=None) -> None:
         # Rows may have belonged to an evicted adapter that kernels already enqueued still read.
