@@ -108,7 +108,7 @@ def calibrate(model_dir: str, adapter_dir: Path, prompt_len: int, args) -> dict:
                 rt.sidecar.disarm()
         finally:
             rt.detach_request(req.r_id)
-        page_bytes = rt.pool.page_bytes
+        page_bytes = rt.page_bytes
     finally:
         engine.close()
     base, device_lora, cpu_lora = (statistics.median(v) for v in (base_runs, device_runs, cpu_runs))

@@ -1,11 +1,11 @@
 """CudaLink + CudaResidency on the real host->device link, against the EmulatedLink.
 
 - Both links serve the same queued loads in the same order (priority first, then layer group
-  by layer group) and leave the same bytes in the pool (paged and slot layouts).
+  by layer group) and leave the same bytes in the pool (each adapter's own rows).
 - Residency is a stream wait, not a host sync: with the link's stream held up by a GPU sleep,
   `wait(layer)` returns at once, the layer is not ready yet, and a kernel queued after the
   wait still reads the adapter, not the zero-initialised pool.
-- Pages reused after an eviction are not overwritten before kernels already queued on the
+- Rows reused after an eviction are not overwritten before kernels already queued on the
   compute stream have read the evicted adapter (the reuse fence).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from caraserve_router.lora.adapter_pool import AdapterPool
 from caraserve_router.lora.adapter_store import AdapterStore
 from caraserve_router.lora.device_link import CudaLink, EmulatedLink
-from caraserve_router.lora.shapes import GROUPS, ModelShapes
+from caraserve_router.lora.shapes import ModelShapes
 from tests.cuda.adapters import write_adapter
 from tests.cuda.common import CUDA_TESTS, cuda_device
 
@@ -68,18 +68,38 @@ def _recorded(link, order: list, name: str):
     return residency
 
 
-def _load_queued(kind: str, store, layout: str, priorities: dict):
+def rows(pool, entry, layer: int, group: str, which: str, s: int = 0) -> torch.Tensor:
+    """The entry's rows of (group, A|B, slice s) in `layer`, gathered on the pool's device (a
+    kernel queued on the current stream): [r, width]."""
+    block = next(b for b in entry.blocks if (b.group, b.which, b.slice) == (group, which, s))
+    width = block.width * pool.unit
+    starts = torch.tensor(block.starts, device=pool.device) * pool.unit
+    return pool.W[layer].view(-1)[starts[:, None] + torch.arange(width, device=pool.device)]
+
+
+def host_rows(host, layer: int, group: str, which: str, s: int = 0) -> torch.Tensor:
+    if which == "B":
+        return host.block(layer, group, s)
+    first, r = sum(host.layout.slice_ranks(group)[:s]), host.layout.slice_ranks(group)[s]
+    return host.block(layer, group, "A")[first : first + r]
+
+
+def units(entry) -> set:
+    return {u for b in entry.blocks for start in b.starts for u in range(start, start + b.width)}
+
+
+def _load_queued(kind: str, store, priorities: dict):
     device = cuda_device() if kind == "cuda" else torch.device("cpu")
-    pool = AdapterPool(SHAPES, DTYPE, device, capacity_mb=8, max_rank=MAX_RANK, layout=layout)
+    pool = AdapterPool(SHAPES, DTYPE, device, capacity_mb=8, max_rank=MAX_RANK)
     link = CudaLink(pool, group_size=2) if kind == "cuda" else EmulatedLink(pool, 2, bandwidth_mbps=500.0,
                                                                               latency_us=50.0)
     order, entries = [], {}
     try:
         with link._cv:  # the link thread waits until every load is queued, then serves by priority
             for name in ADAPTERS:
-                host = store.get(name)
+                host = store.acquire(name)  # mapped (read from its file) while loading
                 entries[name] = pool.place(host, _recorded(link, order, name))
-                link.submit(entries[name], host, priorities[name])
+                link.submit(entries[name], host, priorities[name], on_done=lambda n=name: store.release(n))
         for entry in entries.values():
             entry.residency.wait_all()
         if kind == "cuda":
@@ -90,31 +110,28 @@ def _load_queued(kind: str, store, layout: str, priorities: dict):
         link.stop()
 
 
-@pytest.mark.parametrize("layout", ["paged", "slot"])
-def test_cuda_link_matches_emulated_link(store, layout):
+def test_cuda_link_matches_emulated_link(store):
     priorities = {"a8": 3.0, "b16": 1.0, "c4": 4.0, "d32": 2.0}
-    cuda_pool, cuda_entries, cuda_order, cuda_bytes = _load_queued("cuda", store, layout, priorities)
-    emu_pool, emu_entries, emu_order, emu_bytes = _load_queued("emulated", store, layout, priorities)
+    cuda_pool, cuda_entries, cuda_order, cuda_bytes = _load_queued("cuda", store, priorities)
+    emu_pool, emu_entries, emu_order, emu_bytes = _load_queued("emulated", store, priorities)
     groups = [(0, 1), (2, 3), (4, 5)]
     expected = [(name, g) for name in sorted(priorities, key=priorities.get) for g in groups]
     assert cuda_order == expected and emu_order == expected
-    assert cuda_bytes == emu_bytes > 0
+    assert cuda_bytes == emu_bytes == sum(store.get(n).nbytes for n in ADAPTERS), "only the adapters' own bytes"
     for name in ADAPTERS:
-        assert cuda_entries[name].pages_list == emu_entries[name].pages_list
-    for g in GROUPS:
-        assert torch.equal(cuda_pool.A[g].cpu(), emu_pool.A[g]), f"A[{g}]"
-        assert torch.equal(cuda_pool.B[g].cpu(), emu_pool.B[g]), f"B[{g}]"
-    # and what landed is the host adapter (rank rows of the entry's pages)
-    host, pages = store.get("d32"), torch.tensor(cuda_entries["d32"].pages_list)
-    assert torch.equal(cuda_pool.A["o"][5][pages].cpu(), host.block(5, "o", "A"))
-    assert torch.equal(cuda_pool.B["gate_up"][0][pages].cpu(), host.block(0, "gate_up", "B"))
+        assert [b.starts for b in cuda_entries[name].blocks] == [b.starts for b in emu_entries[name].blocks]
+    assert torch.equal(cuda_pool.W.cpu(), emu_pool.W)
+    # and what landed is the host adapter (the entry's rows)
+    host, entry = store.get("d32"), cuda_entries["d32"]
+    assert torch.equal(rows(cuda_pool, entry, 5, "o", "A").cpu(), host_rows(host, 5, "o", "A"))
+    assert torch.equal(rows(cuda_pool, entry, 0, "gate_up", "B").cpu(), host_rows(host, 0, "gate_up", "B"))
 
 
 def test_residency_is_a_stream_wait_not_a_host_sync(store):
     pool = AdapterPool(SHAPES, DTYPE, cuda_device(), capacity_mb=8, max_rank=MAX_RANK)
     link = CudaLink(pool, group_size=1)
     try:
-        host = store.get("b16")
+        host = store.acquire("b16")
         entry = pool.place(host, link.new_residency())
         torch.cuda.synchronize()
         with torch.cuda.stream(link.stream):
@@ -124,9 +141,8 @@ def test_residency_is_a_stream_wait_not_a_host_sync(store):
         entry.residency.wait(0)  # marked once layer 0's copy is queued; then a stream wait
         waited = time.perf_counter() - start
         assert not entry.residency.is_ready(0), "the copy sits behind the sleep: not resident yet"
-        pages = entry.pages.long()
-        seen = pool.A["qkv"][0][pages].float().sum()  # queued on the compute stream after the wait
-        assert torch.equal(seen.cpu(), host.block(0, "qkv", "A").float().sum()), \
+        seen = rows(pool, entry, 0, "qkv", "A").float().sum()  # queued on the compute stream after the wait
+        assert torch.equal(seen.cpu(), host_rows(host, 0, "qkv", "A").float().sum()), \
             "a kernel after wait() read the pool before the copy landed"
         assert waited < 0.05, f"wait() blocked the host for {waited * 1e3:.1f} ms"
         entry.residency.wait_all()
@@ -135,24 +151,24 @@ def test_residency_is_a_stream_wait_not_a_host_sync(store):
         link.stop()
 
 
-def test_reused_pages_wait_for_queued_readers(store):
-    """Evict an adapter while a queued kernel still reads it, load another onto its pages: the
+def test_reused_rows_wait_for_queued_readers(store):
+    """Evict an adapter while a queued kernel still reads it, load another onto its rows: the
     reader sees the evicted adapter (the link's stream waits for the reuse fence)."""
     pool = AdapterPool(SHAPES, DTYPE, cuda_device(), capacity_mb=8, max_rank=MAX_RANK)
     link = CudaLink(pool, group_size=1)
     try:
-        old, new = store.get("b16"), store.get("a8")
+        old, new = store.acquire("a8"), store.acquire("c4")
         entry = pool.place(old, link.new_residency())
         link.load_now(entry, old)
         torch.cuda._sleep(SLEEP_CYCLES)  # the compute stream is busy ...
-        seen = pool.B["qkv"][3][entry.pages.long()].float().sum()  # ... then reads the old adapter
-        pool.remove("b16")
+        seen = rows(pool, entry, 3, "qkv", "B").float().sum()  # ... then reads the old adapter
+        pool.remove("a8")
         reused = pool.place(new, link.new_residency())
-        assert set(reused.pages_list) <= set(entry.pages_list), "the test needs the pages reused"
+        assert units(reused) & units(entry), "the test needs the rows reused"
         link.submit(reused, new, 0.0)
         reused.residency.wait_all()
-        assert torch.equal(seen.cpu(), old.block(3, "qkv", "B").float().sum())
-        assert torch.equal(pool.B["qkv"][3][reused.pages.long()].cpu(), new.block(3, "qkv", "B"))
+        assert torch.equal(seen.cpu(), host_rows(old, 3, "qkv", "B").float().sum())
+        assert torch.equal(rows(pool, reused, 3, "qkv", "B").cpu(), host_rows(new, 3, "qkv", "B"))
     finally:
         torch.cuda.synchronize()
         link.stop()
