@@ -12,7 +12,7 @@ ARGS   ?=
 # Extra flags for pytest, e.g. `make test PYTEST_ARGS="-k kernels -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test model adapters clean
+.PHONY: setup serve test model adapters clean gpu-bundle
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ serve: adapters
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Wheels the lent GPU machine lacks (cp312 manylinux, --no-deps), into the git-ignored .whl/;
+# scripts/gpu_check.sh installs them there. See docs/GPU.md.
+gpu-bundle: setup
+	$(PY) scripts/gpu_bundle.py build --dir .whl
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

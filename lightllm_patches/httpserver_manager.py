@@ -153,6 +153,18 @@ class CaraHttpServerManager(HttpServerManager):
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    async def resolve_adapter(self, name: Optional[str]) -> None:
+        """An adapter name this server has not seen: ask the runtime, which registers DIR/<name>
+        when its resolver (`--lora-adapter-dir`) is on (LoraRuntime.resolve: 400 for a name that
+        is not a plain directory name or a bad adapter, 404 for none)."""
+        if name is None or name in self.adapters:
+            return
+        try:
+            self.adapters[name] = await self.control(AdapterCall(AdapterOp.RESOLVE, name))
+        except (AdapterError, ValueError) as e:
+            status = getattr(e, "status", 400)
+            raise RequestError(str(e), status, "not_found" if status == 404 else "invalid_request_error") from e
+
     def adapter_request(self, name: Optional[str]) -> Optional[AdapterRequest]:
         """The typed adapter of a request named `name` (None: the base model); 404 when this
         instance has no such adapter. The one check of a request's adapter."""

@@ -147,6 +147,7 @@ class InstanceApp:
 
     async def _start(self, body: GenerateRequest, request: Request):
         prompt = body.prompt()
+        await self.manager.resolve_adapter(body.adapter)  # the resolver's first use of a name
         params = _sampling_params(body, self.manager)
         req_id = self._new_id()
         if body.request_id is not None:
@@ -327,7 +328,9 @@ def serve(config: InstanceConfig) -> int:
 
         # LightLLM's SamplingParams.verify is timed into this (global-registry) monitor.
         monitor.init_api_server_monitor(args)
-        metrics = InstanceMetrics(config.display_name, emulated_link=config.lora.link != "cuda")
+        metrics = InstanceMetrics(config.display_name, emulated_link=config.lora.link != "cuda",
+                                  model_name=os.path.basename(config.model_dir.rstrip("/")),
+                                  max_lora_rank=config.lora.max_rank)
         manager = CaraHttpServerManager(args, router_port, http_port, control_port, metrics)
         procs = start_children([
             (start_router_process, (config, router_port, detok_port, control_port)),

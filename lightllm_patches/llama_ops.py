@@ -175,7 +175,9 @@ def _cuda_ops() -> LlamaOps:
     return LlamaOps(
         rmsnorm=lambda x, w, eps: rmsnorm_forward(x, weight=w, eps=eps),
         rotary=rotary_emb_fwd,
-        silu_and_mul=silu_and_mul_fwd,
+        # upstream returns a strided view of its input ([T, 2I] -> [:, :I]); the down projection's
+        # LoRA kernels and the sidecar read the activation as a contiguous [T, I]
+        silu_and_mul=lambda x: silu_and_mul_fwd(x).contiguous(),
         copy_kv=destindex_copy_kv,
         copy_kv_index_to_req=copy_kv_index_to_req,
         prefill_attention=prefill_attention,

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from lightllm_patches.vllm_metrics import VllmMetrics
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 60.0)
 
 
 class InstanceMetrics:
-    def __init__(self, instance: str, emulated_link: bool):
+    def __init__(self, instance: str, emulated_link: bool, model_name: str = "", max_lora_rank: int = 64):
         self.instance = instance
         self.registry = CollectorRegistry()
         labels = ("instance", "adapter")
@@ -39,6 +41,7 @@ class InstanceMetrics:
         self.loads = Gauge("caraserve_instance_adapter_loads", "Adapter loads by kind since start (link: "
                            "'emulated' or 'cuda')", ("instance", "kind", "link"), registry=self.registry)
         self.link = "emulated" if emulated_link else "cuda"
+        self.vllm = VllmMetrics(self.registry, model_name, max_lora_rank)  # what cluster routers read
 
     def observe_request(self, adapter, outcome, e2e: float, ttft=None, tpot=None) -> None:
         label = (self.instance, adapter or "")
@@ -65,6 +68,7 @@ class InstanceMetrics:
             self.gauges[name].labels(self.instance).set(value)
         for kind, count in lora.get("loads", {}).items():
             self.loads.labels(self.instance, kind, self.link).set(count)
+        self.vllm.update(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

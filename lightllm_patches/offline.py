@@ -28,12 +28,13 @@ class OfflineEngine:
     def __init__(self, model_dir, *, device: str = "cpu", lora: Optional[LoRAConfig] = None,
                  sidecar: Optional[SidecarConfig] = None, adapters: Optional[dict] = None,
                  max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64,
-                 cpu_weight_layout: str = "lightllm", shm_prefix: str = "caraserve_offline"):
+                 cpu_weight_layout: str = "lightllm", shm_prefix: str = "caraserve_offline",
+                 dtype: str = "float32"):
         self.shm_prefix = f"{shm_prefix}_{uuid.uuid4().hex[:8]}"  # unique per engine
         self.model = CaraLlamaModel({
             "tp_rank": 0, "world_size": 1, "weight_dir": str(model_dir), "max_total_token_num": max_total_tokens,
             "load_way": "HF", "mode": [], "max_req_num": max_req, "max_seq_length": max_seq,
-            "data_type": "float32", "device": torch.device(device), "shm_prefix": self.shm_prefix,
+            "data_type": dtype, "device": torch.device(device), "shm_prefix": self.shm_prefix,
             "cpu_weight_layout": cpu_weight_layout,
         })
         config = InstanceConfig(model_dir=str(model_dir), shm_prefix=self.shm_prefix, max_req_total_len=max_seq,
@@ -61,9 +62,11 @@ class OfflineEngine:
         m = self.model
         batch = len(prompts)
         req_idx = m.req_manager.alloc(batch).int()
-        seq_len = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+        # every step input on the model's device (LightLLM's Triton kernels read them there)
+        seq_len = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=m.device)
         kwargs = dict(batch_size=batch, total_token_num=int(seq_len.sum()), max_len_in_batch=int(seq_len.max()),
-                      input_ids=torch.tensor(sum(prompts, [])), b_req_idx=req_idx, b_start_loc=self._starts(seq_len),
+                      input_ids=torch.tensor(sum(prompts, []), device=m.device), b_req_idx=req_idx,
+                      b_start_loc=self._starts(seq_len),
                       b_seq_len=seq_len, b_ready_cache_len=torch.zeros_like(seq_len), is_prefill=True)
         try:
             out = [self._step(kwargs, reqs, on_step)]

@@ -126,6 +126,8 @@ class CaraRouterManager(RouterManager):
             return lora.list()
         if call.op is AdapterOp.STATS:
             return lora.stats()
+        if call.op is AdapterOp.RESOLVE:
+            return lora.resolve(call.name)
         return {AdapterOp.PIN: lora.pin, AdapterOp.UNPIN: lora.unpin}[call.op](call.name)
 
     def _check_unused(self, adapter: str) -> None:

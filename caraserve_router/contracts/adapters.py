@@ -62,6 +62,7 @@ class AdapterOp(str, enum.Enum):
     UNPIN = "unpin"    # evictable again
     LIST = "list"      # name -> info
     STATS = "stats"    # the engine's LoRA statistics
+    RESOLVE = "resolve"  # name -> info, registering DIR/<name> first with --lora-adapter-dir (the resolver)
 
     def __str__(self) -> str:
         return self.value

@@ -98,10 +98,19 @@ class LoRAConfig:
                        choices=LORA_MODES)
     adapters: Optional[str] = option(None, "Directory whose subdirectories are PEFT adapters, all "
                                      "registered at start (name = subdirectory name)")
-    pool_mb: float = option(256.0, "Device memory for adapter weights, in MiB (rank-row pages)")
-    max_rank: int = option(64, "Largest adapter rank accepted; also the slot size of the bgmv pool")
-    decode_kernel: str = option("mbgmv", "Decode kernel: mbgmv (heterogeneous ranks, paged pool) or "
-                                "bgmv (Punica, padded to the batch's max rank, slot pool)",
+    pool_mb: float = option(0.0, "Device memory for adapter weights, in MiB (0 = auto: pool_fraction of the "
+                            "GPU's memory on CUDA, 256 MiB on the CPU). Adapters take their own bytes")
+    pool_fraction: float = option(0.12, "Auto pool size on CUDA as a fraction of the device's memory "
+                                  "(0.12: nine rank-64 adapters on all seven projections of a 7B model on a "
+                                  "24 GB GPU)")
+    host_cache_mb: float = option(4096.0, "Host memory for the bytes of adapters in use, in MiB (shared "
+                                  "memory the CPU sidecar reads); idle adapters past it are unmapped, LRU, "
+                                  "and read again from their files when next used (0 = unbounded)")
+    adapter_dir: Optional[str] = option(None, "Resolver: a request naming an unregistered adapter NAME "
+                                        "registers DIR/NAME on first use (NAME: a plain directory name)")
+    max_rank: int = option(64, "Largest adapter rank accepted")
+    decode_kernel: str = option("mbgmv", "Decode kernel: mbgmv (heterogeneous ranks, no padding) or "
+                                "bgmv (Punica: padded to the batch's max rank)",
                                 choices=DECODE_KERNELS)
     layer_group_size: int = option(1, "Layers per copy in pipelined loading (1 = layer by layer)")
     link: str = option("auto", "Host->device link: cuda (real copies on a side stream), emulated "
@@ -118,8 +127,10 @@ class LoRAConfig:
             raise ValueError(f"lora mode must be one of {LORA_MODES}, got {self.mode!r}")
         if self.decode_kernel not in DECODE_KERNELS:
             raise ValueError(f"decode kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
-        if self.pool_mb <= 0:
-            raise ValueError("lora pool_mb must be > 0")
+        if self.pool_mb < 0 or not 0 < self.pool_fraction < 1 or self.host_cache_mb < 0:
+            raise ValueError("lora pool_mb and host_cache_mb must be >= 0 and pool_fraction in (0, 1)")
+        if self.adapter_dir is not None and not os.path.isdir(self.adapter_dir):
+            raise ValueError(f"adapter directory {self.adapter_dir!r} (resolver) does not exist")
         if not 1 <= self.max_rank <= 256:
             raise ValueError("lora max_rank must be in 1..256")
         if self.layer_group_size < 1:

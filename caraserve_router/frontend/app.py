@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from caraserve_router.contracts.protocol import error_kind, validation_message
-from caraserve_router.frontend import routes_admin, routes_lightllm, routes_openai
+from caraserve_router.frontend import routes_admin, routes_instances, routes_lightllm, routes_openai
 from caraserve_router.frontend.guards import Guard
 from caraserve_router.frontend.relay import fail
 
@@ -39,6 +39,6 @@ def build_app(front):
         log.exception("unexpected error on %s", request.url.path)
         return fail(front, f"internal error: {type(exc).__name__}", 500, "server_error")
 
-    for module in (routes_openai, routes_lightllm, routes_admin):
+    for module in (routes_openai, routes_lightllm, routes_admin, routes_instances):
         app.include_router(module.router(front))
     return Guard(app, front.config.max_body_bytes, front.config.api_key)

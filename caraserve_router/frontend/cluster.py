@@ -20,6 +20,7 @@ from typing import Optional
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig, to_cli
 from caraserve_router.contracts.processes import free_ports, remove_shm
 
+from caraserve_router.frontend.gpu_assignment import gpu_env
 from caraserve_router.frontend.instance_client import InstanceClient
 
 log = logging.getLogger("caraserve.cluster")
@@ -41,6 +42,8 @@ class InstanceHandle:
     log_path: Optional[str] = None
     started_at: float = field(default_factory=time.time)
     crash_loops: int = 0  # restarts in a row that died before becoming healthy (for back-off)
+    gpu: Optional[str] = None  # CUDA_VISIBLE_DEVICES of a local instance (gpu_assignment.py)
+    removed: bool = False  # taken out at run time (routes_instances.py): never checked or restarted again
 
     @property
     def local(self) -> bool:
@@ -77,7 +80,7 @@ class LocalLauncher:
         handle.log_path = os.path.join(self.log_dir, f"instance{handle.index}.log")
         out = open(handle.log_path, "ab")
         handle.proc = subprocess.Popen(_command(config), stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                                       stdin=subprocess.DEVNULL, start_new_session=True, env=gpu_env(handle.gpu))
         out.close()
         handle.started_at = time.time()
         handle.healthy = False
@@ -173,6 +176,8 @@ class Cluster:
 
     async def check_once(self) -> None:
         for i, h in enumerate(self.handles):
+            if h.removed:
+                continue
             dead = h.local and not self.launcher.alive(h)
             ok = not dead and await self.clients[i].health(timeout_s=5.0)
             if h.healthy and not ok:

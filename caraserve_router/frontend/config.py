@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from caraserve_router.contracts.configs import (
     InstanceConfig, LoRAConfig, SidecarConfig, add_arguments, from_namespace, option,
 )
+from caraserve_router.frontend.ray_config import CLUSTER_KINDS, RayClusterConfig
 from caraserve_router.scheduling.policies import POLICIES
 
 API_KEY_ENV = "CARASERVE_API_KEY"
@@ -65,6 +66,13 @@ class FrontendConfig:
                                 "(absolute paths under them only; default: the --adapters directory)")
     shm_prefix: str = option("caraserve", "Prefix of the /dev/shm names of the local instances "
                              "(<prefix>_i<index>_<random>)")
+    cluster: str = option("local", "Who runs the --instances: local (processes of this host) or ray (Ray actors "
+                          "over a Ray cluster's nodes: --ray-* flags, docs/DEPLOY.md)", choices=CLUSTER_KINDS)
+    ray: RayClusterConfig = field(default_factory=RayClusterConfig)
+    share_gpus: bool = option(False, "Allow more local instances than GPUs (instance i gets GPU i mod #GPUs); "
+                              "without it, --instances N on a GPU host gives instance i GPU i and refuses N > #GPUs")
+    perf_models_dir: str = option("", "Directory of PerfModel JSONs, one per device kind (metadata.device); each "
+                                  "instance uses the one of its device, others the --perf-model")
 
     def validate(self) -> None:
         if self.instances < 0 or (self.instances == 0 and not self.instance_urls):
@@ -89,6 +97,12 @@ class FrontendConfig:
                 raise ValueError(f"adapter root {root!r} must be an absolute path")
         if not self.shm_prefix.replace("_", "").replace("-", "").isalnum():
             raise ValueError("shm_prefix may hold letters, digits, '_' and '-' only")
+        if self.cluster == "local":
+            from caraserve_router.frontend.gpu_assignment import assign_gpus
+
+            assign_gpus(self.instances, self.share_gpus)  # refuses more instances than GPUs, before anything starts
+        else:
+            self.ray.validate()
 
     @property
     def urls(self) -> list[str]:
@@ -108,13 +122,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     add_arguments(parser, InstanceConfig, skip=INSTANCE_FLAGS_SKIP)
     add_arguments(parser, LoRAConfig, prefix="lora_", skip=("adapters",))
     add_arguments(parser, SidecarConfig, prefix="sidecar_")
+    add_arguments(parser, RayClusterConfig, prefix="ray_")
     return parser
 
 
 def parse_configs(argv=None, description: str = "") -> tuple[FrontendConfig, InstanceConfig]:
     """(front end config, the template every local instance's config is copied from)."""
     ns = build_parser(description).parse_args(argv)
-    front = from_namespace(FrontendConfig, ns)
+    front = from_namespace(FrontendConfig, ns, ray=from_namespace(RayClusterConfig, ns, prefix="ray_"))
     lora = from_namespace(LoRAConfig, ns, prefix="lora_", adapters=front.adapters or None)
     sidecar = from_namespace(SidecarConfig, ns, prefix="sidecar_")
     fields = {k: getattr(ns, k) for k in vars(InstanceConfig()) if hasattr(ns, k) and k not in ("lora", "sidecar")}

@@ -80,6 +80,11 @@ class FrontEnd:
             self.active_policy = self.config.warmup_policy
             self.tasks.append(loop.create_task(self._profile_then_switch()))
         self._build_dispatcher()
+        if self.config.perf_models_dir:
+            from caraserve_router.frontend.perf_models import PerfModelCatalog, assign_from_cluster
+
+            await assign_from_cluster(PerfModelCatalog.load_dir(self.config.perf_models_dir), self.cluster,
+                                      self.dispatcher.state.instances)
         self.cluster.on_down = self._instance_down
         self.cluster.on_up = self._instance_up
         self.tasks += [loop.create_task(self.cluster.monitor(self.config.health_interval_s)),
@@ -91,10 +96,17 @@ class FrontEnd:
         """The instances, started: local processes (`--instances`) plus attached `--instance-urls`.
         (The one place another launcher, e.g. Ray, plugs in: it returns a started Cluster.)"""
         from caraserve_router.frontend.cluster import Cluster, InstanceHandle, LocalLauncher, local_handles
+        from caraserve_router.frontend.gpu_assignment import assign_gpus
         from caraserve_router.frontend.instance_client import InstanceClient
 
+        if self.config.cluster == "ray":
+            from caraserve_router.frontend.ray_cluster import start_ray_cluster
+
+            return start_ray_cluster(self.config, self.template, self.session)
         handles = local_handles(self.template, self.config.instances, self.config.instance_base_port,
                                 "127.0.0.1") if self.config.instances else []
+        for handle, gpu in zip(handles, assign_gpus(len(handles), self.config.share_gpus)):
+            handle.gpu = gpu
         for url in self.config.urls:
             handles.append(InstanceHandle(index=len(handles), url=url))
         clients = [InstanceClient(h.url, self.session, self.config.request_timeout_s) for h in handles]

@@ -2,7 +2,7 @@
 
 Rows are the step's requests, in batch order (prefill: one segment of tokens per request;
 decode: one token per request). The kernel descriptors of docs/DESIGN.md (page table, per-slice
-ranks, segment starts or Punica slots) are built here once; `add_delta` is what the layer
+ranks, segment starts; padded to the max rank for Punica bgmv) are built here once; `add_delta` is what the layer
 calls for each projection group.
 
 The batch owns the step's LoRA state: the adapters still loading, the sidecar jobs in flight,
@@ -21,6 +21,7 @@ import torch
 
 import kernels
 
+from caraserve_router.lora.descriptors import group_rows, mask_rows
 from caraserve_router.lora.modes import LayerDecision, Mode, StepDecision
 from caraserve_router.lora.shapes import GROUPS
 
@@ -51,18 +52,12 @@ class LoraBatch:
 
     def _build_descriptors(self, seg_lens) -> None:
         n = len(self.entries)
-        width = max([e.rank for e in self.entries if e is not None] or [1])
-        table = torch.full((n, width), -1, dtype=torch.int32)
-        for i, e in enumerate(self.entries):
-            if e is not None:
-                table[i, : e.rank] = torch.tensor(e.pages_list, dtype=torch.int32)
-        self.page_table = table.to(self.device)  # [N, R]
-        self.ranks = {}
-        self.any_rank = {}
+        self.a_rows, self.b_rows, self.ranks, self.any_rank = {}, {}, {}, {}
         for g in GROUPS:
-            rows = [self.runtime.slice_ranks(e, g) for e in self.entries]
-            self.ranks[g] = torch.tensor(rows, dtype=torch.int32, device=self.device)  # [N, S]
-            self.any_rank[g] = any(any(r) for r in rows)
+            # a_rows / b_rows [N, S, R_g] pool units, ranks [N, S] (descriptors.py)
+            self.a_rows[g], self.b_rows[g], self.ranks[g] = group_rows(
+                self.entries, g, self.runtime.shapes.group(g).num_slices, self.device)
+            self.any_rank[g] = any(any(e.slice_ranks[g]) for e in self.entries if e is not None)
         # [N, S] ones: the store folds lora_alpha / r into B, so the kernels' multiplier is 1
         self.scales = {g: torch.ones(self.ranks[g].shape, dtype=torch.float32, device=self.device) for g in GROUPS}
         if self.is_prefill:
@@ -73,10 +68,8 @@ class LoraBatch:
             self.row_starts = starts
         else:
             self.row_starts = list(range(n + 1))
-        self.use_bgmv = not self.is_prefill and self.pool.layout == "slot"
-        if self.use_bgmv:
-            self.slots = torch.tensor([e.slot if e is not None else -1 for e in self.entries], dtype=torch.int32,
-                                      device=self.device)  # [N]
+        # Punica's bgmv: decode descriptors padded to the batch's max rank (kernels.pad_to_max_rank)
+        self.use_bgmv = not self.is_prefill and self.runtime.decode_kernel.pads_to_max_rank
         self._plans: dict[tuple, object] = {}
 
     # ---- residency ----------------------------------------------------------------------
@@ -167,25 +160,20 @@ class LoraBatch:
         if not self.any_rank[group]:
             return False
         skip = self._resolve(layer, group, x, out)
-        ranks, slots = self._masked(group, skip)
-        a, b = self.pool.layer_view(group, layer)
+        a_rows, b_rows, ranks = self._masked(group, skip)
+        w = self.pool.layer_pool(layer)  # [U, UNIT]
         gs = self.runtime.shapes.group(group)
         offsets = self.runtime.slice_offsets[group]
-        width = self.page_table.shape[1]
-        y = torch.empty((x.shape[0], gs.num_slices, width), dtype=torch.float32, device=x.device)  # y: [T, S, R]
+        y = torch.empty((x.shape[0], gs.num_slices, a_rows.shape[2]), dtype=torch.float32,
+                        device=x.device)  # y: [T, S, R]
         scales = self.scales[group]
         if self.is_prefill:
-            kernels.sgmv_shrink(x, a, self.seg_starts, self.page_table, ranks, y)
-            kernels.sgmv_expand(y, b, self.seg_starts, self.page_table, ranks, scales, offsets, out)
-        elif self.use_bgmv:
-            r = self.pool.max_rank
-            plan = self._plan(group, skip, lambda: kernels.plan_slots(slots, width, r, gs.num_slices))
-            kernels.bgmv_shrink(x, a.view(-1, r, gs.num_slices, gs.in_features), slots, y, plan=plan)
-            kernels.bgmv_expand(y, b.view(-1, r, gs.out_total), slots, scales, offsets, out, plan=plan)
+            kernels.sgmv_shrink(x, w, self.seg_starts, a_rows, ranks, y)
+            kernels.sgmv_expand(y, w, self.seg_starts, b_rows, ranks, scales, offsets, out)
         else:
-            plan = self._plan(group, skip, lambda: kernels.plan_rows(self.page_table, ranks))
-            kernels.mbgmv_shrink(x, a, self.page_table, ranks, y, plan=plan)
-            kernels.mbgmv_expand(y, b, self.page_table, ranks, scales, offsets, out, plan=plan)
+            plan = self._plan(group, skip, lambda: kernels.plan_rows(a_rows, b_rows, ranks))
+            kernels.mbgmv_shrink(x, w, a_rows, ranks, y, plan=plan)
+            kernels.mbgmv_expand(y, w, b_rows, ranks, scales, offsets, out, plan=plan)
         return True
 
     def _plan(self, group: str, skip: tuple, build):
@@ -198,13 +186,13 @@ class LoraBatch:
         return self._plans[key]
 
     def _masked(self, group: str, skip: tuple):
-        """Ranks (and bgmv slots) with the rows of `skip` adapters zeroed (already handled)."""
-        if not skip:
-            return self.ranks[group], getattr(self, "slots", None)
+        """(a_rows, b_rows, ranks) of `group` with the rows of `skip` adapters zeroed (already
+        handled), padded to the batch's max rank for bgmv."""
         key = (group, skip)
         if key not in self._skip_cache:
-            rows = torch.tensor([name in skip for name in self.names], device=self.device)
-            ranks = self.ranks[group].masked_fill(rows[:, None], 0)
-            slots = self.slots.masked_fill(rows, -1) if self.use_bgmv else None
-            self._skip_cache[key] = (ranks, slots)
+            rows = torch.tensor([name in skip for name in self.names], device=self.device) if skip else None
+            descriptors = (self.a_rows[group], self.b_rows[group], mask_rows(self.ranks[group], rows))
+            if self.use_bgmv:
+                descriptors = kernels.pad_to_max_rank(*descriptors, zero_unit=0)
+            self._skip_cache[key] = descriptors
         return self._skip_cache[key]

@@ -53,7 +53,8 @@ class EmulatedResidency:
 
 
 class CudaResidency:
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, device=None):
+        self.device = device  # the pool's CUDA device: waits go on its current stream
         self.events = [None] * num_layers  # torch.cuda.Event per layer (shared within a group)
         self.marked = [False] * num_layers
         self.failed = False
@@ -82,7 +83,7 @@ class CudaResidency:
         while not self.marked[layer]:
             self._recorded.wait(0.0005)
         if self.events[layer] is not None:
-            torch.cuda.current_stream().wait_event(self.events[layer])
+            torch.cuda.current_stream(self.device).wait_event(self.events[layer])
         return 0.0
 
     def wait_all(self) -> float:

@@ -22,6 +22,7 @@ from caraserve_router.lora.adapter_store import AdapterError, AdapterStore
 from caraserve_router.lora.batch import LoraBatch
 from caraserve_router.lora.device_link import make_link
 from caraserve_router.lora.modes import mode_for
+from caraserve_router.lora.resolver import AdapterResolver, pool_mb
 from caraserve_router.contracts.names import DecodeKernel, LoraMode
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
 
@@ -41,22 +42,29 @@ class LoraRuntime:
         self.shapes = ModelShapes.from_config(model.config)
         self.device = model.device
         self.store = AdapterStore(self.shapes, model.data_type, config.shm_prefix, lora.max_rank,
-                                  pin=self.device.type == "cuda")
+                                  pin=self.device.type == "cuda",
+                                  cache_bytes=int(lora.host_cache_mb * 2**20) if lora.host_cache_mb else None)
         self.kind = LoraMode(lora.mode)
-        layout = "slot" if DecodeKernel(lora.decode_kernel).pads_to_max_rank else "paged"
-        self.pool = AdapterPool(self.shapes, model.data_type, self.device, lora.pool_mb, lora.max_rank, layout)
+        self.decode_kernel = DecodeKernel(lora.decode_kernel)
+        self.pool = AdapterPool(self.shapes, model.data_type, self.device, pool_mb(lora, self.device), lora.max_rank)
+        self.resolver = AdapterResolver(lora.adapter_dir) if lora.adapter_dir else None
         self.link = make_link(self.pool, lora)
         self.mode = mode_for(self.kind)
         self.slice_offsets = {
             g: torch.tensor(self.shapes.group(g).slice_offsets, dtype=torch.int32, device=self.device) for g in GROUPS
         }
         self.sidecar = self._start_sidecar(config, model) if self.kind.uses_sidecar else None
+        if self.sidecar is not None:  # the workers read an adapter's host bytes while they are mapped
+            self.store.max_mapped = self.sidecar.layout.max_adapters
+            self.store.on_map = self.sidecar.register_adapter
+            self.store.on_unmap = self.sidecar.unregister_adapter
+        self.load_s = 0.0
         self.names = AdapterNames()
         self.request_adapter: dict[int, str] = {}  # request id -> storage key
         # Since start: loads, warm/cold requests, and every step's counters (LoraBatch.counters).
         self.counters = collections.Counter()
-        log.info("LoRA pool: %d rank rows (%.1f MiB each), layout %s, mode %s", self.pool.num_pages,
-                 self.pool.page_bytes / 2**20, layout, self.kind)
+        log.info("LoRA pool: %.1f MiB (%d units of %d elements per layer), mode %s, decode %s",
+                 self.pool.bytes_total / 2**20, self.pool.num_units, self.pool.unit, self.kind, self.decode_kernel)
 
     def _start_sidecar(self, config, model):
         from caraserve_router.lora.sidecar import CpuLoraSidecar
@@ -92,9 +100,7 @@ class LoraRuntime:
             host = self.store.add(key, real)
         except AdapterError as e:
             raise scrub(e, name, paths) from None
-        try:
-            if self.sidecar is not None:
-                self.sidecar.register_adapter(host)
+        try:  # (the sidecar learns of the host bytes when they are mapped: store.on_map)
             if self.kind.preloads:
                 self._preload(host)
         except Exception:
@@ -105,9 +111,13 @@ class LoraRuntime:
         entry = self.pool.place(host, self.link.new_residency())
         if entry is None:
             raise AdapterError(
-                f"cached mode keeps every adapter on the device, and the pool ({self.config.lora.pool_mb} MiB) "
-                f"has no room for {host.spec.name!r}: raise --lora-pool-mb", 507)
-        self.link.load_now(entry, host)
+                f"cached mode keeps every adapter on the device, and the pool ({self.pool.bytes_total / 2**20:.0f} "
+                f"MiB) has no room for {host.spec.name!r}: raise --lora-pool-mb", 507)
+        self.store.acquire(host.spec.name)
+        try:
+            self.link.load_now(entry, host)
+        finally:
+            self.store.release(host.spec.name)
         self.pool.set_pinned(host.spec.name, True)
 
     def remove(self, name: str) -> bool:
@@ -140,6 +150,18 @@ class LoraRuntime:
 
     def is_known(self, name: str) -> bool:
         return name in self.names
+
+    def resolve(self, name: str) -> dict:
+        """The adapter's info, registering DIR/name first when it is unknown and the resolver
+        (`--lora-adapter-dir`) is on. AdapterError: 400 for a name that is not a plain directory
+        name or a bad adapter, 404 when there is no such adapter."""
+        if name in self.names:
+            return self.info(name)
+        if self.resolver is None:
+            raise AdapterError(f"adapter {name!r} is not registered", 404)
+        info = self.add(name, self.resolver.path(name))
+        self.counters["resolved"] += 1
+        return info
 
     def pin(self, name: str) -> bool:
         if not self.admit(name):
@@ -186,9 +208,23 @@ class LoraRuntime:
         entry = self.pool.place(host, self.link.new_residency())
         if entry is None:
             return False
-        self.link.submit(entry, host, priority=time.monotonic())
+        started = time.monotonic()
+        try:
+            self.store.acquire(key)  # host bytes mapped (read from the file if released) until copied
+        except AdapterError as e:  # the file changed or holds NaN: refuse the adapter from now on
+            log.error("adapter %s dropped: %s", key, e)
+            for name in self.names.names_of(key):
+                self.names.unbind(name)
+            self._drop(key)
+            return True  # not registered any more: the router fails its requests
+        self.link.submit(entry, host, priority=started, on_done=lambda: self._loaded(key, started))
         self.counters["loads_cold"] += 1
+        self.counters["load_bytes"] += self.pool.entry_bytes(entry)
         return True
+
+    def _loaded(self, key: str, started: float) -> None:
+        self.store.release(key)
+        self.load_s += time.monotonic() - started
 
     # ---- requests and steps --------------------------------------------------------------------
 
@@ -248,17 +284,41 @@ class LoraRuntime:
             "registered": self.names.names(),
             "host_copies": len(self.store.names()),
             "resident": resident,
-            "pages_used": self.pool.pages_used,
-            "pages_total": self.pool.num_pages,
+            "pages_used": -(-self.pool.bytes_used // self.page_bytes),  # full-rank-row equivalents
+            "pages_total": self.pool.bytes_total // self.page_bytes,
             "loads": {"cold": self.counters["loads_cold"], "warm_requests": self.counters["requests_warm"],
                       "cold_requests": self.counters["requests_cold"],
                       "cpu_assisted_steps": self.counters["cpu_assisted_steps"]},
             "counters": dict(self.counters),
             "link_bytes": self.link.bytes_moved,
-            "page_bytes": self.pool.page_bytes,
+            "page_bytes": self.page_bytes,
+            "residency": self.residency_stats(),
             "link_bandwidth_mbps": self.config.lora.link_bandwidth_mbps if self.link.emulated else None,
             "link_latency_us": self.config.lora.link_latency_us if self.link.emulated else None,
             "sidecar": self.sidecar.stats() if self.sidecar is not None else None,
+        }
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one rank row on all seven projections over all layers (the old page size)."""
+        return self.shapes.floats_per_rank_per_layer() * self.shapes.num_layers * self.pool.dtype.itemsize
+
+    def residency_stats(self) -> dict:
+        """Adapters registered / mapped on host / resident on device, their bytes, loads,
+        evictions, device hit rate, time spent loading."""
+        host = self.store.stats()
+        warm, cold = self.counters["requests_warm"], self.counters["requests_cold"]
+        return {
+            "registered": len(self.names.names()), "host_copies": host["registered"],
+            "mapped_on_host": host["mapped_on_host"],
+            "host_bytes": host["host_bytes"], "host_budget_bytes": host["host_budget_bytes"],
+            "host_reads": host.get("host_reads", 0), "host_evictions": host.get("host_evictions", 0),
+            "resident_on_device": len(self.pool.entries), "device_bytes": self.pool.bytes_used,
+            "device_budget_bytes": self.pool.bytes_total,
+            "device_loads": self.counters["loads_cold"], "device_load_bytes": self.counters["load_bytes"],
+            "device_evictions": self.pool.evictions,
+            "device_hit_rate": warm / (warm + cold) if warm + cold else None,
+            "load_s": self.load_s, "resolved": self.counters["resolved"],
         }
 
     def shutdown(self) -> None:

@@ -248,6 +248,7 @@ class RankAwarePolicy(Policy):
     def _predict(self, inst: InstanceState, req: RequestInfo, pm: PerfModel) -> tuple[float, float, float, float]:
         """(d_prefill_ms, d_decode_ms, tpot_pred_ms, cost) of adding ``req`` to ``inst``."""
         cfg = self.config
+        pm = inst.perf_model or pm  # the model of this instance's device kind, where it has one
         n, kernel, r = len(inst.running) + len(inst.queued), inst.kernel, req.rank
         before = pm.decode_step_ms(n, inst.sum_ranks, inst.max_rank, kernel)
         after = pm.decode_step_ms(n + 1, inst.sum_ranks + r, max(inst.max_rank, r), kernel)

@@ -94,6 +94,7 @@ class InstanceState:
         if resident_capacity_ranks is not None:
             _check_positive_int(resident_capacity_ranks, "resident_capacity_ranks")
         self.resident_capacity_ranks = resident_capacity_ranks
+        self.perf_model = None  # PerfModel of this instance's device kind; None: the cluster's
         self.running: dict[Hashable, RequestInfo] = {}
         self.queued: dict[Hashable, RequestInfo] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()

@@ -50,7 +50,7 @@ class CpuLoraSidecar(SidecarMeasurement):
     """k pinned worker processes that compute LoRA deltas of layers not yet on the device."""
 
     def __init__(self, config: SidecarConfig, shapes: ModelShapes, dtype: torch.dtype, shm_prefix: str,
-                 max_tokens: int, max_adapters: int = 256, max_segments: int = 1024):
+                 max_tokens: int, max_adapters: int = 4096, max_segments: int = 1024):
         config.validate()
         if max_tokens < 1 or max_adapters < 1 or max_segments < 1:
             raise ValueError("sidecar max_tokens, max_adapters and max_segments must be >= 1")
