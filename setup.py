@@ -16,7 +16,7 @@ setup(
         "lightllm==0.0.1",
         "prometheus_client", "fastapi", "uvicorn", "psutil", "sortedcontainers", "requests",
         "pillow", "pyzmq", "rpyc", "uvloop", "einops", "numpy", "safetensors",
-        "gguf", "transformers", "accelerate", "peft", "aiohttp", "httpx", "matplotlib",
+        "gguf", "transformers", "accelerate", "peft", "aiohttp", "httpx", "matplotlib", "ray==2.60.0",
     ],
     entry_points={
         "console_scripts": [

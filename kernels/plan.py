@@ -1,13 +1,13 @@
 """RowPlan: the CPU fast path's index tensors for one decode batch, built once per step.
 
-The decode descriptors (`page_table`, `ranks`) are the same for every layer of a forward
+The decode descriptors (`a_rows`, `b_rows`, `ranks`) are the same for every layer of a forward
 step; the CPU path turns them into flat index tensors (which pool rows feed which element of
 `y` / `out`). The engine builds one plan per module group per step and passes it to every
-mbgmv / bgmv call of that group:
+mbgmv call of that group:
 
-    plans = {g: plan_rows(page_table, ranks[g]) for g in GROUPS}         # once per step
+    plans = {g: plan_rows(a_rows[g], b_rows[g], ranks[g]) for g in GROUPS}   # once per step
     for layer in layers:
-        mbgmv_shrink(x, pool.A[layer]["qkv"], page_table, ranks["qkv"], y, plan=plans["qkv"])
+        mbgmv_shrink(x, pool.W[layer], a_rows["qkv"], ranks["qkv"], y, plan=plans["qkv"])
         ...
 
 Construction is cheap (shape checks, one mask); the index tensors are built on first use by a
@@ -17,10 +17,13 @@ reference paths ignore plans.
 
 Two ways a row's shrink is computed (chosen per row by the plan):
 - rows that share an adapter with >= `dense_min_rows` rows of the batch form a *dense group*:
-  one BLAS matmul `x[rows] @ A[pages]^T` (a view of the pool when the pages are contiguous);
+  one BLAS matmul `x[rows] @ A_rows^T` over the adapter's gathered lora_A rows;
 - every other row is part of one sampled dense-dense matmul (torch.sparse.sampled_addmm):
-  exactly the (row, page, slice) dot products that exist, read straight from the pool, no copy.
-Expand is one `embedding_bag` over the pool's B viewed as rows of `width` columns.
+  exactly the (row, lora_A row) dot products that exist. The pool is read in place, viewed as
+  rows of IN elements, when every lora_A row starts at a multiple of IN elements (the pool
+  aligns them so); otherwise the batch's rows are gathered first ("compact").
+Expand is one `embedding_bag` over the pool viewed as rows of `width` elements (the gcd of the
+slice offsets and the unit).
 """
 from __future__ import annotations
 
@@ -42,24 +45,22 @@ DENSE_MIN_ROWS = 16
 
 @dataclass(frozen=True)
 class DenseGroup:
-    """Rows sharing one adapter: their shrink is one matmul."""
+    """Rows sharing one adapter: their shrink is one matmul over the adapter's lora_A rows."""
     rows: torch.Tensor            # int64 [n]: batch rows of this adapter
-    first_page: int
-    rank: int                     # pages read: the adapter's largest slice rank
-    pages: torch.Tensor | None    # int64 [rank]; None when pages are first_page .. first_page+rank-1
-    src: torch.Tensor             # int64 [n * live]: positions in the product [n, rank * S], flat
-    dest: torch.Tensor            # int64 [n * live]: positions in y.view(-1)
+    units: torch.Tensor           # int64 [m]: first unit of each live lora_A row (live (s, j) order)
+    dest: torch.Tensor            # int64 [n * m]: positions in y.view(-1) of the product [n, m]
 
 
 @dataclass
 class ShrinkIndex:
     """Where every live element of y comes from."""
     num_rows: int
-    pages: torch.Tensor | None    # compact mode: the pool pages the batch reads (sorted, unique)
+    gathered: torch.Tensor | None  # compact: first units of the rows to gather (unique); None: in place
     crow: torch.Tensor            # int64 [N + 1]: CSR row pointers of the sampled part
-    col: torch.Tensor             # int64 [nnz]: page * S + s (compact mode: index into `pages`)
+    col: torch.Tensor             # int64 [nnz]: row of the pool viewed as [*, IN] (compact: of `gathered`)
     dest: torch.Tensor            # int64 [nnz + dense]: y.view(-1) positions, sampled part first
     groups: tuple[DenseGroup, ...]
+    repeat: torch.Tensor | None = None  # int64: sampled value of each live element when rows repeat
     _patterns: dict = field(default_factory=dict)
 
     def pattern(self, num_cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -77,131 +78,167 @@ class ShrinkIndex:
 
 @dataclass(frozen=True)
 class ExpandIndex:
-    """One embedding_bag: bag (row, chunk) sums y-weighted chunk rows of B.view(-1, width)."""
-    width: int                    # columns per chunk: gcd of the slice offsets
-    idx: torch.Tensor             # int64 [nnz]: page * chunks + chunk
+    """One embedding_bag: bag (row, chunk) sums y-weighted chunk rows of W.view(-1, width)."""
+    width: int                    # elements per chunk: gcd of the slice offsets and the unit
+    idx: torch.Tensor             # int64 [nnz]: chunk row of W.view(-1, width)
     wpos: torch.Tensor            # int64 [nnz]: position in y.view(-1) weighting each
     bag_offsets: torch.Tensor     # int64 [bags]: start of each non-empty bag in idx
     bags: torch.Tensor | None     # int64 [bags]: row of out.view(-1, width); None: all, in order
 
 
+def gather_rows(W: torch.Tensor, units: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of `width` elements of W [U, UNIT] starting at `units` (int64 [m]) -> [m, width]:
+    a row gather of W.view(-1, width) when the rows are aligned to `width`, else an element gather."""
+    unit = W.shape[1]
+    starts = units * unit
+    if width and bool((starts % width == 0).all()):
+        return _row_view(W, width).index_select(0, starts // width)
+    idx = starts[:, None] + torch.arange(width)
+    return W.view(-1).index_select(0, idx.view(-1)).view(len(units), width)
+
+
+def _row_view(W: torch.Tensor, width: int) -> torch.Tensor:
+    """W as rows of `width` elements (a view; a tail shorter than a row is left out)."""
+    flat = W.view(-1)
+    return flat[: flat.numel() // width * width].view(-1, width)
+
+
 class RowPlan:
-    """Index tensors of one decode batch (page_table [N, R], ranks [N, S]) for the CPU path."""
+    """Index tensors of one decode batch (a_rows / b_rows [N, S, R], ranks [N, S]) for the CPU path."""
 
-    def __init__(self, page_table: torch.Tensor, ranks: torch.Tensor, dense_min_rows: int = DENSE_MIN_ROWS):
-        if page_table.dim() != 2 or ranks.dim() != 2 or page_table.shape[0] != ranks.shape[0]:
-            fail("plan_rows", f"page_table [N, R] and ranks [N, S] expected, got "
-                              f"{list(page_table.shape)} and {list(ranks.shape)}")
-        self.page_table = page_table.to("cpu", torch.int64)   # [N, R]
-        self.ranks = ranks.to("cpu", torch.int64)             # [N, S]
-        self.num_rows, self.max_rank = self.page_table.shape
-        self.num_slices = self.ranks.shape[1]
+    def __init__(self, a_rows: torch.Tensor, b_rows: torch.Tensor, ranks: torch.Tensor,
+                 dense_min_rows: int = DENSE_MIN_ROWS):
+        if (a_rows.dim() != 3 or b_rows.shape != a_rows.shape or ranks.dim() != 2
+                or tuple(ranks.shape) != tuple(a_rows.shape[:2])):
+            fail("plan_rows", f"a_rows / b_rows [N, S, R] and ranks [N, S] expected, got "
+                              f"{list(a_rows.shape)}, {list(b_rows.shape)} and {list(ranks.shape)}")
+        self.a_rows = a_rows.to("cpu", torch.int64)             # [N, S, R]
+        self.b_rows = b_rows.to("cpu", torch.int64)             # [N, S, R]
+        self.ranks = ranks.to("cpu", torch.int64)               # [N, S]
+        self.num_rows, self.num_slices, self.max_rank = self.a_rows.shape
         self.dense_min_rows = dense_min_rows
-        # live[i, j, s]: rank row j of slice s of row i is read
-        self.live = torch.arange(self.max_rank)[None, :, None] < self.ranks[:, None, :]
         if bool((self.ranks > self.max_rank).any()) or bool((self.ranks < 0).any()):
-            fail("plan_rows", f"ranks must lie in 0..{self.max_rank} (page_table width)")
-        live_pages = self.page_table[self.live.any(2)]
-        if bool((live_pages < 0).any()):
-            fail("plan_rows", "page_table has -1 below a row's rank")
-        self.max_page = int(live_pages.max()) if live_pages.numel() else -1
-        self._shrink: dict[bool, ShrinkIndex] = {}
-        self._expand: dict[tuple[int, ...], ExpandIndex] = {}
+            fail("plan_rows", f"ranks must lie in 0..{self.max_rank} (row table width)")
+        # live[i, s, j]: rank row j of slice s of row i is read
+        self.live = torch.arange(self.max_rank)[None, None, :] < self.ranks[:, :, None]
+        live_a, live_b = self.a_rows[self.live], self.b_rows[self.live]
+        if bool((live_a < 0).any()) or bool((live_b < 0).any()):
+            fail("plan_rows", "a row table has -1 below a row's rank")
+        self.max_a_unit = int(live_a.max()) if live_a.numel() else -1
+        self.max_b_units = [int(self.b_rows[:, s][self.live[:, s]].max()) if bool(self.live[:, s].any()) else -1
+                            for s in range(self.num_slices)]                       # per slice
+        self._shrink: dict[tuple, ShrinkIndex] = {}
+        self._expand: dict[tuple, ExpandIndex] = {}
 
-    def check(self, op: str, rows: int, rank: int, slices: int, pool_pages: int) -> None:
-        """The plan was built for a batch of this shape and its pages exist in the pool."""
-        if (rows, rank, slices) != (self.num_rows, self.max_rank, self.num_slices):
-            fail(op, f"plan is for N={self.num_rows}, R={self.max_rank}, S={self.num_slices}; "
-                     f"the call has N={rows}, R={rank}, S={slices}")
-        if self.max_page >= pool_pages:
-            fail(op, f"page_table reads page {self.max_page} of a pool of {pool_pages} pages")
+    def check(self, op: str, rows: int, slices: int, rank: int) -> None:
+        """The plan was built for a batch of this shape."""
+        if (rows, slices, rank) != (self.num_rows, self.num_slices, self.max_rank):
+            fail(op, f"plan is for N={self.num_rows}, S={self.num_slices}, R={self.max_rank}; "
+                     f"the call has N={rows}, S={slices}, R={rank}")
 
-    def shrink_index(self, compact: bool) -> ShrinkIndex:
-        """compact=False: read the pool in place; True: gather the batch's pages first (half dtypes)."""
-        index = self._shrink.get(compact)
+    def check_rows(self, op: str, W: torch.Tensor, max_unit: int, width: int) -> None:
+        if max_unit >= 0 and max_unit * W.shape[1] + width > W.numel():
+            fail(op, f"a row at unit {max_unit} ({width} elements) runs past the pool of {W.shape[0]} units")
+
+    def shrink_index(self, unit: int, in_features: int, compact: bool) -> ShrinkIndex:
+        """compact=False: read the pool in place when aligned; True: gather the batch's rows first."""
+        key = (unit, in_features, compact)
+        index = self._shrink.get(key)
         if index is None:
-            index = self._shrink[compact] = self._build_shrink(compact)
+            index = self._shrink[key] = self._build_shrink(unit, in_features, compact)
         return index
 
-    def expand_index(self, slice_offsets: tuple[int, ...]) -> ExpandIndex:
-        index = self._expand.get(slice_offsets)
+    def expand_index(self, unit: int, slice_offsets: tuple[int, ...]) -> ExpandIndex:
+        key = (unit, slice_offsets)
+        index = self._expand.get(key)
         if index is None:
-            index = self._expand[slice_offsets] = self._build_expand(slice_offsets)
+            index = self._expand[key] = self._build_expand(unit, slice_offsets)
         return index
 
     # -- construction ----------------------------------------------------------------------
 
-    def _build_shrink(self, compact: bool) -> ShrinkIndex:
-        n, r, s_count = self.num_rows, self.max_rank, self.num_slices
+    def _build_shrink(self, unit: int, in_features: int, compact: bool) -> ShrinkIndex:
+        n, s_count, r = self.num_rows, self.num_slices, self.max_rank
+        starts = self.a_rows * unit
+        if not compact and not bool((starts[self.live] % in_features == 0).all()):
+            compact = True                                       # rows not aligned: no in-place view
         groups = () if compact else self._dense_groups()
         sampled_rows = torch.ones(n, dtype=torch.bool)
         for g in groups:
             sampled_rows[g.rows] = False
-        i, j, s = (self.live & sampled_rows[:, None, None]).nonzero(as_tuple=True)
-        pages = self.page_table[i, j]
+        i, s, j = (self.live & sampled_rows[:, None, None]).nonzero(as_tuple=True)
+        units = self.a_rows[i, s, j]
         gathered = None
         if compact:
-            gathered, pages = torch.unique(pages, return_inverse=True)
+            gathered, col = torch.unique(units, return_inverse=True)
+        else:
+            col = units * unit // in_features
+        dest = torch.cat([i * (s_count * r) + s * r + j] + [g.dest for g in groups])
+        # A CSR row may not name a column twice; padded descriptors (bgmv) read the zero row for
+        # many (s, j) of one row: sample each (row, column) once and repeat its value.
+        pairs = i * (int(col.max()) + 1 if col.numel() else 1) + col
+        repeat = None
+        unique_pairs, inverse = torch.unique(pairs, return_inverse=True)
+        if len(unique_pairs) < len(pairs):
+            width = int(col.max()) + 1
+            i, col, repeat = unique_pairs // width, unique_pairs % width, inverse
         crow = torch.zeros(n + 1, dtype=torch.int64)
         crow[1:] = torch.bincount(i, minlength=n).cumsum(0)
-        dest = torch.cat([i * (s_count * r) + s * r + j] + [g.dest for g in groups])
-        return ShrinkIndex(n, gathered, crow, pages * s_count + s, dest, groups)
+        return ShrinkIndex(n, gathered, crow, col, dest, groups, repeat)
 
     def _dense_groups(self) -> tuple[DenseGroup, ...]:
         if self.num_rows < self.dense_min_rows:
             return ()
-        row_rank = self.ranks.max(1).values                                   # [N]
-        masked = torch.where(torch.arange(self.max_rank) < row_rank[:, None], self.page_table, -1)
+        s_count, r = self.num_slices, self.max_rank
+        masked = torch.where(self.live, self.a_rows, -1).view(self.num_rows, -1)
         key = torch.cat([masked, self.ranks], 1)                               # same key: same adapter
         _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
-        big = (counts[inverse] >= self.dense_min_rows) & (row_rank > 0)
+        big = (counts[inverse] >= self.dense_min_rows) & (self.ranks.max(1).values > 0)
         groups = []
         for u in inverse[big].unique().tolist():
             rows = (inverse == u).nonzero().flatten()
-            groups.append(self._group(rows, int(row_rank[rows[0]])))
+            s, j = self.live[rows[0]].nonzero(as_tuple=True)                  # live (s, j) of the adapter
+            dest = (rows[:, None] * (s_count * r) + (s * r + j)[None, :]).flatten()
+            groups.append(DenseGroup(rows, self.a_rows[rows[0], s, j], dest))
         return tuple(groups)
 
-    def _group(self, rows: torch.Tensor, rank: int) -> DenseGroup:
-        s_count, r = self.num_slices, self.max_rank
-        first = int(rows[0])
-        pages = self.page_table[first, :rank]
-        contiguous = bool((pages == pages[0] + torch.arange(rank)).all())
-        j, s = self.live[first, :rank].nonzero(as_tuple=True)                 # live (j, s) of the adapter
-        src = (torch.arange(len(rows))[:, None] * (rank * s_count) + (j * s_count + s)[None, :]).flatten()
-        dest = (rows[:, None] * (s_count * r) + (s * r + j)[None, :]).flatten()
-        return DenseGroup(rows, int(pages[0]), rank, None if contiguous else pages, src, dest)
-
-    def _build_expand(self, offsets: tuple[int, ...]) -> ExpandIndex:
-        n, r, s_count = self.num_rows, self.max_rank, self.num_slices
-        width = max(math.gcd(*offsets), 1)
+    def _build_expand(self, unit: int, offsets: tuple[int, ...]) -> ExpandIndex:
+        n, s_count, r = self.num_rows, self.num_slices, self.max_rank
+        width = max(math.gcd(*offsets, unit), 1)
         chunks = offsets[-1] // width
         # chunk c holds columns c*width .. (c+1)*width-1, all of one slice
         chunk_slice = torch.bucketize(torch.arange(chunks) * width, torch.tensor(offsets[1:]), right=True)
+        first_chunk = torch.tensor(offsets[:-1]) // width                      # [S]
         live = torch.arange(r)[None, None, :] < self.ranks[:, chunk_slice][:, :, None]   # [N, C, R]
         i, c, j = live.nonzero(as_tuple=True)                                  # bag order (i, c), then j
+        s = chunk_slice[c]
         bag_ids, sizes = torch.unique_consecutive(i * chunks + c, return_counts=True)
         bag_offsets = torch.zeros_like(sizes)
         bag_offsets[1:] = sizes.cumsum(0)[:-1]
         return ExpandIndex(
             width=width,
-            idx=self.page_table[i, j] * chunks + c,
-            wpos=i * (s_count * r) + chunk_slice[c] * r + j,
+            idx=self.b_rows[i, s, j] * (unit // width) + (c - first_chunk[s]),
+            wpos=i * (s_count * r) + s * r + j,
             bag_offsets=bag_offsets,
             bags=None if len(bag_ids) == n * chunks else bag_ids,
         )
 
 
-def plan_rows(page_table: torch.Tensor, ranks: torch.Tensor, dense_min_rows: int = DENSE_MIN_ROWS) -> RowPlan:
+def plan_rows(a_rows: torch.Tensor, b_rows: torch.Tensor, ranks: torch.Tensor,
+              dense_min_rows: int = DENSE_MIN_ROWS) -> RowPlan:
     """Plan for mbgmv_shrink / mbgmv_expand of one decode batch (any device; read on the CPU)."""
-    return RowPlan(page_table, ranks, dense_min_rows)
+    return RowPlan(a_rows, b_rows, ranks, dense_min_rows)
 
 
-def plan_slots(slots: torch.Tensor, rank: int, slot_rank: int, num_slices: int,
-               dense_min_rows: int = DENSE_MIN_ROWS) -> RowPlan:
-    """Plan for bgmv_shrink / bgmv_expand: slot k's rank row j is page k * slot_rank + j of the
-    stacked pool viewed as [NS * RS, ...]; every row with a slot uses all `rank` rows (padded)."""
-    slots = slots.to("cpu", torch.int64)                                       # [N]
-    has = slots >= 0
-    page_table = torch.where(has[:, None], slots[:, None] * slot_rank + torch.arange(rank), -1)
-    ranks = (has.long() * rank)[:, None].expand(len(slots), num_slices).contiguous()
-    return RowPlan(page_table, ranks, dense_min_rows)
+def pad_to_max_rank(a_rows: torch.Tensor, b_rows: torch.Tensor, ranks: torch.Tensor,
+                    zero_unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Punica's bgmv as descriptors: every row with an adapter computes all R rank rows of every
+    slice; rows past a slice's own rank read the pool's zero row at `zero_unit` (which must be at
+    least as wide as any row). Returns (a_rows, b_rows, ranks) padded; same device and dtypes."""
+    rank = a_rows.shape[2]
+    live = torch.arange(rank, device=ranks.device)[None, None, :] < ranks[:, :, None]   # [N, S, R]
+    has = (ranks.max(1).values > 0)[:, None, None].expand_as(live)                     # [N, S, R]
+    filler = torch.where(has, torch.full_like(a_rows, zero_unit), torch.full_like(a_rows, -1))
+    padded_ranks = torch.where(has[:, :, 0], rank, 0).to(ranks.dtype)
+    return (torch.where(live, a_rows, filler).contiguous(), torch.where(live, b_rows, filler).contiguous(),
+            padded_ranks.contiguous())

@@ -3,10 +3,10 @@
 | ours | upstream | why |
 |---|---|---|
 | `CaraBackend.init_model` | `ModeBackend.init_model` | builds `CaraLlamaModel` on the configured device (upstream: nccl + `torch.cuda.set_device`, a model-type if/elif over 20 models) and the instance's `LoraRuntime`. |
-| `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the adapter and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys); upstream calls `torch.cuda.current_device()`. |
-| `CaraBackend.forward` | `ContinuesBatchBackend.forward` | inputs on the device, the step's `LoraBatch`, the seedable sampler. |
+| `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the `AdapterRequest` and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys) and attaches the adapter; upstream calls `torch.cuda.current_device()`. |
+| `CaraBackend.forward` | `ContinuesBatchBackend.forward` | inputs on the device, the step's `LoraBatch`, the seedable sampler. With `--prefill-chunk-tokens` a decode step that has prompts still to prefill runs as a mixed step (`_forward_mixed`, chunked prefill; replaces `SplitFuseBackend.decode_batch`, which is CUDA-bound and gives every prefilling request a whole block per step). |
 | `CaraBackend.filter_batch` / `remove_batch` | `ModeBackend.*` | release per-request state (generator, adapter reference) of finished requests. |
-| `CaraModelRpcServer` / `CaraModelRpcClient` | `ModelRpcServer` / `ModelRpcClient` | select `CaraBackend`; expose the LoRA control calls. |
+| `CaraModelRpcServer` / `CaraModelRpcClient` | `ModelRpcServer` / `ModelRpcClient` | select `CaraBackend`; give the router the worker's `LoraRuntime` (`client.lora`, an `AdapterManager`). |
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from lightllm.server.router.model_infer.mode_backend.continues_batch.impl import
 from lightllm.server.router.model_infer.model_rpc import ModelRpcClient, ModelRpcServer
 
 from caraserve_router.contracts.configs import InstanceConfig
+from caraserve_router.contracts.names import LoraMode
+from lightllm_patches import chunked_prefill
 from lightllm_patches.device import resolve_device, resolve_dtype
 from caraserve_router.lora.runtime import LoraRuntime
 from lightllm_patches.model import CaraLlamaModel
@@ -96,7 +98,7 @@ def split_cpu_cores(config: InstanceConfig, device: torch.device) -> None:
     """When the CPU is the device *and* hosts the cpu-assist sidecar, give each its own cores
     (half each by default): spinning sidecar workers and torch's thread team on the same cores
     slow both down badly. Explicit settings are kept."""
-    if device.type != "cpu" or config.lora.mode != "cpu-assist":
+    if device.type != "cpu" or not LoraMode(config.lora.mode).uses_sidecar:
         return
     cores = len(os.sched_getaffinity(0))
     if config.sidecar.workers == 0:
@@ -166,6 +168,11 @@ class CaraBackend(ContinuesBatchBackend):
         return ans
 
     def forward(self, batch_id, is_prefill):
+        if not is_prefill and self.config.prefill_chunk_tokens > 0:
+            reqs = [requests_mapping[r_id] for r_id in self.cache[batch_id].request_ids]
+            plan = chunked_prefill.plan_step(reqs, self.config.prefill_chunk_tokens)
+            if plan.has_prefill:
+                return self._forward_mixed(batch_id, reqs, plan)
         batch: InferBatch = self.cache.pop(batch_id)
         prepare = prepare_prefill_inputs if is_prefill else prepare_decode_inputs
         kwargs, reqs = prepare(batch, self.device)
@@ -176,8 +183,14 @@ class CaraBackend(ContinuesBatchBackend):
         finally:
             self.lora.after_forward(lora_batch)
         next_ids, next_probs = sample(logits, reqs, self.eos_id, self.generators)
-        self._record_step(is_prefill, reqs, kwargs, start)
+        self._record_step("prefill" if is_prefill else "decode", reqs, kwargs, start)
         output = {}
+        self._emit(reqs, next_ids, next_probs, output)
+        self.cache[batch.batch_id] = batch
+        return output
+
+    def _emit(self, reqs, next_ids, next_probs, output: dict) -> None:
+        """Append each request's sampled token and report its new state."""
         for req, token, prob in zip(reqs, next_ids, next_probs):
             req.cur_kv_len = len(req.input_token_ids)
             req.input_token_ids.append(token)
@@ -188,14 +201,41 @@ class CaraBackend(ContinuesBatchBackend):
                 req.req_status, req.cur_kv_len, req.get_output_len(), [(int(token), metadata)],
                 req.finish_status.value, None,
             )
+
+    def _forward_mixed(self, batch_id, reqs, plan: "chunked_prefill.StepPlan"):
+        """One chunked-prefill step: decode rows and at most `prefill_chunk_tokens` prompt
+        tokens; only rows that reach the end of their tokens sample. Every request of the batch
+        gets a status (the router recomputes the batch's KV need from them)."""
+        batch: InferBatch = self.cache.pop(batch_id)
+        rows = plan.rows
+        kwargs = chunked_prefill.step_inputs(plan, self.device)
+        start = time.perf_counter()
+        lora_batch = self.lora.build_batch([r.req for r in rows], chunked_prefill.lora_view(plan))
+        try:
+            logits = self.model.forward_mixed(**kwargs, lora=lora_batch)  # [samples, vocab]
+        finally:
+            self.lora.after_forward(lora_batch)
+        sampling = [r.req for r in rows if r.samples]
+        next_ids, next_probs = sample(logits, sampling, self.eos_id, self.generators) if sampling else ([], [])
+        # A step that is exactly an unchunked prefill keeps that name (the profiler fits those).
+        whole = not plan.decode and all(r.start == 0 and r.samples for r in plan.chunks)
+        self._record_step("prefill" if whole else "mixed", [r.req for r in rows], kwargs, start)
+        output = {}
+        for row in rows:
+            if not row.samples:
+                row.req.cur_kv_len = row.start + row.length  # the chunk's KV is cached; no token yet
+        for req in plan.waiting + [r.req for r in rows if not r.samples]:
+            output[req.r_id] = (req.req_status, req.cur_kv_len, req.get_output_len(), [], req.finish_status.value,
+                                None)
+        self._emit(sampling, next_ids, next_probs, output)
         self.cache[batch.batch_id] = batch
         return output
 
-    def _record_step(self, is_prefill, reqs, kwargs, start) -> None:
+    def _record_step(self, kind: str, reqs, kwargs, start) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.step_samples.append({
-            "kind": "prefill" if is_prefill else "decode",
+            "kind": kind,
             "batch": len(reqs),
             "tokens": int(kwargs["input_ids"].shape[0]),
             "ranks": [self.lora.request_rank(r.r_id) for r in reqs],
@@ -237,14 +277,6 @@ class CaraBackend(ContinuesBatchBackend):
             self.model.req_manager.free([req.req_idx], tokens)
         self._release(request_ids)
 
-    # ---- LoRA control (called by the router) -------------------------------------------
-
-    def lora_call(self, method: str, *args):
-        """Run one of `LoraRuntime.CONTROL_METHODS` (register, unregister, list, admit, stats)."""
-        if method not in LoraRuntime.CONTROL_METHODS:
-            raise ValueError(f"unknown LoRA control method {method!r}")
-        return getattr(self.lora, method)(*args)
-
     def shutdown(self) -> None:
         self.lora.shutdown()
 
@@ -257,18 +289,17 @@ class CaraModelRpcServer(ModelRpcServer):
         self.backend = CaraBackend()
         self.backend.init_model(kvargs)
 
-    def exposed_lora_call(self, method, *args):
-        return self.backend.lora_call(method, *args)
-
 
 class CaraModelRpcClient(ModelRpcClient):
-    """Adds the LoRA control call to upstream's client (tp = 1: direct, in-process calls)."""
+    """Upstream's client with `CaraModelRpcServer` in process (tp = 1), so the router reaches the
+    worker's `LoraRuntime` (its `AdapterManager`) by typed calls instead of rpyc method names."""
 
     def __init__(self):
         super().__init__(CaraModelRpcServer(), world_size=1)
 
-    def lora_call(self, method: str, *args):
-        return self.model.exposed_lora_call(method, *args)
+    @property
+    def lora(self) -> LoraRuntime:
+        return self.backend.lora
 
     @property
     def backend(self) -> Optional[CaraBackend]:

@@ -10,6 +10,9 @@
   `--cpu-weight-layout both` a projection of 2+ rows reads nn.Linear's [out, in] copy of the
   weight (`<name>_linear`), which the CPU's BLAS multiplies much faster for small batches.
 - norms, KV copy and attention kernels: through the op set (upstream: Triton only).
+- `_splitfuse_attention_kernel`: a mixed step of chunked prefill (`CaraMixedInferState`):
+  the decode rows through the decode attention op, the prefill chunks through the
+  prefix-aware `chunk_attention` op (upstream: `splitfuse_context_attention_fwd`, Triton only).
 """
 from __future__ import annotations
 
@@ -131,4 +134,16 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
             q.view(shape), infer_state.mem_manager.kv_buffer[self.layer_num_], self.tp_k_head_num_,
             o.view(shape), infer_state,
         )
+        return o
+
+    def _splitfuse_attention_kernel(self, q, infer_state, layer_weight, out=None) -> torch.Tensor:
+        o = torch.empty_like(q) if out is None else out
+        heads = (self.tp_q_head_num_, self.head_dim_)
+        q3, o3 = q.view((-1,) + heads), o.view((-1,) + heads)  # [tokens, H, d]
+        kv_cache = infer_state.mem_manager.kv_buffer[self.layer_num_]
+        d = infer_state.decode_num
+        if d:
+            self.ops.decode_attention(q3[:d], kv_cache, self.tp_k_head_num_, o3[:d], infer_state.decode_state)
+        if infer_state.chunk_num:
+            self.ops.chunk_attention(q3[d:], kv_cache, self.tp_k_head_num_, o3[d:], infer_state)
         return o

@@ -48,8 +48,11 @@ def lightllm_args(config: InstanceConfig) -> argparse.Namespace:
         router_max_new_token_len=1024,
         router_max_wait_tokens=config.router_max_wait_tokens,
         use_dynamic_prompt_cache=False,
-        splitfuse_block_size=256,
-        splitfuse_mode=False,
+        # Chunked prefill runs through upstream's splitfuse switches: the router only registers
+        # new requests with the worker and every step is a (mixed) decode step; SplitFuseReq
+        # accounts a step's KV need as at most one chunk per request.
+        splitfuse_block_size=config.prefill_chunk_tokens or 256,
+        splitfuse_mode=config.prefill_chunk_tokens > 0,
         beam_mode=False,
         diverse_mode=False,
         token_healing_mode=False,

@@ -24,6 +24,8 @@ class LlamaOps:
     copy_kv_index_to_req: Callable  # (req_to_token [R, L], b_req_idx [B], b_seq_len [B], mem_index [B])
     prefill_attention: Callable  # (q [T,H,d], k [T,KVH,d], v, out [T,H,d], infer_state) -> None
     decode_attention: Callable  # (q [B,H,d], kv_cache [S,2KVH,d], kv_heads, out [B,H,d], infer_state) -> None
+    # Chunked prefill: chunk queries against the request's whole cached prefix (CaraMixedInferState).
+    chunk_attention: Callable  # (q [T,H,d], kv_cache [S,2KVH,d], kv_heads, out [T,H,d], mixed_state) -> None
 
 
 # --------------------------------------------------------------------------- CPU (torch)
@@ -106,6 +108,21 @@ def _decode_attention_cpu(q, kv_cache, kv_heads, out, infer_state) -> None:
     out.copy_(o.squeeze(2))
 
 
+def _chunk_attention_cpu(q, kv_cache, kv_heads, out, st) -> None:
+    """Prefill chunks that attend to their request's cached prefix (earlier chunks) and,
+    causally, to themselves. Shape: q/out [T, H, d] (the step's chunk rows), kv_cache
+    [S, 2*KVH, d]; the gather index and mask of each chunk come from `st.cpu_chunk_plan`."""
+    gqa = q.shape[1] != kv_heads
+    for start, length, index, mask in st.cpu_chunk_plan:
+        rows = slice(start, start + length)
+        kv = kv_cache.index_select(0, index)  # [L, 2KVH, d]
+        k = kv[:, :kv_heads].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, d]
+        v = kv[:, kv_heads:].transpose(0, 1).unsqueeze(0)
+        qi = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
+        oi = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, enable_gqa=gqa)  # [1, H, n, d]
+        out[rows] = oi[0].transpose(0, 1)
+
+
 CPU_OPS = LlamaOps(
     rmsnorm=_rmsnorm_cpu,
     rotary=_rotary_cpu,
@@ -114,6 +131,7 @@ CPU_OPS = LlamaOps(
     copy_kv_index_to_req=_copy_kv_index_to_req_cpu,
     prefill_attention=_prefill_attention_cpu,
     decode_attention=_decode_attention_cpu,
+    chunk_attention=_chunk_attention_cpu,
 )
 
 
@@ -124,6 +142,7 @@ def _cuda_ops() -> LlamaOps:
     from lightllm.common.basemodel.triton_kernel.copy_kv_index_to_req import copy_kv_index_to_req
     from lightllm.common.basemodel.triton_kernel.destindex_copy_kv import destindex_copy_kv
     from lightllm.models.llama.triton_kernel.context_flashattention_nopad import (
+        context_attention_fwd,
         context_attention_fwd_no_prompt_cache,
     )
     from lightllm.models.llama.triton_kernel.rmsnorm import rmsnorm_forward
@@ -145,6 +164,14 @@ def _cuda_ops() -> LlamaOps:
         token_softmax_reducev_fwd(att, kv_cache[:, kv_heads:, :], out, st.req_manager.req_to_token_indexs,
                                   st.b_req_idx, st.b_start_loc, st.b_seq_len, st.other_kv_index)
 
+    def chunk_attention(q, kv_cache, kv_heads, out, st):
+        # LightLLM's prompt-cache context attention: the queries are the chunk's tokens, the
+        # keys/values are read through req_to_token_indexs up to b_seq_len, and
+        # b_prompt_cache_len (here: the KV cached before the chunk) offsets the causal mask.
+        context_attention_fwd(q, kv_cache[:, :kv_heads, :], kv_cache[:, kv_heads:, :], out, st.chunk_req_idx,
+                              st.chunk_start_loc, st.chunk_seq_len, st.chunk_ready_len, st.chunk_max_len,
+                              st.req_manager.req_to_token_indexs)
+
     return LlamaOps(
         rmsnorm=lambda x, w, eps: rmsnorm_forward(x, weight=w, eps=eps),
         rotary=rotary_emb_fwd,
@@ -155,6 +182,7 @@ def _cuda_ops() -> LlamaOps:
         copy_kv_index_to_req=copy_kv_index_to_req,
         prefill_attention=prefill_attention,
         decode_attention=decode_attention,
+        chunk_attention=chunk_attention,
     )
 
 

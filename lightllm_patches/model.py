@@ -8,13 +8,14 @@ Overrides (one level of subclassing each):
 | `CaraReqManager` | `lightllm.common.req_manager.ReqManager` | request -> token table on the configured device. |
 | `CaraTransformerLayerWeight`, `CaraPreAndPostLayerWeight` | `LlamaTransformerLayerWeight`, `LlamaPreAndPostLayerWeight` | `_cuda` moves weights to the configured device instead of `.cuda()`. |
 | `CaraInferState` | `LlamaInferStateInfo` | rotary tables gathered on the device; per-step (not per-layer) CPU attention plans; carries the step's LoRA batch. |
-| `CaraPostLayerInfer` | `LlamaPostLayerInfer` | final rmsnorm through the device's op set. |
-| `CaraLlamaModel` | `LlamaTpPartModel` | weights loaded from safetensors without the CUDA-bound loader, managers and rotary tables on the device, `_prefill`/`_decode` without `device="cuda"` and with the LoRA batch attached. |
+| `CaraPostLayerInfer` | `LlamaPostLayerInfer` | final rmsnorm through the device's op set; a mixed step (chunked prefill) takes only its sampling rows to the lm_head (`_slice_get_last_input`; upstream's splitfuse branch builds indices on "cuda" and keeps every row). |
+| `CaraLlamaModel` | `LlamaTpPartModel` | weights loaded from safetensors without the CUDA-bound loader, managers and rotary tables on the device, `_prefill`/`_decode` without `device="cuda"` and with the LoRA batch attached; `forward_mixed` replaces `TpPartBaseModel.splitfuse_forward` (chunked prefill, on any device). |
 """
 from __future__ import annotations
 
 import glob
 import os
+import types
 
 import numpy as np
 import torch
@@ -30,8 +31,10 @@ from lightllm.models.llama.model import LlamaTpPartModel
 from lightllm.server.router.dynamic_prompt.shared_arr import SharedInt
 
 from caraserve_router.contracts.configs import WEIGHT_LAYOUTS
+from caraserve_router.contracts.model_config import rope_scaling_problem
 from lightllm_patches.layer_infer import LINEAR_NAMES, CaraTransformerLayerInfer
 from lightllm_patches.llama_ops import cpu_decode_plan, ops_for
+from lightllm_patches.mixed_infer_state import CaraMixedInferState
 
 
 def can_use_token_shm_name(shm_prefix: str) -> str:
@@ -153,6 +156,12 @@ class CaraPostLayerInfer(LlamaPostLayerInfer):
     def _norm(self, input, infer_state, layer_weight):
         return self.ops.rmsnorm(input, layer_weight.final_norm_weight_, self.eps_)
 
+    def _slice_get_last_input(self, input_embdings, infer_state):
+        if isinstance(infer_state, CaraMixedInferState):
+            index = infer_state.sample_index  # [samples]
+            return input_embdings.index_select(0, index), int(index.shape[0])
+        return super()._slice_get_last_input(input_embdings, infer_state)
+
 
 class CaraLlamaModel(LlamaTpPartModel):
     """LightLLM's llama on `kvargs["device"]` with a LoRA hook (see `CaraTransformerLayerInfer`).
@@ -179,9 +188,9 @@ class CaraLlamaModel(LlamaTpPartModel):
 
     def _verify_params(self):
         super()._verify_params()
-        scaling = self.config.get("rope_scaling")
-        if scaling not in (None, {}) and scaling.get("type", scaling.get("rope_type")) not in ("linear", "default"):
-            raise ValueError(f"rope_scaling {scaling} is not supported by CaraServe (plain or linear RoPE only)")
+        problem = rope_scaling_problem(self.config)  # the same check model preparation makes
+        if problem:
+            raise ValueError(problem)
         if "rope_theta" not in self.config:
             raise ValueError(
                 "config.json has no top-level rope_theta; LightLLM would silently use 10000. "
@@ -283,6 +292,47 @@ class CaraLlamaModel(LlamaTpPartModel):
         if is_prefill:
             return self._context_forward(input_ids, state)
         return self._token_forward(input_ids, state)
+
+    @torch.no_grad()
+    def forward_mixed(self, input_ids, position_ids, decode_req_idx, decode_seq_len, chunk_req_idx, chunk_ready_len,
+                      chunk_seq_len, sample_index, lora=None):
+        """One chunked-prefill step (see `lightllm_patches.chunked_prefill`): the decode rows'
+        tokens, then the prefill chunks' tokens, in one forward. Replaces upstream
+        `TpPartBaseModel.splitfuse_forward` (CUDA-only allocations and kernels).
+
+        Shapes: input_ids / position_ids [T]; decode_* [D]; chunk_* [P]; sample_index [N] (token
+        rows whose logits to return: every decode row, and each chunk that ends its prompt).
+        Returns logits [N, vocab].
+        """
+        state = CaraMixedInferState()
+        state.lora = lora
+        state.decode_num = int(decode_req_idx.shape[0])
+        state.chunk_num = int(chunk_req_idx.shape[0])
+        state.batch_size = state.decode_num + state.chunk_num
+        state.mem_manager = self.mem_manager
+        state.req_manager = self.req_manager
+        state.sample_index = sample_index
+        self._alloc_kv(state, int(input_ids.shape[0]))
+        table = self.req_manager.req_to_token_indexs
+        if state.decode_num:
+            self.ops.copy_kv_index_to_req(table, decode_req_idx, decode_seq_len, state.mem_index[: state.decode_num])
+            state.init_decode(self.infer_state_class, self.device, decode_req_idx, decode_seq_len)
+        if state.chunk_num:
+            chunk = types.SimpleNamespace(b_req_idx=chunk_req_idx, b_seq_len=chunk_seq_len,
+                                          b_ready_cache_len=chunk_ready_len, mem_index=state.mem_index[state.decode_num:])
+            self._fill_req_to_token(chunk)
+            state.chunk_req_idx, state.chunk_ready_len, state.chunk_seq_len = chunk_req_idx, chunk_ready_len, chunk_seq_len
+            state.init_chunks(self.device)
+        state.position_cos = torch.index_select(self._cos_cached, 0, position_ids).view(position_ids.shape[0], -1)
+        state.position_sin = torch.index_select(self._sin_cached, 0, position_ids).view(position_ids.shape[0], -1)
+        # Upstream `_splitfuse_forward`, except that a step where no row samples (chunks that
+        # only fill the KV cache) skips the lm_head.
+        embs = self.pre_infer.splitfuse_forward(input_ids, state, self.pre_post_weight)  # [T, hidden]
+        for i in range(self.layers_num):
+            embs = self.layers_infer[i].splitfuse_forward(embs, state, self.trans_layers_weight[i])
+        if sample_index.shape[0] == 0:
+            return torch.empty((0, self.config["vocab_size"]), dtype=torch.float32, device=self.device)
+        return self.post_infer.splitfuse_forward(embs, state, self.pre_post_weight, return_logics=True)
 
     def _alloc_kv(self, state, num_tokens: int) -> None:
         """KV slots for this step's tokens: a contiguous block if one is free, else scattered

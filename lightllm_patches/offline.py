@@ -10,12 +10,14 @@ greedy decode steps, returning the logits of every step.
 """
 from __future__ import annotations
 
+import os
 import types
 import uuid
 from typing import Optional
 
 import torch
 
+from caraserve_router.contracts.adapters import AdapterRequest
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig
 from caraserve_router.lora.runtime import LoraRuntime
 from lightllm_patches.model import CaraLlamaModel
@@ -26,11 +28,11 @@ class OfflineEngine:
     def __init__(self, model_dir, *, device: str = "cpu", lora: Optional[LoRAConfig] = None,
                  sidecar: Optional[SidecarConfig] = None, adapters: Optional[dict] = None,
                  max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64,
-                 cpu_weight_layout: str = "lightllm", dtype: str = "float32",
-                 model_class: type = CaraLlamaModel):
+                 cpu_weight_layout: str = "lightllm", shm_prefix: str = "caraserve_offline",
+                 dtype: str = "float32", model_class: type = CaraLlamaModel):
         # model_class: CaraLlamaModel or a subclass (scripts/bench_gpu.py builds random weights
         # on the device instead of reading safetensors)
-        self.shm_prefix = f"caraserve_offline_{uuid.uuid4().hex[:8]}"
+        self.shm_prefix = f"{shm_prefix}_{uuid.uuid4().hex[:8]}"  # unique per engine
         self.model = model_class({
             "tp_rank": 0, "world_size": 1, "weight_dir": str(model_dir), "max_total_token_num": max_total_tokens,
             "load_way": "HF", "mode": [], "max_req_num": max_req, "max_seq_length": max_seq,
@@ -41,7 +43,7 @@ class OfflineEngine:
                                 lora=lora or LoRAConfig(mode="cached"), sidecar=sidecar or SidecarConfig(workers=1))
         self.runtime = LoraRuntime(config, self.model)
         for name, path in (adapters or {}).items():
-            self.runtime.register(name, str(path))
+            self.runtime.add(name, os.path.abspath(str(path)))
         self._next_id = 0
 
     def close(self) -> None:
@@ -91,7 +93,7 @@ class OfflineEngine:
         self._next_id += 1
         if name is not None and not self.runtime.admit(name):
             raise RuntimeError(f"adapter {name!r} does not fit in the pool")
-        self.runtime.attach_request(self._next_id, name)
+        self.runtime.attach_request(self._next_id, AdapterRequest(name) if name is not None else None)
         return types.SimpleNamespace(r_id=self._next_id)
 
     def _step(self, kwargs, reqs, on_step):

@@ -6,6 +6,10 @@ evictable pages for it). A request whose adapter cannot be placed now is *skippe
 dropped*: it stays in the queue, in order, and later requests may go ahead of it (no
 head-of-line blocking by one big adapter); upstream stops at the first request that does
 not fit, which is kept for the KV-token check.
+
+With chunked prefill (`args.splitfuse_mode`, from `--prefill-chunk-tokens`), the admitted
+requests' prompts are not run in one prefill: they run a chunk per step, so the prefill-token
+limit of one admission (`batch_max_tokens`) does not apply; the KV-token check does.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ class CaraReqQueue(ContinuesBatchQueue):
         super().__init__(args, router)
         self.admit_adapter = admit_adapter  # adapter name -> placeable now (loads start)
         self.begin_admission = begin_admission
+        self.chunked = bool(args.splitfuse_mode)
 
     def _adapter_ok(self, req) -> bool:
-        adapter = getattr(req.sample_params, "adapter", None)
+        adapter = req.sample_params.adapter_name  # the request's AdapterRequest, checked at the HTTP server
         if adapter is None or req.req_status == ReqRunStatus.PAUSED_AND_OFFLOAD:
             return True  # base model, or a paused request whose adapter is still referenced
         return self.admit_adapter(adapter)
@@ -43,7 +48,7 @@ class CaraReqQueue(ContinuesBatchQueue):
             if not self._adapter_ok(req):
                 keep.append(req)
                 continue
-            ok, prefill_tokens = self._can_add_new_req(req, is_busy, prefill_tokens)
+            ok, prefill_tokens = self._can_add_new_req(req, is_busy, 0 if self.chunked else prefill_tokens)
             if not ok:
                 keep.extend(self.waiting_req_list[index:])
                 break

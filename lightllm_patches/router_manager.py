@@ -4,9 +4,14 @@
 
 - `wait_to_model_ready`: starts `CaraBackend` (in process; tp = 1) with the instance config,
   and `CaraReqQueue` (adapter-aware admission); registers the adapters of `--adapters`.
-- `loop_for_netio_req`: also serves `ControlRequest`s (adapter load/unload/list, stats,
-  ping) and answers them on the control-reply socket.
+- `loop_for_netio_req`: also serves `ControlRequest`s (typed calls: `AdapterCall`s on the
+  worker's `AdapterManager`, `GetStats` -> `InstanceStats`, `GetSamples`, `Ping`) and answers
+  them on the control-reply socket.
 - `clean_up`: stops the CPU sidecar and releases shared memory.
+- `_step`: with `--prefill-chunk-tokens` (chunked prefill), `_chunked_step` replaces
+  upstream's step: waiting requests join the running batch at every step (upstream: every
+  `router_max_wait_tokens` steps) without a prefill of their own, and every step is one
+  mixed forward (decode rows + at most one chunk of prompt tokens; `CaraBackend._forward_mixed`).
 
 `start_router_process` replaces upstream's function of the same name (the process target).
 """
@@ -21,12 +26,19 @@ import traceback
 import zmq
 import zmq.asyncio
 
-from lightllm.server.io_struct import AbortReq
+from lightllm.server.io_struct import AbortReq, ReqRunStatus
 from lightllm.server.router.manager import RouterManager
+from lightllm.server.router.pause_strategy import select_paused_reqs
 
 from lightllm_patches.backend import CaraModelRpcClient
+from caraserve_router.contracts.adapters import AdapterOp
 from caraserve_router.contracts.configs import InstanceConfig
-from caraserve_router.contracts.control import ControlReply, ControlRequest, RequestFailed
+from caraserve_router.contracts.control import (
+    AdapterCall, ControlReply, ControlRequest, GetSamples, GetStats, Ping, RequestFailed,
+)
+from caraserve_router.contracts.names import DecodeKernel, LoraMode
+from caraserve_router.contracts.stats import InstanceStats, RequestView, ResidentAdapter
+from caraserve_router.contracts.processes import die_with_parent, remove_shm
 from lightllm_patches.lightllm_args import lightllm_args
 from caraserve_router.lora.adapter_store import AdapterError
 from lightllm_patches.req_queue import CaraReqQueue
@@ -53,83 +65,97 @@ class CaraRouterManager(RouterManager):
             "shm_prefix": self.config.shm_prefix,
             "world_size": 1,
         })
-        self.req_queue = CaraReqQueue(self.args, self, admit_adapter=self._admit_adapter,
-                                      begin_admission=lambda: self.model_rpc.lora_call("begin_admission"))
+        self.lora = self.model_rpc.lora  # the worker's AdapterManager (in process, tp = 1)
+        self.req_queue = CaraReqQueue(self.args, self, admit_adapter=self.lora.admit,
+                                      begin_admission=self.lora.begin_admission)
         if self.config.lora.adapters:
             self._register_adapter_dir(self.config.lora.adapters)
 
     def _register_adapter_dir(self, root: str) -> None:
+        root = os.path.abspath(root)  # the server's own flag: relative to where it was started
         for name in sorted(os.listdir(root)):
             path = os.path.join(root, name)
             if os.path.isfile(os.path.join(path, "adapter_config.json")):
-                info = self.model_rpc.lora_call("register", name, path)
+                info = self.lora.add(name, path)
                 log.info("registered adapter %s (rank %s)", name, info["rank"])
-
-    def _admit_adapter(self, adapter: str) -> bool:
-        return self.model_rpc.lora_call("admit", adapter)
 
     # ---- control calls -------------------------------------------------------------------
 
-    def _stats(self) -> dict:
-        """The instance's state in the shape `caraserve_router.scheduling.scheduler_state` reads (ids are
-        LightLLM's; the HTTP process maps them to the front end's request ids)."""
+    def _stats(self) -> InstanceStats:
+        """The instance's state (ids are LightLLM's; the HTTP process maps them to the front
+        end's request ids)."""
         running = [] if self.running_batch is None else self.running_batch.reqs
-        lora = self.model_rpc.lora_call("stats")
-        ranks = {name: info["rank"] for name, info in self.model_rpc.lora_call("list").items()}
-        return {
-            "name": self.config.display_name,
-            "healthy": True,
-            "lora_mode": self.config.lora.mode,
-            "kernel": self.config.lora.decode_kernel,
-            "device": str(self.model_rpc.backend.device) if self.model_rpc.backend else "",
-            "max_batch": self.config.running_max_req_size,
-            "resident_adapters": [{"name": e["name"], "rank": e["rank"]} for e in lora["resident"]],
-            "running": [_req_view(r, ranks) for r in running],
-            "queued": [_req_view(r, ranks) for r in self.req_queue.waiting_req_list],
-            "kv_tokens_used": int(self.get_used_tokens()),
-            "kv_tokens_total": int(self.max_total_token_num),
-            "steps": self.steps,
-            "uptime_s": time.time() - self.started_at,
-            "lora": lora,
-        }
+        lora = self.lora.stats()
+        ranks = {name: info["rank"] for name, info in self.lora.list().items()}
+        return InstanceStats(
+            name=self.config.display_name,
+            healthy=True,
+            lora_mode=LoraMode(self.config.lora.mode),
+            kernel=DecodeKernel(self.config.lora.decode_kernel),
+            device=str(self.model_rpc.backend.device) if self.model_rpc.backend else "",
+            max_batch=self.config.running_max_req_size,
+            resident_adapters=[ResidentAdapter(e["name"], e["rank"]) for e in lora["resident"]],
+            running=[_req_view(r, ranks) for r in running],
+            queued=[_req_view(r, ranks) for r in self.req_queue.waiting_req_list],
+            kv_tokens_used=int(self.get_used_tokens()),
+            kv_tokens_total=int(self.max_total_token_num),
+            steps=self.steps,
+            uptime_s=time.time() - self.started_at,
+            lora=lora,
+        )
 
-    def _control(self, req: ControlRequest):
-        if req.method == "ping":
+    def _control(self, call):
+        if isinstance(call, Ping):
             return "pong"
-        if req.method == "stats":
-            return self._stats()
-        if req.method == "samples":
-            return self.model_rpc.backend.samples(*req.args)
-        if req.method == "unregister":
-            self._check_unused(*req.args)
-        return self.model_rpc.lora_call(req.method, *req.args)
+        if isinstance(call, GetStats):
+            return self._stats().to_dict()
+        if isinstance(call, GetSamples):
+            return self.model_rpc.backend.samples(call.clear)
+        if isinstance(call, AdapterCall):
+            return self._adapter_call(call)
+        raise ValueError(f"unknown control call {type(call).__name__}")
+
+    def _adapter_call(self, call: AdapterCall):
+        lora = self.lora
+        if call.op is AdapterOp.ADD:
+            return lora.add(call.name, call.path)
+        if call.op is AdapterOp.REMOVE:
+            self._check_unused(call.name)
+            return lora.remove(call.name)
+        if call.op is AdapterOp.LIST:
+            return lora.list()
+        if call.op is AdapterOp.STATS:
+            return lora.stats()
+        if call.op is AdapterOp.RESOLVE:
+            return lora.resolve(call.name)
+        return {AdapterOp.PIN: lora.pin, AdapterOp.UNPIN: lora.unpin}[call.op](call.name)
 
     def _check_unused(self, adapter: str) -> None:
         running = [] if self.running_batch is None else self.running_batch.reqs
         users = [r for r in list(running) + list(self.req_queue.waiting_req_list)
-                 if getattr(r.sample_params, "adapter", None) == adapter and not r.finish_status.is_finished()]
+                 if r.sample_params.adapter_name == adapter and not r.finish_status.is_finished()]
         if users:
             raise AdapterError(f"adapter {adapter!r} is in use by {len(users)} request(s)", 409)
 
     def add_req(self, prompt_ids, sampling_params, multimodal_params, group_req_id):
         """Upstream `add_req`, refusing a request whose adapter is gone (it raced an unload)
         and starting the adapter's load on arrival (prefetch)."""
-        adapter = getattr(sampling_params, "adapter", None)
-        if adapter is not None and not self.model_rpc.lora_call("is_known", adapter):
+        adapter = sampling_params.adapter_name
+        if adapter is not None and not self.lora.is_known(adapter):
             self.send_control_reply.send_pyobj(
                 RequestFailed(group_req_id, f"adapter {adapter!r} is not loaded on this instance", 404))
             return
         super().add_req(prompt_ids, sampling_params, multimodal_params, group_req_id)
         if adapter is not None:
-            self.model_rpc.lora_call("prefetch", adapter)
+            self.lora.prefetch(adapter)
 
     def _answer(self, req: ControlRequest) -> None:
         try:
-            reply = ControlReply(req.call_id, True, self._control(req))
+            reply = ControlReply(req.call_id, True, self._control(req.call))
         except AdapterError as e:
             reply = ControlReply(req.call_id, False, error=str(e), status=e.status)
         except Exception as e:  # noqa: BLE001 - report, keep serving
-            log.error("control call %s failed: %s", req.method, traceback.format_exc())
+            log.error("control call %r failed: %s", req.call, traceback.format_exc())
             reply = ControlReply(req.call_id, False, error=f"{type(e).__name__}: {e}", status=500)
         self.send_control_reply.send_pyobj(reply)
 
@@ -146,9 +172,47 @@ class CaraRouterManager(RouterManager):
             else:
                 log.error("router got an unknown message %r", type(msg))
 
+    async def abort(self, group_req_id):
+        """Upstream `abort` (marks the request aborted: a running one leaves the batch after
+        its next step), and drops it at once if it is still waiting: upstream leaves that to
+        the next batch formation, which does not come while the running batch is full."""
+        await super().abort(group_req_id)
+        queue = self.req_queue
+        queue.waiting_req_list = [r for r in queue.waiting_req_list
+                                  if not (r.finish_status.is_aborted() and r.req_status == ReqRunStatus.WAIT_IN_QUEUE)]
+
     async def _step(self):
         self.steps += 1
-        await super()._step()
+        if self.is_splitfuse_mode:  # set from config.prefill_chunk_tokens > 0 (lightllm_args)
+            await self._chunked_step()
+        else:
+            await super()._step()
+
+    async def _chunked_step(self):
+        """Upstream `_step` for chunked prefill. New requests are registered with the worker
+        (`_prefill_batch` only initialises in splitfuse mode) and merged into the running
+        batch at once; their prompts then run chunk by chunk inside the decode steps, so the
+        running requests never wait for a whole prompt."""
+        if self.req_queue.waiting_req_list:
+            new_batch = self.req_queue.generate_new_batch(self.running_batch)
+            if new_batch is not None:
+                self.stats_tool.count_prompt_tokens(new_batch)
+                await self._prefill_batch(new_batch)
+                if not new_batch.is_clear():
+                    if self.running_batch is None:
+                        self.running_batch = new_batch
+                    else:
+                        await self._merge_batch(self.running_batch, new_batch)
+                        self.running_batch.merge(new_batch)
+        if self.running_batch is None:
+            return
+        if self._can_decode(self.running_batch):
+            self.stats_tool.count_output_tokens(self.running_batch)
+            await self._decode_batch(self.running_batch)
+            self._filter_runing_batch()
+            return
+        paused = select_paused_reqs(self.running_batch, self.pause_strategy, self.req_queue, self.max_total_token_num)
+        await self._pause_reqs(self.running_batch, paused)
 
     # A failed forward must not stop the router (upstream's loop task would die silently and
     # every request would hang): the batch's requests end with an error, the rest go on.
@@ -186,16 +250,11 @@ class CaraRouterManager(RouterManager):
             backend.shutdown()
 
 
-def _req_view(req, ranks: dict) -> dict:
-    adapter = getattr(req.sample_params, "adapter", None)
-    return {
-        "request_id": req.request_id,
-        "adapter": adapter,
-        "rank": ranks.get(adapter, 0) if adapter else 0,
-        "prompt_tokens": req.input_len,
-        "max_new_tokens": req.max_output_len,
-        "generated": req.cur_output_len,
-    }
+def _req_view(req, ranks: dict) -> RequestView:
+    adapter = req.sample_params.adapter_name
+    return RequestView(request_id=req.request_id, adapter=adapter, rank=ranks.get(adapter, 0) if adapter else 0,
+                       prompt_tokens=req.input_len, max_new_tokens=req.max_output_len,
+                       generated=req.cur_output_len)
 
 
 def start_router_process(config: InstanceConfig, router_port, detokenization_port, control_reply_port, pipe_writer):
@@ -204,6 +263,7 @@ def start_router_process(config: InstanceConfig, router_port, detokenization_por
 
     from lightllm_patches._global import set_log_level
 
+    die_with_parent(signal.SIGTERM)  # -> _stop below once started: the sidecar and shm go too
     set_log_level(config.log_level)
     router = None
     try:
@@ -217,6 +277,7 @@ def start_router_process(config: InstanceConfig, router_port, detokenization_por
 
     def _stop(signum, frame):
         router.clean_up()
+        remove_shm(config.shm_prefix)  # normally the HTTP process does it; it may be the one that died
         os._exit(0)
 
     signal.signal(signal.SIGTERM, _stop)

@@ -1,7 +1,8 @@
 """Request sampling parameters and the sampler, device-aware and seedable.
 
 - `CaraSamplingParams` overrides `lightllm.server.sampling_params.SamplingParams`: carries the
-  request's adapter and seed to the model worker (in `to_dict`), and encodes stop strings
+  request's `AdapterRequest` (checked once, by the instance's HTTP server) and seed to the
+  model worker (in `to_dict`, as the object itself), and encodes stop strings
   without dropping their first token (upstream assumes every tokenizer prepends a BOS).
 - `sample` replaces `continues_batch.post_process.sample`, which builds its tensors on
   "cuda" and cannot be seeded per request: greedy rows take the argmax; sampled rows draw from
@@ -16,15 +17,23 @@ import torch
 
 from lightllm.server.sampling_params import SamplingParams
 
+from caraserve_router.contracts.adapters import AdapterRequest
+
 # Keys CaraServe adds to the per-request dict LightLLM sends to the model worker.
 EXTRA_KEYS = ("adapter", "seed")
 
 
 class CaraSamplingParams(SamplingParams):
-    def __init__(self, adapter: Optional[str] = None, seed: Optional[int] = None, **kwargs):
+    def __init__(self, adapter: Optional[AdapterRequest] = None, seed: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
+        if adapter is not None and not isinstance(adapter, AdapterRequest):
+            raise TypeError(f"adapter must be an AdapterRequest, got {type(adapter).__name__}")
         self.adapter = adapter
         self.seed = seed
+
+    @property
+    def adapter_name(self) -> Optional[str]:
+        return self.adapter.name if self.adapter is not None else None
 
     def verify(self):
         super().verify()

@@ -10,7 +10,8 @@ shared and noisy):
      loop        a naive per-request loop (gather the request's pages, matmuls per slice),
      cpu_mbgmv   the fast CPU path, paged pool, RowPlan built once per step (amortised),
      cpu_mbgmv_noplan   the same without a plan (the plan is rebuilt by every call),
-     cpu_bgmv    the fast CPU path in slot mode (Punica padding to the batch's max rank),
+     cpu_bgmv    the fast CPU path over padded descriptors (Punica: every row computes the
+                 batch's max rank, padded rows read a zero row),
    and on CUDA also triton_mbgmv / triton_bgmv (triton.testing.do_bench), with the
    speed-up of each path over the loop and the plan's build cost.
 2. profile: one layer's LoRA work (shrink + expand of qkv, o, gate_up, down) for random rank
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -60,13 +62,33 @@ def log(message: str) -> None:
 
 @dataclass
 class GroupPool:
-    """One group's pools of two layers: A [P, S, IN], B [P, OUT_TOTAL]; P = max_rows * RS pages."""
+    """One group's pools of two layers (the kernels' W [U, UNIT]): P = max_rows * RS "pages" of one
+    rank row of every slice; lora_A rows first ([P, S, IN], so aligned to IN), then the lora_B^T
+    rows ([P, OUT_TOTAL]), then a zero row for padded (bgmv) rows. A and B are views of W."""
     name: str
     in_features: int
     out_features: tuple[int, ...]
+    W: list[torch.Tensor]
     A: list[torch.Tensor]
     B: list[torch.Tensor]
     slot_rank: int
+    unit: int
+
+    def rows(self, page_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a_rows, b_rows [N, S, R] (int32 units) of a page table [N, R]."""
+        pages = page_table.long()[:, None, :]                                      # [N, 1, R]
+        s = torch.arange(self.slices, device=pages.device)[None, :, None]
+        offsets = self.slice_offsets(pages.device).long()[:-1][None, :, None]
+        a_start = (pages * self.slices + s) * self.in_features
+        b_start = self.A[0].numel() + pages * self.out_total + offsets
+        live = pages >= 0
+        a_rows = torch.where(live, a_start // self.unit, -1).to(I32)
+        b_rows = torch.where(live, b_start // self.unit, -1).to(I32)
+        return a_rows.contiguous(), b_rows.contiguous()
+
+    @property
+    def zero_unit(self) -> int:
+        return (self.A[0].numel() + self.B[0].numel()) // self.unit
 
     @property
     def slices(self) -> int:
@@ -89,10 +111,17 @@ def make_pools(names, max_rows: int, dtype, device, gen) -> dict[str, GroupPool]
     pools = {}
     for name in names:
         in_features, outs = GROUPS[name]
-        A = [(torch.randn(pages, len(outs), in_features, generator=gen) / in_features ** 0.5).to(device, dtype)
-             for _layer in range(2)]
-        B = [(0.1 * torch.randn(pages, sum(outs), generator=gen)).to(device, dtype) for _layer in range(2)]
-        pools[name] = GroupPool(name, in_features, outs, A, B, slot_rank)
+        unit = math.gcd(in_features, *outs)
+        widest = max(in_features, *outs)
+        W, A, B = [], [], []
+        for _layer in range(2):
+            a = torch.randn(pages, len(outs), in_features, generator=gen) / in_features ** 0.5
+            b = 0.1 * torch.randn(pages, sum(outs), generator=gen)
+            w = torch.cat([a.view(-1), b.view(-1), torch.zeros(-(-widest // unit) * unit)]).to(device, dtype)
+            W.append(w.view(-1, unit))
+            A.append(w[: a.numel()].view(a.shape))
+            B.append(w[a.numel() : a.numel() + b.numel()].view(b.shape))
+        pools[name] = GroupPool(name, in_features, outs, W, A, B, slot_rank, unit)
     return pools
 
 
@@ -157,24 +186,26 @@ class Case:
         self.x = torch.randn(n, pool.in_features, generator=gen).to(device, dtype)
         self.y = torch.zeros(n, s, batch.max_rank, device=device)
         self.out = torch.zeros(n, pool.out_total, device=device, dtype=dtype)
-        self.plan = kernels.plan_rows(batch.page_table, self.ranks)
-        self.slot_plan = kernels.plan_slots(batch.slots, batch.max_rank, pool.slot_rank, s)
+        self.a_rows, self.b_rows = pool.rows(batch.page_table)
+        self.plan = kernels.plan_rows(self.a_rows, self.b_rows, self.ranks)
+        self.padded = kernels.pad_to_max_rank(self.a_rows, self.b_rows, self.ranks, pool.zero_unit)
+        self.pad_plan = kernels.plan_rows(*self.padded)
         self.rows = [(batch.page_table[i, :r].long(), r) for i, r in enumerate(batch.ranks)]
 
     def mbgmv(self, layer: int, backend: str, plan: bool = True) -> None:
         p, b = self.pool, self.batch
         use = self.plan if plan else None
-        kernels.mbgmv_shrink(self.x, p.A[layer], b.page_table, self.ranks, self.y, plan=use, backend=backend)
-        kernels.mbgmv_expand(self.y, p.B[layer], b.page_table, self.ranks, self.scales, self.offsets, self.out,
+        kernels.mbgmv_shrink(self.x, p.W[layer], self.a_rows, self.ranks, self.y, plan=use, backend=backend)
+        kernels.mbgmv_expand(self.y, p.W[layer], self.b_rows, self.ranks, self.scales, self.offsets, self.out,
                              plan=use, backend=backend)
 
     def bgmv(self, layer: int, backend: str) -> None:
-        p, b = self.pool, self.batch
-        A = p.A[layer].view(-1, p.slot_rank, p.slices, p.in_features)
-        B = p.B[layer].view(-1, p.slot_rank, p.out_total)
-        kernels.bgmv_shrink(self.x, A, b.slots, self.y, plan=self.slot_plan, backend=backend)
-        kernels.bgmv_expand(self.y, B, b.slots, self.scales, self.offsets, self.out, plan=self.slot_plan,
-                            backend=backend)
+        """Punica: mbgmv over descriptors padded to the batch's max rank."""
+        p = self.pool
+        a_rows, b_rows, ranks = self.padded
+        kernels.mbgmv_shrink(self.x, p.W[layer], a_rows, ranks, self.y, plan=self.pad_plan, backend=backend)
+        kernels.mbgmv_expand(self.y, p.W[layer], b_rows, ranks, self.scales, self.offsets, self.out,
+                             plan=self.pad_plan, backend=backend)
 
     def loop(self, layer: int) -> None:
         """Naive per-request loop: gather the request's pages, one matmul per slice."""
@@ -252,9 +283,9 @@ def plan_cost_ms(case: Case, repeats: int) -> float:
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        plan = kernels.plan_rows(case.batch.page_table, case.ranks)
-        plan.shrink_index(case.x.dtype in (torch.float16, torch.bfloat16))
-        plan.expand_index(tuple(case.offsets.tolist()))
+        plan = kernels.plan_rows(case.a_rows, case.b_rows, case.ranks)
+        plan.shrink_index(case.pool.unit, case.pool.in_features, case.x.dtype in (torch.float16, torch.bfloat16))
+        plan.expand_index(case.pool.unit, tuple(case.offsets.tolist()))
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
 

@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Multi-LoRA decode throughput: CaraServe vs base-only vs HF transformers + PEFT, one run.
+"""Multi-LoRA generation throughput: CaraServe vs HF transformers + PEFT, measured the same way.
 
 A batch of `--batch` requests spread over `--adapters` adapters (ranks cycling 8/16/32/64,
-zipf popularity over the adapters), `--new-tokens` greedy decode steps:
-- CaraServe with LoRA (offline engine API: LightLLM's llama + the LoRA kernels),
-- the same batch base-only through CaraServe,
+zipf popularity over the adapters); every engine generates the *same requests end to end*:
+one prefill of the prompts and `--new-tokens` greedy decode steps (`--new-tokens` + 1 tokens
+per request):
+- CaraServe with LoRA (offline engine API: LightLLM's llama + the LoRA kernels), and base-only;
 - HF transformers + PEFT, every adapter loaded into one PeftModel, mixed-adapter batched
-  `generate(adapter_names=...)` on the same prompts.
-Decode-phase tokens/s for each (HF: (time of N tokens - time of 1 token) / (N - 1) steps).
+  `generate(adapter_names=...)`, and HF base-only.
+Rounds are interleaved (the order rotates every round) and every engine gets the same
+statistic: the median wall time of its rounds (tokens/s = batch x tokens / time); each round's
+value is kept in the JSON as the noise. The greedy tokens of CaraServe and HF+PEFT are compared.
 Writes `--out` JSON with `caraserve_lora_tokens_per_s`, `caraserve_base_tokens_per_s`,
-`hf_peft_tokens_per_s`, `batch` and the ratios.
+`hf_peft_tokens_per_s`, `hf_base_tokens_per_s`, `speedup_over_hf_peft`, `batch`.
 """
 from __future__ import annotations
 
@@ -43,44 +46,42 @@ def prompts_for(batch: int, length: int) -> list[list[int]]:
     return [[1000 + (i * 131 + j * 17) % 28000 for j in range(length)] for i in range(batch)]
 
 
-def engine_tokens_per_s(engine, prompts, names, steps) -> tuple[float, float]:
-    times = []
-    engine.run(prompts, names, steps, on_step=lambda kind, s: times.append(s) if kind == "decode" else None)
-    step = statistics.median(times[2:])
-    return len(prompts) / step, step * 1000
+def caraserve_generate(engine, prompts, names, steps):
+    """Greedy tokens [batch][steps + 1] of one end-to-end run (prefill + `steps` decode steps)."""
+    logits = engine.run(prompts, names, steps)
+    return [[int(step[i].argmax()) for step in logits] for i in range(len(prompts))]
 
 
-def _decode_tokens_per_s(generate, batch: int, steps: int) -> float:
-    """(time of `steps` tokens - time of 1 token) / (steps - 1) decode steps."""
-    def timed(n: int) -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            generate(n)
-        return time.perf_counter() - start
-
-    timed(2)  # warm up
-    one, full = timed(1), timed(steps)
-    return batch * (steps - 1) / (full - one)
-
-
-def hf_tokens_per_s(model_dir, adapter_dirs, prompts, names, steps) -> tuple[float, float]:
-    """(HF transformers base-only, HF + PEFT mixed-adapter) decode tokens/s."""
+def hf_models(model_dir, adapter_dirs):
+    """(HF base model, HF + PEFT with every adapter loaded)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)
-    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
-    base = _decode_tokens_per_s(lambda n: model.generate(max_new_tokens=n, min_new_tokens=n, **kw), len(prompts),
-                                steps)
-    peft = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=adapter_dirs[0].name)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    peft_base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(peft_base, str(adapter_dirs[0]), adapter_name=adapter_dirs[0].name)
     for d in adapter_dirs[1:]:
         peft.load_adapter(str(d), adapter_name=d.name)
-    peft.eval()
-    mixed = _decode_tokens_per_s(lambda n: peft.generate(max_new_tokens=n, min_new_tokens=n, adapter_names=names,
-                                                         **kw), len(prompts), steps)
-    return base, mixed
+    return base, peft.eval()
+
+
+def hf_generate(model, prompts, names, steps):
+    ids = torch.tensor(prompts)
+    kw = {"adapter_names": names} if names is not None else {}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                             max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def caraserve_generate_fn(engine, prompts, names, steps):
+    return lambda: caraserve_generate(engine, prompts, names, steps)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def main() -> int:
@@ -97,7 +98,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps")
     parser.add_argument("--decode-kernel", default="mbgmv", choices=("mbgmv", "bgmv"), help="CaraServe decode kernel")
     parser.add_argument("--skip-hf", action="store_true", help="skip the HF+PEFT baseline (slow)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved base/LoRA rounds (best of each kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine, interleaved (median kept)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the popularity draw")
     parser.add_argument("--cpu-weight-layout", default="lightllm", choices=sorted(WEIGHT_LAYOUTS),
                         help="CaraServe engine's base weight layout on the CPU (see InstanceConfig)")
@@ -123,30 +124,48 @@ def main() -> int:
                            adapters={d.name: d for d in dirs},
                            max_total_tokens=args.batch * (args.prompt_len + args.new_tokens) + 64,
                            max_seq=args.prompt_len + args.new_tokens + 8, max_req=args.batch + 8,
-                           cpu_weight_layout=args.cpu_weight_layout)
-    base_runs, lora_runs = [], []
+                           cpu_weight_layout=args.cpu_weight_layout, shm_prefix="csbench_lora")
+    runs = {"caraserve_lora": caraserve_generate_fn(engine, prompts, names, args.new_tokens),
+            "caraserve_base": caraserve_generate_fn(engine, prompts, [None] * args.batch, args.new_tokens)}
+    if not args.skip_hf:
+        hf_base, hf_peft = hf_models(model_dir, dirs)
+        runs["hf_peft"] = lambda: hf_generate(hf_peft, prompts, names, args.new_tokens)
+        runs["hf_base"] = lambda: hf_generate(hf_base, prompts, None, args.new_tokens)
+    order = list(runs)
+    times = {k: [] for k in runs}
+    tokens = {}
     try:
-        for _ in range(args.rounds):  # interleaved, best of each: this machine is noisy
-            base_runs.append(engine_tokens_per_s(engine, prompts, [None] * args.batch, args.new_tokens))
-            lora_runs.append(engine_tokens_per_s(engine, prompts, names, args.new_tokens))
+        for name in order:  # warm-up round, not timed
+            tokens[name] = runs[name]()
+        for r in range(args.rounds):  # interleaved, the order rotated every round: this machine is noisy
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                seconds, _ = timed(runs[name])
+                times[name].append(seconds)
     finally:
         engine.close()
-    base_tps, base_ms = max(base_runs)
-    lora_tps, lora_ms = max(lora_runs)
-    print(f"CaraServe base-only: {base_tps:.1f} tok/s ({base_ms:.1f} ms/step)", flush=True)
-    print(f"CaraServe LoRA:      {lora_tps:.1f} tok/s ({lora_ms:.1f} ms/step); LoRA costs "
-          f"{1 - lora_tps / base_tps:.1%} of base throughput", flush=True)
-    result = {"batch": args.batch, "caraserve_lora_tokens_per_s": lora_tps, "caraserve_base_tokens_per_s": base_tps,
-              "lora_cost_fraction": 1 - lora_tps / base_tps, "distinct_adapters": len(set(names)),
-              "targets": args.targets, "decode_kernel": args.decode_kernel, "new_tokens": args.new_tokens,
-              "cpu_weight_layout": args.cpu_weight_layout,
-              "prompt_len": args.prompt_len, "machine": f"{platform.machine()} {os.cpu_count()} cores",
+    per_request = args.new_tokens + 1
+    tps = {k: args.batch * per_request / statistics.median(v) for k, v in times.items()}
+    result = {"batch": args.batch, "tokens_per_request": per_request, "statistic": "median end-to-end generation "
+              "time over interleaved rounds (prefill + decode steps), same for every engine",
+              "rounds": args.rounds, "round_seconds": times,
+              "caraserve_lora_tokens_per_s": tps["caraserve_lora"], "caraserve_base_tokens_per_s": tps["caraserve_base"],
+              "lora_cost_fraction": 1 - tps["caraserve_lora"] / tps["caraserve_base"],
+              "distinct_adapters": len(set(names)), "targets": args.targets, "decode_kernel": args.decode_kernel,
+              "new_tokens": args.new_tokens, "cpu_weight_layout": args.cpu_weight_layout, "prompt_len": args.prompt_len,
+              "torch_threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d %H:%M")}
+    for name in order:
+        spread = ", ".join(f"{args.batch * per_request / t:.0f}" for t in times[name])
+        print(f"{name:<15} {tps[name]:8.1f} tok/s (median of {args.rounds}; rounds: {spread})", flush=True)
     if not args.skip_hf:
-        hf_base, hf = hf_tokens_per_s(model_dir, dirs, prompts, names, args.new_tokens)
-        result.update(hf_peft_tokens_per_s=hf, hf_base_tokens_per_s=hf_base, speedup_over_hf_peft=lora_tps / hf)
-        print(f"HF base-only:        {hf_base:.1f} tok/s", flush=True)
-        print(f"HF + PEFT:           {hf:.1f} tok/s; CaraServe with LoRA is {lora_tps / hf:.2f}x", flush=True)
+        same = sum(a == b for x, y in zip(tokens["caraserve_lora"], tokens["hf_peft"]) for a, b in zip(x, y))
+        result.update(hf_peft_tokens_per_s=tps["hf_peft"], hf_base_tokens_per_s=tps["hf_base"],
+                      speedup_over_hf_peft=tps["caraserve_lora"] / tps["hf_peft"],
+                      speedup_base_over_hf_base=tps["caraserve_base"] / tps["hf_base"],
+                      greedy_tokens_equal_to_hf_peft=same / (args.batch * per_request))
+        print(f"CaraServe with LoRA is {tps['caraserve_lora'] / tps['hf_peft']:.2f}x HF + PEFT (same requests, same "
+              f"statistic); greedy tokens equal to HF+PEFT's: {100 * same / (args.batch * per_request):.1f}%",
+              flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -21,14 +21,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from caraserve_router.scheduling.perf_model import KERNELS, PerfModel, PerfModelError
+from caraserve_router.contracts.names import DecodeKernel, LoraMode, values
+from caraserve_router.scheduling.perf_model import PerfModel, PerfModelError
 from caraserve_router.scheduling.policies import POLICIES, PolicyConfig, PolicyError
-from caraserve_router.scheduling.scheduler_state import LORA_MODES
 from caraserve_router.evaluation.simulator import SimConfig, SimulatorError, SweepSpec, run_sweep
 from caraserve_router.evaluation.workload import ARRIVALS, LENGTHS, POPULARITY, WorkloadConfig, WorkloadError
 
 DEFAULT_PERF_MODEL = REPO / "data" / "perf_models" / "paper_a100_llama2_7b.json"
-PAPER_POLICIES = ("rank-aware", "rank-residency-aware", "random", "round-robin", "first-fit", "most-idle", "dlora")
+PAPER_POLICIES = tuple(POLICIES)
 
 
 def csv_list(kind):
@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks assigned round robin by adapter index (default 8,16,32,64)")
     w.add_argument("--seed", type=int, default=0, help="workload and random-policy seed (default 0)")
     c = p.add_argument_group("cluster")
-    c.add_argument("--lora-mode", choices=LORA_MODES, default="cached",
+    c.add_argument("--lora-mode", choices=values(LoraMode), default="cached",
                    help="adapter loading mode of every instance (default cached)")
-    c.add_argument("--kernel", choices=KERNELS, default="bgmv", help="decode kernel (default bgmv, Punica)")
+    c.add_argument("--kernel", choices=values(DecodeKernel), default="bgmv", help="decode kernel (default bgmv, Punica)")
     c.add_argument("--max-batch", type=int, default=32, help="running requests per instance (default 32)")
     c.add_argument("--max-wait-steps", type=int, default=10,
                    help="decode steps between prefill tries (LightLLM router_max_wait_tokens, default 10)")

@@ -44,6 +44,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from caraserve_router.contracts.model_config import rope_scaling_problem
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "FORMAT_VERSION",
@@ -803,12 +805,6 @@ def _nested_rope_theta(cfg: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _rope_type(d: Any) -> str | None:
-    if not isinstance(d, dict):
-        return None
-    return d.get("rope_type") or d.get("type")
-
-
 def _safetensors_headers(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str, str]], list[str]]:
     """name -> (shape, dtype, file) for every tensor in every *.safetensors file (headers only)."""
     problems: list[str] = []
@@ -890,19 +886,9 @@ def validate_model_dir(path: Path | str, *, fix: bool = False, check_tokenizer: 
             notes.append("no rope_theta anywhere: LightLLM and transformers both use 10000")
     elif nested is not None and not math.isclose(float(top), nested, rel_tol=1e-6):
         problems.append(f"rope_theta {top} (top level) disagrees with rope_parameters.rope_theta {nested}")
-    rs = cfg.get("rope_scaling")
-    if isinstance(rs, dict):
-        t = rs.get("type") or rs.get("rope_type")
-        if t == "dynamic" and rs.get("type") != "dynamic":
-            problems.append("rope_scaling is dynamic NTK but has no \"type\": \"dynamic\" key, which is the one "
-                            "LightLLM reads (it would apply `factor` as linear scaling instead)")
-        elif t not in (None, "default", "linear", "dynamic"):
-            problems.append(f"rope_scaling type {t!r} is not supported by LightLLM 0.0.1's llama "
-                            "(plain, linear or dynamic NTK only)")
-    rp_type = _rope_type(cfg.get("rope_parameters"))
-    if rp_type not in (None, "default") and not isinstance(rs, dict):
-        problems.append(f"rope scaling {rp_type!r} is given only under rope_parameters; LightLLM reads "
-                        "rope_scaling and would silently ignore it")
+    rope_problem = rope_scaling_problem(cfg)  # the instance's own check (contracts.model_config)
+    if rope_problem:
+        problems.append(rope_problem)
 
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):

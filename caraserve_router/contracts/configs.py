@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from caraserve_router.contracts.names import DecodeKernel, LoraMode, values
+
 
 def option(default: Any, help: str, choices: Optional[tuple] = None, **kw) -> Any:
     """A dataclass field with its CLI help (and optional choices)."""
@@ -81,8 +83,8 @@ def to_cli(config, prefix: str = "", skip: tuple = ()) -> list[str]:
     return args
 
 
-LORA_MODES = ("cached", "on-demand", "pipeline", "cpu-assist")
-DECODE_KERNELS = ("mbgmv", "bgmv")
+LORA_MODES = values(LoraMode)  # the CLI strings; code uses LoraMode(config.mode) and its capabilities
+DECODE_KERNELS = values(DecodeKernel)
 
 
 @dataclass
@@ -96,10 +98,19 @@ class LoRAConfig:
                        choices=LORA_MODES)
     adapters: Optional[str] = option(None, "Directory whose subdirectories are PEFT adapters, all "
                                      "registered at start (name = subdirectory name)")
-    pool_mb: float = option(256.0, "Device memory for adapter weights, in MiB (rank-row pages)")
-    max_rank: int = option(64, "Largest adapter rank accepted; also the slot size of the bgmv pool")
-    decode_kernel: str = option("mbgmv", "Decode kernel: mbgmv (heterogeneous ranks, paged pool) or "
-                                "bgmv (Punica, padded to the batch's max rank, slot pool)",
+    pool_mb: float = option(0.0, "Device memory for adapter weights, in MiB (0 = auto: pool_fraction of the "
+                            "GPU's memory on CUDA, 256 MiB on the CPU). Adapters take their own bytes")
+    pool_fraction: float = option(0.12, "Auto pool size on CUDA as a fraction of the device's memory "
+                                  "(0.12: nine rank-64 adapters on all seven projections of a 7B model on a "
+                                  "24 GB GPU)")
+    host_cache_mb: float = option(4096.0, "Host memory for the bytes of adapters in use, in MiB (shared "
+                                  "memory the CPU sidecar reads); idle adapters past it are unmapped, LRU, "
+                                  "and read again from their files when next used (0 = unbounded)")
+    adapter_dir: Optional[str] = option(None, "Resolver: a request naming an unregistered adapter NAME "
+                                        "registers DIR/NAME on first use (NAME: a plain directory name)")
+    max_rank: int = option(64, "Largest adapter rank accepted")
+    decode_kernel: str = option("mbgmv", "Decode kernel: mbgmv (heterogeneous ranks, no padding) or "
+                                "bgmv (Punica: padded to the batch's max rank)",
                                 choices=DECODE_KERNELS)
     layer_group_size: int = option(1, "Layers per copy in pipelined loading (1 = layer by layer)")
     link: str = option("auto", "Host->device link: cuda (real copies on a side stream), emulated "
@@ -116,8 +127,10 @@ class LoRAConfig:
             raise ValueError(f"lora mode must be one of {LORA_MODES}, got {self.mode!r}")
         if self.decode_kernel not in DECODE_KERNELS:
             raise ValueError(f"decode kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
-        if self.pool_mb <= 0:
-            raise ValueError("lora pool_mb must be > 0")
+        if self.pool_mb < 0 or not 0 < self.pool_fraction < 1 or self.host_cache_mb < 0:
+            raise ValueError("lora pool_mb and host_cache_mb must be >= 0 and pool_fraction in (0, 1)")
+        if self.adapter_dir is not None and not os.path.isdir(self.adapter_dir):
+            raise ValueError(f"adapter directory {self.adapter_dir!r} (resolver) does not exist")
         if not 1 <= self.max_rank <= 256:
             raise ValueError("lora max_rank must be in 1..256")
         if self.layer_group_size < 1:
@@ -170,7 +183,12 @@ class InstanceConfig:
     max_req_total_len: int = option(3072, "Longest prompt + output accepted, in tokens")
     running_max_req_size: int = option(64, "Most requests in the running batch")
     batch_max_tokens: int = option(0, "Most prompt tokens in one prefill batch (0 = derived)")
-    router_max_wait_tokens: int = option(10, "Decode steps between admissions of new requests")
+    router_max_wait_tokens: int = option(10, "Decode steps between admissions of new requests (without "
+                                         "chunked prefill; with it, waiting requests are admitted every step)")
+    prefill_chunk_tokens: int = option(
+        256, "Chunked prefill (SARATHI): most prompt tokens one forward step runs beside the running batch's "
+        "decode tokens, so no decode step waits for more than one chunk of a prompt; 0 = off (LightLLM's "
+        "whole-prompt prefill between decode steps). Default measured in docs/RESULTS.md (chunked prefill)")
     torch_threads: int = option(0, "Intra-op threads of the model worker (0 = all cores, or the cores the "
                                 "cpu-assist sidecar leaves free when the CPU is the device)")
     cpu_weight_layout: str = option(
@@ -194,6 +212,8 @@ class InstanceConfig:
             raise ValueError("need 0 < max_req_input_len < max_req_total_len <= max_total_token_num")
         if self.running_max_req_size < 1:
             raise ValueError("running_max_req_size must be >= 1")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0 (0 = off), got {self.prefill_chunk_tokens}")
         self.lora.validate()
         self.sidecar.validate()
 

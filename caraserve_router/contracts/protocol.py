@@ -20,8 +20,12 @@ def error_response(message: str, status: int, kind: str = "invalid_request_error
 
 
 def error_kind(status: int) -> str:
-    return {400: "invalid_request_error", 404: "not_found", 409: "conflict", 413: "invalid_request_error",
-            422: "invalid_request_error", 503: "server_error"}.get(status, "server_error")
+    """OpenAI's error `type` for an HTTP status (any other 4xx: the client's mistake)."""
+    known = {401: "authentication_error", 403: "permission_error", 404: "not_found", 409: "conflict",
+             429: "rate_limit_exceeded", 503: "server_error"}
+    if status in known:
+        return known[status]
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
 class GenerateParameters(BaseModel):

@@ -7,7 +7,7 @@ both.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from caraserve_router.contracts.protocol import error_body, error_kind
 
@@ -20,9 +20,10 @@ def event(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-def error_event(message: str, status: int) -> bytes:
-    """An error inside a stream, in the OpenAI error shape with the HTTP status as its code."""
-    return event(error_body(message, status, error_kind(status)))
+def error_event(message: str, status: int, kind: Optional[str] = None) -> bytes:
+    """An error inside a stream, in the OpenAI error shape with the HTTP status as its code
+    (`kind`: the error type, by default the one of the status)."""
+    return event(error_body(message, status, kind or error_kind(status)))
 
 
 def parse_event(line: bytes | str) -> Any | None:

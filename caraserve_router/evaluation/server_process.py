@@ -3,7 +3,7 @@
 `RunningServer` starts `python -m caraserve_router.api_server` (or `.instance`) in its own
 session on a free loopback port, waits until /health answers, and on exit sends SIGTERM,
 waits, kills whatever is left of its process group, and records what remains (processes,
-`/dev/shm` entries it created, the port) so tests can assert a clean shutdown.
+`/dev/shm` entries under its own `--shm-prefix`, the port) so tests can assert a clean shutdown.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import requests
@@ -22,8 +23,8 @@ from caraserve_router.contracts.processes import free_ports
 REPO = Path(__file__).resolve().parents[2]
 
 
-def shm_entries() -> set:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("caraserve")}
+def shm_entries(prefix: str = "caraserve") -> set:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
 
 
 def group_alive(pgid: int) -> list[int]:
@@ -40,12 +41,18 @@ class RunningServer:
     def __init__(self, module: str, args: list[str], log_path: Path, startup_s: float = 300.0):
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.module, self.args, self.log_path, self.startup_s = module, args, log_path, startup_s
+        self.module, self.args, self.log_path, self.startup_s = module, list(args), log_path, startup_s
+        # Its own /dev/shm names, so what other servers on the machine create is none of its business.
+        if "--shm-prefix" in self.args:
+            self.shm_prefix = self.args[self.args.index("--shm-prefix") + 1]
+        else:
+            self.shm_prefix = f"caraserve_t{os.getpid()}_{uuid.uuid4().hex[:8]}"
+            self.args += ["--shm-prefix", self.shm_prefix]
         self.leftover_procs: list[int] = []
         self.leftover_shm: set = set()
 
     def __enter__(self) -> "RunningServer":
-        self.shm_before = shm_entries()
+        self.shm_before = shm_entries(self.shm_prefix)
         self.log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", self.module, "--port", str(self.port), *self.args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
@@ -81,7 +88,7 @@ class RunningServer:
                 pass
         time.sleep(0.5)
         self.leftover_procs = group_alive(self.proc.pid)
-        self.leftover_shm = shm_entries() - self.shm_before
+        self.leftover_shm = shm_entries(self.shm_prefix) - self.shm_before
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

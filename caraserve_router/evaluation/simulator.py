@@ -45,9 +45,10 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-from caraserve_router.scheduling.perf_model import KERNELS, PerfModel
+from caraserve_router.contracts.names import DecodeKernel, LoraMode, values
+from caraserve_router.scheduling.perf_model import PerfModel
 from caraserve_router.scheduling.policies import Policy, PolicyConfig, make_policy
-from caraserve_router.scheduling.scheduler_state import LORA_MODES, ClusterState, InstanceState, RequestInfo
+from caraserve_router.scheduling.scheduler_state import ClusterState, InstanceState, RequestInfo
 from caraserve_router.evaluation.workload import Request, Workload
 
 _STEP, _SYNC = 0, 1
@@ -66,8 +67,8 @@ class SimConfig:
     max_batch: running requests per instance (LightLLM running_max_req_size).
     max_wait_steps: decode steps between tries to prefill new requests (router_max_wait_tokens).
     max_prefill_tokens: prompt tokens per prefill batch (None: no limit; one prompt always fits).
-    lora_mode: "cached" | "on-demand" | "pipeline" | "cpu-assist" (every instance).
-    kernel: decode kernel, "bgmv" | "mbgmv".
+    lora_mode: a LoraMode (or its string), every instance.
+    kernel: the DecodeKernel (or its string).
     adapter_capacity_ranks: device memory for adapters per instance, in rank units (None: no limit).
     sync_interval_s: period of the router's stats reconciliation and of dlora's rebalance.
     drain_limit_s: simulated time allowed after the last arrival; requests unfinished by
@@ -80,8 +81,8 @@ class SimConfig:
     max_batch: int = 32
     max_wait_steps: int = 10
     max_prefill_tokens: int | None = None
-    lora_mode: str = "cached"
-    kernel: str = "bgmv"
+    lora_mode: LoraMode = LoraMode.CACHED
+    kernel: DecodeKernel = DecodeKernel.BGMV
     adapter_capacity_ranks: int | None = None
     sync_interval_s: float = 1.0
     drain_limit_s: float | None = 600.0
@@ -98,10 +99,12 @@ class SimConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise SimulatorError(f"SimConfig.{name} must be None or an integer >= 1, got {v!r}")
-        if self.lora_mode not in LORA_MODES:
-            raise SimulatorError(f"SimConfig.lora_mode must be one of {list(LORA_MODES)}, got {self.lora_mode!r}")
-        if self.kernel not in KERNELS:
-            raise SimulatorError(f"SimConfig.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
+        for name, enum_cls in (("lora_mode", LoraMode), ("kernel", DecodeKernel)):
+            try:  # accept the user-facing string too (frozen: set through object)
+                object.__setattr__(self, name, enum_cls(getattr(self, name)))
+            except ValueError:
+                raise SimulatorError(f"SimConfig.{name} must be one of {list(values(enum_cls))}, "
+                                     f"got {getattr(self, name)!r}") from None
         for name in ("sync_interval_s", "slo_tpot_ms"):
             if not getattr(self, name) > 0:
                 raise SimulatorError(f"SimConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -141,7 +144,7 @@ class SimInstance:
         self.step_batch: list[SimRequest] | None = None     # the prefill batch in flight, else None
         self.assist_until = 0.0                              # cpu-assist: a load is still running
         self.link_free = 0.0
-        self.cached = cfg.lora_mode == "cached"
+        self.cached = cfg.lora_mode.preloads
         self.capacity = cfg.adapter_capacity_ranks
         self.resident: OrderedDict[str, int] = OrderedDict()
         self.resident_ranks = 0
@@ -225,11 +228,11 @@ def _cold_cpu_assist(inst, t, prefill_ms, loads_ms, pm):
 
 
 # Duration (ms) of a prefill step with ``loads_ms`` > 0 of cold adapters, by LoRA mode.
-PREFILL_WITH_COLD: dict[str, Callable] = {
-    "cached": _cold_cached,
-    "on-demand": _cold_on_demand,
-    "pipeline": _cold_pipeline,
-    "cpu-assist": _cold_cpu_assist,
+PREFILL_WITH_COLD: dict[LoraMode, Callable] = {
+    LoraMode.CACHED: _cold_cached,
+    LoraMode.ON_DEMAND: _cold_on_demand,
+    LoraMode.PIPELINE: _cold_pipeline,
+    LoraMode.CPU_ASSIST: _cold_cpu_assist,
 }
 
 
@@ -341,7 +344,7 @@ class Simulation:
 
     def _sync(self, t: float, more_arrivals: bool) -> None:
         """Periodic: reconcile residency views with the instances, then let the policy rebalance."""
-        if not self.cfg.lora_mode == "cached":
+        if not self.cfg.lora_mode.preloads:
             for inst, view in zip(self.insts, self.view.instances):
                 view.apply_stats({"resident_adapters": inst.resident_stats()})
         for move in self.policy.rebalance(self.view.instances, self.pm):
@@ -462,7 +465,7 @@ class Simulation:
         out = summarize_records(self.records, self.cfg.slo_tpot_ms, self.cfg.slo_ttft_ms)
         out.update({
             "policy": self.policy.name, "num_instances": self.cfg.num_instances,
-            "lora_mode": self.cfg.lora_mode, "kernel": self.cfg.kernel,
+            "lora_mode": self.cfg.lora_mode.value, "kernel": self.cfg.kernel.value,
             "cold_loads": sum(i.cold_loads for i in self.insts),
             "queued_moves": self.moves, "max_router_queue": self.max_router_queue,
             "instance_busy_frac": (sum(i.busy_s for i in self.insts) / (len(self.insts) * self.now)

@@ -20,6 +20,7 @@ from typing import Optional
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig, to_cli
 from caraserve_router.contracts.processes import free_ports, remove_shm
 
+from caraserve_router.frontend.gpu_assignment import gpu_env
 from caraserve_router.frontend.instance_client import InstanceClient
 
 log = logging.getLogger("caraserve.cluster")
@@ -41,6 +42,8 @@ class InstanceHandle:
     log_path: Optional[str] = None
     started_at: float = field(default_factory=time.time)
     crash_loops: int = 0  # restarts in a row that died before becoming healthy (for back-off)
+    gpu: Optional[str] = None  # CUDA_VISIBLE_DEVICES of a local instance (gpu_assignment.py)
+    removed: bool = False  # taken out at run time (routes_instances.py): never checked or restarted again
 
     @property
     def local(self) -> bool:
@@ -59,19 +62,25 @@ def _command(config: InstanceConfig) -> list[str]:
 
 
 class LocalLauncher:
-    """Starts and stops local instance processes."""
+    """Starts and stops local instance processes.
 
-    def __init__(self, log_dir: str):
+    The launcher interface the Cluster uses (another launcher, e.g. Ray's, provides the same):
+    `start(handle)`, `signal_stop(handle)`, `stop(handle, grace_s)`, `kill(handle)` (immediate,
+    safe from a signal handler or another thread) and `alive(handle)`.
+    """
+
+    def __init__(self, log_dir: str, shm_prefix: str = "caraserve"):
         self.log_dir = log_dir
+        self.shm_prefix = shm_prefix
         os.makedirs(log_dir, exist_ok=True)
 
     def start(self, handle: InstanceHandle) -> None:
         config = handle.config
-        config.shm_prefix = f"caraserve_i{handle.index}_{uuid.uuid4().hex[:8]}"
+        config.shm_prefix = f"{self.shm_prefix}_i{handle.index}_{uuid.uuid4().hex[:8]}"
         handle.log_path = os.path.join(self.log_dir, f"instance{handle.index}.log")
         out = open(handle.log_path, "ab")
         handle.proc = subprocess.Popen(_command(config), stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                                       stdin=subprocess.DEVNULL, start_new_session=True, env=gpu_env(handle.gpu))
         out.close()
         handle.started_at = time.time()
         handle.healthy = False
@@ -101,6 +110,17 @@ class LocalLauncher:
         remove_shm(handle.config.shm_prefix)
         handle.proc = None
         handle.healthy = False
+
+    @staticmethod
+    def kill(handle: InstanceHandle) -> None:
+        """SIGKILL the instance's whole process group and remove its shared memory, now."""
+        if handle.proc is not None:
+            try:
+                os.killpg(handle.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if handle.config is not None and handle.config.shm_prefix:
+            remove_shm(handle.config.shm_prefix)
 
     @staticmethod
     def alive(handle: InstanceHandle) -> bool:
@@ -156,6 +176,8 @@ class Cluster:
 
     async def check_once(self) -> None:
         for i, h in enumerate(self.handles):
+            if h.removed:
+                continue
             dead = h.local and not self.launcher.alive(h)
             ok = not dead and await self.clients[i].health(timeout_s=5.0)
             if h.healthy and not ok:
@@ -192,12 +214,20 @@ class Cluster:
             except Exception:  # noqa: BLE001 - the monitor must keep running
                 log.exception("health check failed")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Stop the local instances: ask all at once, then wait at most `grace_s` in all."""
         local = [h for h in self.handles if h.local]
-        for h in local:  # all at once, then wait for each
-            self.launcher.signal_stop(h)
         for h in local:
-            self.launcher.stop(h)
+            self.launcher.signal_stop(h)
+        deadline = time.monotonic() + grace_s
+        for h in local:
+            self.launcher.stop(h, max(0.0, deadline - time.monotonic()))
+
+    def kill(self) -> None:
+        """End every local instance at once (a second signal, or the shutdown deadline)."""
+        for h in self.handles:
+            if h.local:
+                self.launcher.kill(h)
 
 
 def _tail(path: Optional[str], lines: int = 30) -> str:

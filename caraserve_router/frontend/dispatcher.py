@@ -20,13 +20,26 @@ from caraserve_router.scheduling.scheduler_state import ClusterState, RequestInf
 log = logging.getLogger("caraserve.dispatch")
 
 
-class DispatchError(RuntimeError):
-    """A request the cluster cannot serve; `status` is the HTTP status to answer with."""
+async def _cancelled(task: asyncio.Future) -> None:
+    """Cancel `task` and wait until it has ended (a stream cannot be closed while a read of it
+    is still pending)."""
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - its outcome no longer matters
+        pass
 
-    def __init__(self, message: str, status: int = 503, kind: str = "server_error"):
+
+class DispatchError(RuntimeError):
+    """A request the cluster cannot serve; `status` is the HTTP status to answer with
+    (`retry_after_s`: when to try again, for a 429 or a 503)."""
+
+    def __init__(self, message: str, status: int = 503, kind: str = "server_error",
+                 retry_after_s: Optional[int] = None):
         super().__init__(message)
         self.status = status
         self.kind = kind
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -41,6 +54,8 @@ class Job:
     created: float = field(default_factory=time.perf_counter)
     migrate_to: Optional[int] = None
     moved: asyncio.Event = field(default_factory=asyncio.Event)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)  # set by Dispatcher.abort_all
+    stop_reason: str = ""
 
     def info(self) -> RequestInfo:
         return RequestInfo(self.request_id, self.adapter, self.rank, len(self.prompt_ids),
@@ -52,16 +67,32 @@ class Job:
 
 
 class Dispatcher:
-    def __init__(self, cluster, state: ClusterState, policy, perf_model, metrics, wait_timeout_s: float):
+    def __init__(self, cluster, state: ClusterState, policy, perf_model, metrics, wait_timeout_s: float,
+                 max_waiting: int = 0):
         self.cluster = cluster
         self.state = state
         self.policy = policy
         self.perf_model = perf_model
         self.metrics = metrics
         self.wait_timeout_s = wait_timeout_s
+        self.max_waiting = max_waiting  # 0: no bound
         self.capacity = asyncio.Condition()
         self.jobs: dict[str, Job] = {}
         self.waiting = 0
+        self.closing: Optional[str] = None  # set by abort_all: why no request is served any more
+
+    def set_policy(self, policy, perf_model) -> None:
+        """Switch policy (the start-up profile finished); requests in flight keep their instance."""
+        self.policy, self.perf_model = policy, perf_model
+
+    async def abort_all(self, reason: str) -> None:
+        """End every request (waiting ones and running ones) with a 503 `reason`, and refuse new
+        ones: shutdown."""
+        self.closing = reason
+        for job in list(self.jobs.values()):
+            job.stop_reason = reason
+            job.stopped.set()
+        await self.notify_capacity()
 
     @property
     def clients(self) -> list[InstanceClient]:
@@ -71,13 +102,26 @@ class Dispatcher:
         async with self.capacity:
             self.capacity.notify_all()
 
+    def _refuse_if_closing(self) -> None:
+        if self.closing is not None:
+            raise DispatchError(self.closing, 503, retry_after_s=5)
+
     async def _choose(self, job: Job, excluded: set) -> int:
+        self._refuse_if_closing()
+        index = self._pick(job, excluded)
+        if index is not None:
+            return index
+        if self.max_waiting and self.waiting >= self.max_waiting:
+            self.metrics.error("rate_limit_exceeded")
+            raise DispatchError(f"{self.waiting} requests are already waiting for an instance; try again later",
+                                429, "rate_limit_exceeded", retry_after_s=self._retry_after_s())
         deadline = time.monotonic() + self.wait_timeout_s
         self.waiting += 1
         self.metrics.frontend_queue.set(self.waiting)
         try:
             async with self.capacity:
                 while True:
+                    self._refuse_if_closing()
                     index = self._pick(job, excluded)
                     if index is not None:
                         return index
@@ -91,6 +135,12 @@ class Dispatcher:
         finally:
             self.waiting -= 1
             self.metrics.frontend_queue.set(self.waiting)
+
+    def _retry_after_s(self) -> int:
+        """A client's back-off for a 429: about the time the waiting requests need to be placed,
+        guessed from the queue length (a second per batch of waiting requests), 1 to 60 s."""
+        per_batch = max(1, max((i.max_batch for i in self.state.instances), default=1))
+        return int(min(60, max(1, self.waiting // per_batch + 1)))
 
     def _pick(self, job: Job, excluded: set) -> Optional[int]:
         instances = self.state.instances
@@ -177,28 +227,41 @@ class Dispatcher:
 
     async def _events_or_migration(self, client: InstanceClient, job: Job) -> AsyncIterator[dict]:
         """The instance's events; stops early (closing the stream, which aborts the request
-        there) when the job is told to migrate before its first token."""
+        there) when the job is told to migrate before its first token, or raises when it is
+        aborted (shutdown). A consumer that stops iterating (its client left) closes the stream
+        the same way."""
         stream = client.generate_stream(job.body()).__aiter__()
         first = True
+        next_event = None
         try:
             while True:
                 next_event = asyncio.ensure_future(stream.__anext__())
+                watches = [asyncio.ensure_future(job.stopped.wait())]
                 if first:
-                    moved = asyncio.ensure_future(job.moved.wait())
-                    done, _ = await asyncio.wait({next_event, moved}, return_when=asyncio.FIRST_COMPLETED)
-                    if next_event not in done:
-                        next_event.cancel()
-                        job.moved.clear()
-                        return
-                    moved.cancel()
+                    watches.append(asyncio.ensure_future(job.moved.wait()))
+                try:
+                    done, _ = await asyncio.wait({next_event, *watches}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in watches:
+                        w.cancel()
+                if next_event not in done:
+                    await _cancelled(next_event)
+                    if job.stopped.is_set():
+                        raise DispatchError(job.stop_reason, 503, retry_after_s=5)
+                    job.moved.clear()
+                    return
                 try:
                     event = await next_event
                 except StopAsyncIteration:
                     return
                 first = False
                 yield event
+        except BaseException:
+            if next_event is not None and not next_event.done():  # cancelled (client gone)
+                await _cancelled(next_event)
+            raise
         finally:
-            await stream.aclose()
+            await stream.aclose()  # closes the connection: the instance aborts the request
 
     def _forget(self, job: Job) -> None:
         self._note(self.state.fail, job.request_id)

@@ -21,6 +21,8 @@ class ClusterMetrics:
                                  ("policy", "instance"), registry=r)
         self.migrations = Counter("caraserve_scheduler_migrations_total", "Queued requests moved (dlora)",
                                   ("policy",), registry=r)
+        self.requests = Counter("caraserve_requests_total", "Requests ended, by outcome (ok, error, cancelled: "
+                                "the client left)", ("outcome",), registry=r)
         self.errors = Counter("caraserve_errors_total", "Requests that ended in an error, by kind", ("kind",),
                               registry=r)
         self.frontend_queue = Gauge("caraserve_frontend_waiting_requests", "Requests waiting for an instance "
@@ -38,12 +40,16 @@ class ClusterMetrics:
                                    "instance started (cold/warm/cpu_assisted); link says if the link is emulated",
                                    ("instance", "kind", "link"), registry=r)
 
-    def request_done(self, instance: str, adapter, ttft: float, e2e: float, tpot) -> None:
+    def request_done(self, instance: str, adapter, ttft, e2e: float, tpot, outcome: str = "ok") -> None:
+        """Record one request when it ends, however it ends (`outcome`: ok, error, cancelled);
+        `ttft` None: it never got a token; `tpot` None: fewer than two tokens."""
         labels = (instance, adapter or "")
-        self.ttft.labels(*labels).observe(ttft)
+        if ttft is not None:
+            self.ttft.labels(*labels).observe(ttft)
         self.e2e.labels(*labels).observe(e2e)
         if tpot is not None:
             self.tpot.labels(*labels).observe(tpot)
+        self.requests.labels(outcome).inc()
 
     def decision(self, instance: str) -> None:
         self.decisions.labels(self.policy, instance).inc()

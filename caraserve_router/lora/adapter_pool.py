@@ -1,9 +1,12 @@
-"""AdapterPool: device memory for adapter weights in rank-row pages (S-LoRA's unified paging).
+"""AdapterPool: device memory for adapter weights, every adapter at its own size.
 
-A *page* is one rank row of an adapter for every layer and group (docs/DESIGN.md):
-`A[group]: [L, P, S, IN]`, `B[group]: [L, P, OUT_TOTAL]`. An adapter of rank r owns r pages,
-the same ids in every layer, so memory is the sum of ranks (paged layout, mbgmv) — or, in the
-slot layout that Punica's bgmv reads, `max_rank` aligned pages per adapter.
+The pool of one layer is one buffer `W[layer]: [U, UNIT]` of units of UNIT elements (UNIT: the
+gcd of every row width of the model's projections). An adapter owns, for every slice it targets,
+r_s lora_A rows (IN elements each) and r_s lora_B^T rows (OUT_s elements), at the same units in
+every layer (docs/DESIGN.md, "Adapter pool layout"): its footprint is its tensors' bytes. Each
+row starts at a multiple of its own width (so the CPU kernels read the pool in place as
+[*, width] rows); an adapter's rows of one slice are one run when the pool can (one copy each).
+Units 0.. hold a zero row as wide as the widest row: Punica's padded bgmv rows read it.
 
 The pool keeps reference counts (requests using an adapter), user pins, and LRU order of idle
 adapters; `place` evicts idle ones as needed and returns None when even that cannot make room
@@ -11,69 +14,117 @@ adapters; `place` evicts idle ones as needed and returns None when even that can
 """
 from __future__ import annotations
 
-import bisect
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from caraserve_router.lora.adapter_store import AdapterError, HostAdapter
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
 
-LAYOUTS = ("paged", "slot")
+
+def pool_unit(shapes: ModelShapes) -> int:
+    """Elements per unit: the gcd of every lora_A and lora_B^T row width."""
+    widths = []
+    for g in GROUPS:
+        gs = shapes.group(g)
+        widths += [gs.in_features, *gs.out_features]
+    return math.gcd(*widths)
+
+
+@dataclass
+class Block:
+    """r rows of one width (in units) of one (group, slice, A|B); runs of consecutive rows."""
+    group: str
+    slice: int
+    which: str                    # "A" or "B"
+    width: int                    # units per row
+    starts: list                  # first unit of each row, len r
+    runs: list                    # [(first unit, rows)] covering `starts` in order
 
 
 @dataclass
 class PoolEntry:
     name: str
     rank: int
-    pages: torch.Tensor  # int32 [rank] page ids, on the pool's device
-    pages_list: list
-    residency: object  # EmulatedResidency | CudaResidency, set by the link
+    slice_ranks: dict             # group -> per-slice ranks
+    blocks: list                  # [Block]
+    units: int                    # units owned (in every layer)
+    residency: object             # EmulatedResidency | CudaResidency, set by the link
+    a_rows: dict = field(default_factory=dict)  # group -> int32 [S, R_g] first units (-1 past rank), CPU
+    b_rows: dict = field(default_factory=dict)
     refs: int = 0
     pinned: bool = False
     last_used: int = 0
-    slot: int = -1  # slot layout only
-    loads: int = field(default=1)
+    loads: int = 1
+
+
+class UnitAllocator:
+    """Free units of the pool (a bitmap); rows aligned to their own width."""
+
+    def __init__(self, units: int, reserved: int):
+        self.free = np.ones(units, dtype=bool)
+        self.free[:reserved] = False
 
     @property
-    def contiguous(self) -> bool:
-        return self.pages_list == list(range(self.pages_list[0], self.pages_list[0] + self.rank))
+    def free_units(self) -> int:
+        return int(self.free.sum())
+
+    def allocate(self, rows: int, width: int) -> Optional[list]:
+        """[(first unit, rows)] runs for `rows` rows of `width` units: one run if any fits, else
+        rows wherever aligned cells are free; None (nothing taken) when they do not fit."""
+        cells = self.free[: len(self.free) // width * width].reshape(-1, width).all(1)   # [cells]
+        if cells.sum() < rows:
+            return None
+        sums = np.concatenate([[0], np.cumsum(cells)])
+        fits = np.flatnonzero(sums[rows:] - sums[:-rows] == rows)
+        if len(fits):
+            first = int(fits[0])
+            self.free[first * width : (first + rows) * width] = False
+            return [(first * width, rows)]
+        runs = []
+        for cell in np.flatnonzero(cells)[:rows].tolist():
+            if runs and runs[-1][0] + runs[-1][1] * width == cell * width:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((cell * width, 1))
+            self.free[cell * width : (cell + 1) * width] = False
+        return runs
+
+    def release(self, runs: list, width: int) -> None:
+        for first, rows in runs:
+            self.free[first : first + rows * width] = True
 
 
 class AdapterPool:
     def __init__(self, shapes: ModelShapes, dtype: torch.dtype, device: torch.device, capacity_mb: float,
-                 max_rank: int, layout: str = "paged"):
-        if layout not in LAYOUTS:
-            raise ValueError(f"pool layout must be one of {LAYOUTS}")
+                 max_rank: int):
         self.shapes, self.dtype, self.device = shapes, dtype, device
-        self.max_rank, self.layout = max_rank, layout
-        elem = torch.tensor([], dtype=dtype).element_size()
-        self.page_bytes = shapes.floats_per_rank_per_layer() * shapes.num_layers * elem
-        pages = int(capacity_mb * 2**20 // self.page_bytes)
-        if layout == "slot":
-            pages -= pages % max_rank
-        if pages < max_rank:
+        self.max_rank = max_rank
+        self.unit = pool_unit(shapes)
+        elem = dtype.itemsize
+        self.unit_bytes = self.unit * shapes.num_layers * elem  # one unit in every layer
+        widest = max(max(shapes.group(g).in_features, *shapes.group(g).out_features) for g in GROUPS)
+        self.zero_units = widest // self.unit
+        units = int(capacity_mb * 2**20 // self.unit_bytes)
+        need = self.zero_units + shapes.floats_per_rank_per_layer() // self.unit * max_rank
+        if units < need:
             raise ValueError(
-                f"adapter pool of {capacity_mb} MiB holds {pages} rank rows; one adapter of rank {max_rank} "
-                f"needs {max_rank} ({max_rank * self.page_bytes / 2**20:.1f} MiB): raise the pool size"
-            )
-        self.num_pages = pages
-        L = shapes.num_layers
-        self.A = {}
-        self.B = {}
-        for g in GROUPS:
-            gs = shapes.group(g)
-            # Zero-initialised: in the slot layout rows past an adapter's rank must read as zero.
-            self.A[g] = torch.zeros((L, pages, gs.num_slices, gs.in_features), dtype=dtype, device=device)
-            self.B[g] = torch.zeros((L, pages, gs.out_total), dtype=dtype, device=device)
+                f"adapter pool of {capacity_mb} MiB holds {units} units of {self.unit_bytes} bytes; one adapter "
+                f"of rank {max_rank} on every projection needs {need - self.zero_units} "
+                f"({need * self.unit_bytes / 2**20:.1f} MiB with the zero row): raise the pool size")
+        self.num_units = units
+        # Zero-initialised: units 0..zero_units-1 are the zero row padded bgmv rows read.
+        self.W = torch.zeros((shapes.num_layers, units, self.unit), dtype=dtype, device=device)
         self.entries: dict[str, PoolEntry] = {}
-        self._free: list[int] = list(range(pages))  # sorted
-        self._free_slots: list[int] = list(range(pages // max_rank)) if layout == "slot" else []
+        self._alloc = UnitAllocator(units, self.zero_units)
         self._clock = itertools.count(1)
         # Adapters admitted for the batch being formed: not evictable until its requests attach.
         self.protected: set = set()
+        self.evictions = 0
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -84,61 +135,72 @@ class AdapterPool:
         return self.entries.get(name)
 
     @property
-    def pages_used(self) -> int:
-        return self.num_pages - len(self._free)
+    def units_used(self) -> int:
+        return self.num_units - self._alloc.free_units
 
-    def layer_view(self, group: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [P, S, IN], B [P, OUT_TOTAL]) of one layer."""
-        return self.A[group][layer], self.B[group][layer]
+    @property
+    def bytes_total(self) -> int:
+        return self.num_units * self.unit_bytes
+
+    @property
+    def bytes_used(self) -> int:
+        return (self.units_used - self.zero_units) * self.unit_bytes
+
+    def layer_pool(self, layer: int) -> torch.Tensor:
+        """W [U, UNIT] of one layer: what the kernels read."""
+        return self.W[layer]
+
+    def entry_bytes(self, entry: PoolEntry) -> int:
+        return entry.units * self.unit_bytes
 
     # ---- placement ----------------------------------------------------------------------
 
     def place(self, host: HostAdapter, residency) -> Optional[PoolEntry]:
-        """Reserve pages for `host`, evicting idle adapters (LRU) if needed; None if impossible."""
-        name, rank = host.spec.name, host.spec.rank
-        if name in self.entries:
-            raise AdapterError(f"adapter {name!r} is already in the pool", 409)
-        if rank > self.max_rank:
-            raise AdapterError(f"adapter {name!r} has rank {rank} > pool max rank {self.max_rank}")
-        pages, slot = self._allocate(rank)
-        while pages is None and self._evict_one():
-            pages, slot = self._allocate(rank)
-        if pages is None:
+        """Reserve rows for `host`, evicting idle adapters (LRU) if needed; None if impossible."""
+        spec = host.spec
+        if spec.name in self.entries:
+            raise AdapterError(f"adapter {spec.name!r} is already in the pool", 409)
+        if spec.rank > self.max_rank:
+            raise AdapterError(f"adapter {spec.name!r} has rank {spec.rank} > pool max rank {self.max_rank}")
+        blocks = self._allocate(spec.slice_ranks)
+        while blocks is None and self._evict_one():
+            blocks = self._allocate(spec.slice_ranks)
+        if blocks is None:
             return None
-        entry = PoolEntry(
-            name=name, rank=rank, pages=torch.tensor(pages, dtype=torch.int32, device=self.device),
-            pages_list=pages, residency=residency, last_used=next(self._clock), slot=slot,
-        )
-        self.entries[name] = entry
+        entry = PoolEntry(name=spec.name, rank=spec.rank, slice_ranks=dict(spec.slice_ranks), blocks=blocks,
+                          units=sum(len(b.starts) * b.width for b in blocks), residency=residency,
+                          last_used=next(self._clock))
+        for g in GROUPS:
+            ranks = spec.slice_ranks[g]
+            width = max(ranks) if ranks else 0
+            entry.a_rows[g] = torch.full((len(ranks), width), -1, dtype=torch.int32)   # [S, R_g]
+            entry.b_rows[g] = torch.full((len(ranks), width), -1, dtype=torch.int32)
+        for b in blocks:
+            (entry.a_rows if b.which == "A" else entry.b_rows)[b.group][b.slice, : len(b.starts)] = \
+                torch.tensor(b.starts, dtype=torch.int32)
+        self.entries[spec.name] = entry
         return entry
 
-    def _allocate(self, rank: int):
-        if self.layout == "slot":
-            if not self._free_slots:
-                return None, -1
-            slot = self._free_slots.pop(0)
-            start = slot * self.max_rank
-            for p in range(start, start + self.max_rank):
-                self._free.remove(p)
-            return list(range(start, start + rank)), slot
-        if len(self._free) < rank:
-            return None, -1
-        run = self._find_run(rank)
-        pages = list(range(run, run + rank)) if run is not None else self._free[:rank]
-        for p in pages:
-            del self._free[bisect.bisect_left(self._free, p)]
-        return pages, -1
-
-    def _find_run(self, rank: int) -> Optional[int]:
-        """Start of the first run of `rank` consecutive free pages (best for CPU views)."""
-        free = self._free
-        start = 0
-        for i in range(1, len(free) + 1):
-            if i == len(free) or free[i] != free[i - 1] + 1:
-                if i - start >= rank:
-                    return free[start]
-                start = i
-        return None
+    def _allocate(self, slice_ranks: dict) -> Optional[list]:
+        """Blocks of every targeted slice (A and B rows), or None with nothing taken."""
+        wanted = []
+        for g in GROUPS:
+            gs = self.shapes.group(g)
+            for s, r in enumerate(slice_ranks[g]):
+                if r > 0:
+                    wanted += [(g, s, "A", r, gs.in_features // self.unit), (g, s, "B", r, gs.out_features[s] // self.unit)]
+        # widest rows first: aligned first-fit then leaves no gaps in front of narrower rows
+        wanted.sort(key=lambda w: -w[4])
+        blocks = []
+        for g, s, which, r, width in wanted:
+            runs = self._alloc.allocate(r, width)
+            if runs is None:
+                for b in blocks:
+                    self._alloc.release(b.runs, b.width)
+                return None
+            starts = [first + k * width for first, rows in runs for k in range(rows)]
+            blocks.append(Block(g, s, which, width, starts, runs))
+        return blocks
 
     def _evict_one(self) -> bool:
         idle = [e for e in self.entries.values()
@@ -146,18 +208,13 @@ class AdapterPool:
         if not idle:
             return False
         self.remove(min(idle, key=lambda e: e.last_used).name)
+        self.evictions += 1
         return True
 
     def remove(self, name: str) -> None:
         entry = self.entries.pop(name)
-        if self.layout == "slot":
-            start = entry.slot * self.max_rank
-            freed = range(start, start + self.max_rank)
-            bisect.insort(self._free_slots, entry.slot)
-        else:
-            freed = entry.pages_list
-        for p in freed:
-            bisect.insort(self._free, p)
+        for b in entry.blocks:
+            self._alloc.release(b.runs, b.width)
 
     # ---- use ----------------------------------------------------------------------------
 
@@ -178,10 +235,3 @@ class AdapterPool:
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         self.entries[name].pinned = pinned
-
-    def slot_rows_to_clear(self, entry: PoolEntry) -> Optional[slice]:
-        """Slot layout: the page rows past the adapter's rank, which must read as zero."""
-        if self.layout != "slot" or entry.rank == self.max_rank:
-            return None
-        start = entry.slot * self.max_rank
-        return slice(start + entry.rank, start + self.max_rank)

@@ -1,34 +1,45 @@
-"""AdapterStore: PEFT LoRA adapters validated against the base model, kept in host memory.
+"""AdapterStore: PEFT LoRA adapters validated against the base model; their bytes in host memory
+only while they are used.
 
-Each registered adapter lives in one named shared-memory segment (`/dev/shm/<prefix>_ad<n>`)
-so the CPU sidecar reads the weights without a copy; on CUDA the segment is also page-locked
-for asynchronous host->device copies. Layout of a segment (`HostLayout`), layer-major so a
-layer group is one contiguous range:
+Registration reads and checks the adapter's config and the safetensors header (names, shapes,
+dtypes): no tensor data, so registering thousands takes seconds. The bytes are read from the
+file on first use (a load to the device, a CPU sidecar job) into one named shared-memory
+segment per adapter (`/dev/shm/<prefix>_ad<n>`), which the CPU sidecar maps without a copy; on
+CUDA the segment is also page-locked for asynchronous host->device copies. The store keeps
+those segments in an LRU cache with a byte budget (`--lora-host-cache-mb`): an adapter no load
+holds is unmapped when room is needed, and read again from its file when next used.
 
-    for layer in 0..L-1:  for group in (qkv, o, gate_up, down):
-        A: [R, S, IN]    A[j, s] = row j of slice s's lora_A.weight      (zero past its rank)
-        B: [R, OUT]      B[j, off_s:off_s+n_s] = scale_s * column j of lora_B.weight
+Layout of a segment (`HostLayout`), layer-major so a layer is one contiguous range; per layer
+and group (qkv, o, gate_up, down) only the slices the adapter targets, each at its own rank r_s:
 
-R is the adapter's largest rank over all its projections (PEFT `rank_pattern` may vary it
-per module and layer); rows past a projection's own rank are zero, so computing with R rows
-is exact. The scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, per `alpha_pattern`) is
-folded into B once here, so kernels run with scale 1.
+    A: [sum_s r_s, IN]   rows of slice s at rows sum_{s' < s} r_s' ..: slice s's lora_A.weight
+    B_s: [r_s, OUT_s]    for each targeted slice s: scale_s * lora_B.weight^T
+
+so a segment holds exactly the adapter's tensors. r_s is the slice's largest rank over the
+layers (PEFT `rank_pattern` may vary it per layer; smaller layers are zero-padded, which is
+exact). The scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, per `alpha_pattern`) is
+folded into B here, so kernels run with scale 1.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import json
+import logging
 import math
 import os
 import re
 import threading
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
 
 from caraserve_router.lora.shapes import GROUPS, GROUP_MODULES, MODULE_PARENT, MODULE_SLOTS, ModelShapes
+
+log = logging.getLogger("caraserve.lora.store")
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
 
@@ -47,7 +58,7 @@ class AdapterSpec:
 
     name: str
     path: str
-    rank: int  # largest rank over its projections: pages it owns in the pool
+    rank: int  # largest rank over its projections
     slice_ranks: dict  # group -> tuple of per-slice ranks (max over layers; 0 = not targeted)
     target_modules: tuple
     layers: tuple
@@ -59,51 +70,95 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class HostLayout:
-    """Element offsets of every (layer, group, A|B) block inside an adapter's segment."""
+    """Element offsets of every (layer, group, A | B slice) block inside an adapter's segment.
+
+    `ranks`: {group: per-slice ranks} (an adapter's `slice_ranks`), or one int for every slice."""
 
     shapes: ModelShapes
-    rank: int
+    ranks: object
 
-    def _layer_floats(self) -> int:
-        return self.rank * self.shapes.floats_per_rank_per_layer()
+    def slice_ranks(self, group: str) -> tuple[int, ...]:
+        if isinstance(self.ranks, int):
+            return (self.ranks,) * self.shapes.group(group).num_slices
+        return tuple(self.ranks[group])
+
+    @functools.cached_property
+    def _offsets(self) -> tuple[int, dict]:
+        """(floats per layer, {(group, "A") | (group, s): (offset in the layer, shape)})."""
+        table, offset = {}, 0
+        for name in GROUPS:
+            g, ranks = self.shapes.group(name), self.slice_ranks(name)
+            table[(name, "A")] = (offset, (sum(ranks), g.in_features))
+            offset += sum(ranks) * g.in_features
+            for s, r in enumerate(ranks):
+                table[(name, s)] = (offset, (r, g.out_features[s]))
+                offset += r * g.out_features[s]
+        return offset, table
+
+    def layer_floats(self) -> int:
+        return self._offsets[0]
 
     def total_floats(self) -> int:
-        return self.shapes.num_layers * self._layer_floats()
+        return self.shapes.num_layers * self.layer_floats()
 
     def layer_range(self, layer: int) -> tuple[int, int]:
-        start = layer * self._layer_floats()
-        return start, start + self._layer_floats()
+        start = layer * self.layer_floats()
+        return start, start + self.layer_floats()
 
-    def block(self, layer: int, group: str, which: str) -> tuple[int, tuple[int, ...]]:
-        """(offset, shape) of block `which` ("A" or "B") of `group` in `layer`."""
-        offset = self.layer_range(layer)[0]
-        for name in GROUPS:
-            g = self.shapes.group(name)
-            a_size = self.rank * g.num_slices * g.in_features
-            if name == group:
-                if which == "A":
-                    return offset, (self.rank, g.num_slices, g.in_features)
-                return offset + a_size, (self.rank, g.out_total)
-            offset += a_size + self.rank * g.out_total
-        raise KeyError(group)
+    def block(self, layer: int, group: str, which) -> tuple[int, tuple[int, int]]:
+        """(offset, shape) of `which`: "A" (the group's lora_A rows, [sum_s r_s, IN]) or a slice
+        index s (its scaled lora_B^T, [r_s, OUT_s]) of `group` in `layer`."""
+        offset, shape = self._offsets[1][(group, which)]
+        return layer * self.layer_floats() + offset, shape
 
 
 class HostAdapter:
-    """One adapter's weights in a named shared-memory segment (creator or attached view)."""
+    """One registered adapter: its spec and layout, and its bytes in a named shared-memory segment
+    while mapped. `flat` / `block()` / `shm_name` map it first if needed (through the store)."""
 
-    def __init__(self, spec: AdapterSpec, layout: HostLayout, dtype: torch.dtype, shm: shared_memory.SharedMemory,
-                 owner: bool):
+    def __init__(self, spec: AdapterSpec, layout: HostLayout, dtype: torch.dtype,
+                 shm: Optional[shared_memory.SharedMemory], owner: bool, store: Optional["AdapterStore"] = None,
+                 shm_name: Optional[str] = None):
         self.spec = spec
         self.layout = layout
         self.dtype = dtype
-        self.shm = shm
         self.owner = owner
-        self.flat = torch.frombuffer(shm.buf, dtype=dtype, count=layout.total_floats())
+        self.store = store
+        self.shm = None
+        self._flat: Optional[torch.Tensor] = None
+        self._name = shm_name or (shm.name if shm is not None else None)
         self.pinned = False
+        self.refs = 0  # loads (device copies) in flight: the segment may not be released
+        if shm is not None:
+            self._map(shm)
+
+    def _map(self, shm: shared_memory.SharedMemory) -> None:
+        self.shm = shm
+        self._flat = torch.frombuffer(shm.buf, dtype=self.dtype, count=self.layout.total_floats())
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.total_floats() * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def mapped(self) -> bool:
+        return self.shm is not None
+
+    def ensure(self) -> "HostAdapter":
+        """Map the bytes (read them from the adapter's file when the store released them)."""
+        if self.shm is None:
+            if self.store is None:
+                raise AdapterError(f"adapter {self.spec.name!r}: its host segment is gone", 500)
+            self.store.materialize(self.spec.name)
+        return self
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return self.ensure()._flat
 
     @property
     def shm_name(self) -> str:
-        return self.shm.name
+        return self.ensure().shm.name
 
     @classmethod
     def attach(cls, spec: AdapterSpec, shapes: ModelShapes, dtype: torch.dtype, shm_name: str) -> "HostAdapter":
@@ -115,31 +170,44 @@ class HostAdapter:
             resource_tracker.unregister(shm._name, "shared_memory")
         except Exception:  # noqa: BLE001 - tracker absent in some start methods
             pass
-        return cls(spec, HostLayout(shapes, spec.rank), dtype, shm, owner=False)
+        return cls(spec, HostLayout(shapes, spec.slice_ranks), dtype, shm, owner=False)
 
-    def block(self, layer: int, group: str, which: str) -> torch.Tensor:
+    def block(self, layer: int, group: str, which) -> torch.Tensor:
+        """View of block `which` ("A" or a slice index, see HostLayout.block)."""
         offset, shape = self.layout.block(layer, group, which)
-        size = math.prod(shape)
-        return self.flat[offset : offset + size].view(shape)
+        return self.flat[offset : offset + math.prod(shape)].view(shape)
 
     def layer_bytes(self, layer: int) -> int:
         start, end = self.layout.layer_range(layer)
-        return (end - start) * self.flat.element_size()
+        return (end - start) * self.dtype.itemsize
 
     def pin(self) -> None:
         """Page-lock the segment for async copies (CUDA only)."""
-        if torch.cuda.is_available() and not self.pinned:
-            torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), self.flat.numel() * self.flat.element_size(), 0)
+        if torch.cuda.is_available() and not self.pinned and self.nbytes:
+            torch.cuda.cudart().cudaHostRegister(self._flat.data_ptr(), self.nbytes, 0)
             self.pinned = True
 
-    def close(self) -> None:
+    def unmap(self) -> None:
+        """Drop the bytes (unlink the segment if this process made it); the spec stays."""
+        if self.shm is None:
+            return
         if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(self._flat.data_ptr())
             self.pinned = False
-        self.flat = None
-        self.shm.close()
+        self._flat = None
+        try:
+            self.shm.close()
+        except BufferError:  # a view is still alive somewhere: the unlink below still frees the name
+            pass
         if self.owner:
-            self.shm.unlink()
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:  # someone removed /dev/shm/<name> under us: it is gone either way
+                log.warning("host segment of adapter %s was already unlinked", self.spec.name)
+        self.shm = None
+
+    def close(self) -> None:
+        self.unmap()
 
 
 # --------------------------------------------------------------------------- PEFT parsing
@@ -190,15 +258,22 @@ def _check_config(path: str, config: dict, max_rank: int) -> None:
             )
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def _weights_path(path: str) -> str:
     weights_path = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(weights_path):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
             raise AdapterError(f"{path}: only adapter_model.safetensors is supported (found adapter_model.bin)")
         raise AdapterError(f"{path}: missing adapter_model.safetensors")
+    return weights_path
+
+
+def _read_header(path: str) -> dict[str, tuple]:
+    """{tensor name: shape} from the safetensors header; no tensor data is read. The header's
+    offsets are checked against the file size, so a truncated file is refused here."""
+    weights_path = _weights_path(path)
     try:
         with safe_open(weights_path, "pt", "cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
         raise AdapterError(f"{path}: cannot read adapter_model.safetensors (truncated or corrupt?): {e}") from e
 
@@ -211,7 +286,8 @@ def _pattern_value(patterns: dict, key: str, default):
 
 
 def _index_tensors(path: str, tensors: dict, shapes: ModelShapes) -> dict:
-    """{(layer, module): {"A": t, "B": t}} from PEFT keys; refuses unknown or misplaced keys."""
+    """{(layer, module): {"A": (key, shape), "B": (key, shape)}} from PEFT keys; refuses unknown
+    or misplaced keys."""
     found: dict = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
@@ -224,7 +300,7 @@ def _index_tensors(path: str, tensors: dict, shapes: ModelShapes) -> dict:
             raise AdapterError(f"{path}: tensor {key!r} puts {module} under {parent}")
         if layer >= shapes.num_layers:
             raise AdapterError(f"{path}: tensor {key!r} is for layer {layer}; the base model has {shapes.num_layers}")
-        found.setdefault((layer, module), {})[which] = tensor
+        found.setdefault((layer, module), {})[which] = (key, tensor)
     if not found:
         raise AdapterError(f"{path}: adapter_model.safetensors holds no LoRA tensors")
     return found
@@ -272,25 +348,24 @@ def _check_shapes(path: str, config: dict, found: dict, shapes: ModelShapes) -> 
     for (layer, module), pair in found.items():
         r, scale = _rank_and_scale(config, layer, module)
         in_f, out_f = shapes.module_shape(module)
-        a, b = pair["A"], pair["B"]
-        if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+        a, b = pair["A"][1], pair["B"][1]
+        if len(a) != 2 or len(b) != 2 or tuple(a) != (r, in_f) or tuple(b) != (out_f, r):
             raise AdapterError(
-                f"{path}: layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                f"{path}: layer {layer} {module}: lora_A {tuple(a)} / lora_B {tuple(b)} do not "
                 f"fit the base model (expected ({r}, {in_f}) / ({out_f}, {r}))"
             )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterError(f"{path}: layer {layer} {module} holds NaN or inf")
         ranks[(layer, module)] = (r, scale)
     return ranks
 
 
 def parse_adapter(name: str, path: str, shapes: ModelShapes, max_rank: int) -> tuple[AdapterSpec, dict, dict]:
-    """Validate a PEFT adapter directory; returns (spec, tensors by (layer, module), ranks/scales)."""
+    """Validate a PEFT adapter directory from its config and safetensors header; returns (spec,
+    {(layer, module): {"A": (key, shape), "B": (key, shape)}}, {(layer, module): (rank, scale)})."""
     if not os.path.isdir(path):
         raise AdapterError(f"adapter path {path!r} does not exist or is not a directory")
     config = _read_config(path)
     _check_config(path, config, max_rank)
-    found = _index_tensors(path, _read_tensors(path), shapes)
+    found = _index_tensors(path, _read_header(path), shapes)
     _check_pairs(path, config, found, shapes)
     ranks = _check_shapes(path, config, found, shapes)
     slice_ranks = {}
@@ -310,26 +385,61 @@ def parse_adapter(name: str, path: str, shapes: ModelShapes, max_rank: int) -> t
     return spec, found, ranks
 
 
+def read_into(host: HostAdapter, found: dict, ranks: dict) -> None:
+    """Read the adapter's tensors from its file into the (zeroed) segment; refuses NaN / inf."""
+    path = host.spec.path
+    shapes = host.layout.shapes
+    try:
+        f = safe_open(_weights_path(path), "pt", "cpu")
+    except Exception as e:  # noqa: BLE001
+        raise AdapterError(f"{path}: cannot read adapter_model.safetensors: {e}") from e
+    with f:
+        for (layer, module), pair in found.items():
+            group, slot = MODULE_SLOTS[module]
+            r, scale = ranks[(layer, module)]
+            a, b = f.get_tensor(pair["A"][0]), f.get_tensor(pair["B"][0])
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterError(f"{path}: layer {layer} {module} holds NaN or inf")
+            first = sum(host.layout.slice_ranks(group)[:slot])
+            host.block(layer, group, "A")[first : first + r] = a.to(host.dtype)        # [r, IN]
+            host.block(layer, group, slot)[:r] = (b.float() * scale).t().to(host.dtype)  # [r, OUT_s]
+    del shapes
+
+
 # --------------------------------------------------------------------------- the store
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$")
 
 
 class AdapterStore:
-    """Registered adapters of one instance, in shared host memory."""
+    """Registered adapters of one instance; their bytes in shared host memory while used, within
+    a byte budget (LRU over the adapters no load holds)."""
 
-    def __init__(self, shapes: ModelShapes, dtype: torch.dtype, shm_prefix: str, max_rank: int, pin: bool):
+    def __init__(self, shapes: ModelShapes, dtype: torch.dtype, shm_prefix: str, max_rank: int, pin: bool,
+                 cache_bytes: Optional[int] = None, max_mapped: Optional[int] = None):
         self.shapes = shapes
         self.dtype = dtype
         self.shm_prefix = shm_prefix
         self.max_rank = max_rank
         self.pin = pin
+        self.cache_bytes = cache_bytes  # None: unbounded
+        self.max_mapped = max_mapped  # None: unbounded (the sidecar's table size otherwise)
         self._adapters: dict[str, HostAdapter] = {}
+        self._sources: dict[str, tuple] = {}  # name -> (found, ranks) for reading on first use
+        self._mapped: collections.OrderedDict = collections.OrderedDict()  # LRU of mapped adapters
+        self.mapped_bytes = 0
         self._seq = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        # hooks (the runtime wires the sidecar): called after a segment is mapped / before unmapped
+        self.on_map: Optional[Callable[[HostAdapter], None]] = None
+        self.on_unmap: Optional[Callable[[str], None]] = None
+        self.counters: collections.Counter = collections.Counter()
 
     def __contains__(self, name: str) -> bool:
         return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
 
     def names(self) -> list[str]:
         return list(self._adapters)
@@ -340,49 +450,98 @@ class AdapterStore:
         return self._adapters[name]
 
     def add(self, name: str, path: str) -> HostAdapter:
+        """Register: validate config and header (no tensor data is read; see `materialize`)."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise AdapterError(f"invalid adapter name {name!r} (letters, digits, . _ : - /; at most 128)")
         if name in self._adapters:
             raise AdapterError(f"adapter {name!r} is already registered", status=409)
-        spec, tensors, ranks = parse_adapter(name, path, self.shapes, self.max_rank)
-        host = self._allocate(spec)
-        try:
-            self._fill(host, tensors, ranks)
-            if self.pin:
-                host.pin()
-        except Exception:
-            host.close()
-            raise
+        spec, found, ranks = parse_adapter(name, path, self.shapes, self.max_rank)
         with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"adapter {name!r} is already registered", status=409)
+            self._seq += 1
+            host = HostAdapter(spec, HostLayout(self.shapes, spec.slice_ranks), self.dtype, None, owner=True,
+                               store=self, shm_name=f"{self.shm_prefix}_ad{self._seq}")
             self._adapters[name] = host
+            self._sources[name] = (found, ranks)
         return host
 
     def remove(self, name: str) -> None:
         host = self.get(name)
         with self._lock:
+            self._unmap(host)
             del self._adapters[name]
-        host.close()
+            self._sources.pop(name, None)
 
     def close(self) -> None:
         for name in list(self._adapters):
             self.remove(name)
 
-    def _allocate(self, spec: AdapterSpec) -> HostAdapter:
-        layout = HostLayout(self.shapes, spec.rank)
-        nbytes = layout.total_floats() * torch.tensor([], dtype=self.dtype).element_size()
-        self._seq += 1
-        shm = shared_memory.SharedMemory(name=f"{self.shm_prefix}_ad{self._seq}", create=True, size=nbytes)
-        host = HostAdapter(spec, layout, self.dtype, shm, owner=True)
-        host.flat.zero_()
+    # ---- the host cache ------------------------------------------------------------------
+
+    def materialize(self, name: str) -> HostAdapter:
+        """Map `name`'s bytes (reading its file if they are not mapped), most recently used."""
+        host = self.get(name)
+        with self._lock:
+            if host.mapped:
+                self._mapped.move_to_end(name)
+                self.counters["host_hits"] += 1
+                return host
+            self._make_room(host.nbytes, keep=name)
+            shm = shared_memory.SharedMemory(name=host._name, create=True, size=max(1, host.nbytes))
+            host._map(shm)  # a new segment reads as zeros
+            try:
+                found, ranks = self._sources[name]
+                read_into(host, found, ranks)
+                if self.pin:
+                    host.pin()
+            except Exception:
+                host.unmap()
+                raise
+            self._mapped[name] = host
+            self.mapped_bytes += host.nbytes
+            self.counters["host_reads"] += 1
+            self.counters["host_read_bytes"] += host.nbytes
+        if self.on_map is not None:
+            self.on_map(host)
         return host
 
-    def _fill(self, host: HostAdapter, tensors: dict, ranks: dict) -> None:
-        for (layer, module), pair in tensors.items():
-            group, slot = MODULE_SLOTS[module]
-            r, scale = ranks[(layer, module)]
-            g = self.shapes.group(group)
-            off = g.slice_offsets
-            a_block = host.block(layer, group, "A")  # [R, S, IN]
-            b_block = host.block(layer, group, "B")  # [R, OUT_TOTAL]
-            a_block[:r, slot, :] = pair["A"].to(self.dtype)
-            b_block[:r, off[slot] : off[slot + 1]] = (pair["B"].float() * scale).t().to(self.dtype)
+    def acquire(self, name: str) -> HostAdapter:
+        """Map `name` and hold it (a load in flight): not released until `release`."""
+        with self._lock:
+            host = self.materialize(name)
+            host.refs += 1
+            return host
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            host = self._adapters.get(name)
+            if host is not None and host.refs > 0:
+                host.refs -= 1
+
+    def _make_room(self, nbytes: int, keep: str) -> None:
+        """Unmap idle adapters (LRU) until `nbytes` more fit the budget and the count cap. Held ones
+        stay: the budget is then exceeded rather than a request failed."""
+        def over() -> bool:
+            return ((self.cache_bytes is not None and self.mapped_bytes + nbytes > self.cache_bytes)
+                    or (self.max_mapped is not None and len(self._mapped) + 1 > self.max_mapped))
+        for victim in [n for n, h in self._mapped.items() if h.refs == 0 and n != keep]:
+            if not over():
+                return
+            self._unmap(self._adapters[victim])
+            self.counters["host_evictions"] += 1
+        if over():
+            log.warning("host adapter cache over budget: every mapped adapter is in use")
+
+    def _unmap(self, host: HostAdapter) -> None:
+        if not host.mapped:
+            return
+        if self.on_unmap is not None:
+            self.on_unmap(host.spec.name)
+        self._mapped.pop(host.spec.name, None)
+        self.mapped_bytes -= host.nbytes
+        host.unmap()
+
+    def stats(self) -> dict:
+        return {"registered": len(self._adapters), "mapped_on_host": len(self._mapped),
+                "host_bytes": self.mapped_bytes, "host_budget_bytes": self.cache_bytes, **self.counters}

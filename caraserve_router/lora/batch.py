@@ -2,22 +2,35 @@
 
 Rows are the step's requests, in batch order (prefill: one segment of tokens per request;
 decode: one token per request). The kernel descriptors of docs/DESIGN.md (page table, per-slice
-ranks, segment starts or Punica slots) are built here once; `add_delta` is what the layer
+ranks, segment starts; padded to the max rank for Punica bgmv) are built here once; `add_delta` is what the layer
 calls for each projection group.
+
+The batch owns the step's LoRA state: the adapters still loading, the sidecar jobs in flight,
+whether the sidecar is armed, and the step's counters (`counters`, folded into the runtime's
+by `LoraRuntime.after_forward`). It carries out the mode's decisions (`modes.py`); the mode
+itself writes nowhere.
 """
 from __future__ import annotations
 
+import collections
+import logging
+import time
 from typing import Optional
 
 import torch
 
 import kernels
 
+from caraserve_router.lora.descriptors import group_rows, mask_rows
+from caraserve_router.lora.modes import LayerDecision, Mode, StepDecision
 from caraserve_router.lora.shapes import GROUPS
+
+log = logging.getLogger("caraserve.lora")
 
 
 class LoraBatch:
-    def __init__(self, runtime, entries: list, is_prefill: bool, seg_lens: Optional[list]):
+    def __init__(self, runtime, entries: list, is_prefill: bool, seg_lens: Optional[list], mode: Mode,
+                 sidecar=None):
         self.runtime = runtime
         self.pool = runtime.pool
         self.entries = entries  # PoolEntry or None per row
@@ -27,29 +40,26 @@ class LoraBatch:
         self._build_descriptors(seg_lens)
         self._loading = [e for e in {e.name: e for e in entries if e is not None}.values()
                          if not e.residency.all_ready()]
-        self._pending_by_layer: dict[int, list] = {}
+        self._decisions: dict[int, LayerDecision] = {}  # layer -> the mode's decision, once per layer
         self._skip_cache: dict[tuple, tuple] = {}
-        self.tickets: dict[tuple, object] = {}  # (layer, group) -> work the mode started in begin()
-        self.armed = False
+        self._mode = mode
+        self._sidecar = sidecar
+        self._tickets: dict[tuple, object] = {}  # (layer, group) -> sidecar job posted in begin()
+        self.armed = False  # the sidecar was armed for this step (disarmed after the forward)
+        self.counters: collections.Counter = collections.Counter()  # this step's; see LoraRuntime.counters
 
     # ---- descriptors ---------------------------------------------------------------------
 
     def _build_descriptors(self, seg_lens) -> None:
         n = len(self.entries)
-        width = max([e.rank for e in self.entries if e is not None] or [1])
-        table = torch.full((n, width), -1, dtype=torch.int32)
-        for i, e in enumerate(self.entries):
-            if e is not None:
-                table[i, : e.rank] = torch.tensor(e.pages_list, dtype=torch.int32)
-        self.page_table = table.to(self.device)  # [N, R]
-        self.ranks = {}
-        self.any_rank = {}
+        self.a_rows, self.b_rows, self.ranks, self.any_rank = {}, {}, {}, {}
         for g in GROUPS:
-            rows = [self.runtime.slice_ranks(e, g) for e in self.entries]
-            self.ranks[g] = torch.tensor(rows, dtype=torch.int32, device=self.device)  # [N, S]
-            self.any_rank[g] = any(any(r) for r in rows)
+            # a_rows / b_rows [N, S, R_g] pool units, ranks [N, S] (descriptors.py)
+            self.a_rows[g], self.b_rows[g], self.ranks[g] = group_rows(
+                self.entries, g, self.runtime.shapes.group(g).num_slices, self.device)
+            self.any_rank[g] = any(any(e.slice_ranks[g]) for e in self.entries if e is not None)
+        # [N, S] ones: the store folds lora_alpha / r into B, so the kernels' multiplier is 1
         self.scales = {g: torch.ones(self.ranks[g].shape, dtype=torch.float32, device=self.device) for g in GROUPS}
-        self.seg_lens = seg_lens
         if self.is_prefill:
             starts = [0]
             for length in seg_lens:
@@ -58,33 +68,49 @@ class LoraBatch:
             self.row_starts = starts
         else:
             self.row_starts = list(range(n + 1))
-        self.use_bgmv = not self.is_prefill and self.pool.layout == "slot"
-        if self.use_bgmv:
-            self.slots = torch.tensor([e.slot if e is not None else -1 for e in self.entries], dtype=torch.int32,
-                                      device=self.device)  # [N]
+        # Punica's bgmv: decode descriptors padded to the batch's max rank (kernels.pad_to_max_rank)
+        self.use_bgmv = not self.is_prefill and self.runtime.decode_kernel.pads_to_max_rank
         self._plans: dict[tuple, object] = {}
 
     # ---- residency ----------------------------------------------------------------------
 
-    def loading_entries(self) -> list:
-        """Adapters of this batch whose load is not complete."""
-        return self._loading
+    def start(self) -> None:
+        """Carry out the mode's step decision (before the forward)."""
+        decision: StepDecision = self._mode.step(self._loading)
+        if decision.wait_full:
+            start = time.monotonic()
+            for entry in decision.wait_full:
+                entry.residency.wait_all()
+            self.counters["full_wait_s"] += time.monotonic() - start
+            self._loading = [e for e in self._loading if e not in decision.wait_full]
+        if decision.arm_sidecar and self._sidecar is not None:
+            self._sidecar.arm()
+            self.armed = True
+            self.counters["cpu_assisted_steps"] += 1
 
-    def pending(self, layer: int) -> list:
-        """Adapters not resident at `layer` (decided once per layer, for all its groups)."""
+    def finish(self) -> None:
+        """After the forward (also a failed one): disarm the sidecar if this step armed it."""
+        if self.armed:
+            self._sidecar.disarm()
+            self.armed = False
+
+    def _decision(self, layer: int) -> LayerDecision:
+        """The mode's decision for the adapters not resident at `layer` (asked once per layer,
+        for all its groups, so every group of a layer takes the same path)."""
         if not self._loading:
-            return []
-        if layer not in self._pending_by_layer:
-            self._pending_by_layer[layer] = [e for e in self._loading if not e.residency.is_ready(layer)]
-        return self._pending_by_layer[layer]
+            return LayerDecision()
+        if layer not in self._decisions:
+            pending = [e for e in self._loading if not e.residency.is_ready(layer)]
+            self._decisions[layer] = self._mode.layer(pending) if pending else LayerDecision()
+        return self._decisions[layer]
 
-    def forget_pending(self, layer: int) -> None:
-        self._pending_by_layer[layer] = []
+    def _wait(self, layer: int, entries: tuple) -> None:
+        start = time.monotonic()
+        for entry in entries:
+            entry.residency.wait(layer)
+        self.counters["layer_wait_s"] += time.monotonic() - start
 
-    def forget_all_pending(self) -> None:
-        self._loading = []
-
-    def row_segments(self, names: list) -> list:
+    def row_segments(self, names) -> list:
         """(row_start, row_end, adapter) of every row/segment using one of `names`."""
         wanted = set(names)
         return [(self.row_starts[i], self.row_starts[i + 1], name)
@@ -93,11 +119,38 @@ class LoraBatch:
     # ---- compute ------------------------------------------------------------------------
 
     def begin(self, layer: int, group: str, x: torch.Tensor) -> None:
-        """Called before the base projection: lets the mode start work for rows whose adapter
-        is not resident at `layer` (cpu-assist posts them to the sidecar, so the CPU computes
-        while the device runs the base matmul)."""
-        if self.any_rank[group] and self.pending(layer):
-            self.runtime.mode.begin(self, layer, group, x, self.pending(layer))
+        """Called before the base projection: posts the rows the sidecar computes at `layer`
+        (cpu-assist), so the CPU computes while the device runs the base matmul."""
+        if not self.any_rank[group]:
+            return
+        decision = self._decision(layer)
+        if decision.sidecar:
+            segments = self.row_segments(e.name for e in decision.sidecar)
+            self._tickets[(layer, group)] = self._sidecar.submit(layer, group, x, segments)
+
+    def _resolve(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> tuple:
+        """Carry out the layer's decision for `group`; returns the adapter names whose rows the
+        device kernel must skip (their delta is already in `out`)."""
+        decision = self._decision(layer)
+        if decision.wait:
+            self._wait(layer, decision.wait)
+        if not decision.sidecar:
+            return ()
+        start = time.monotonic()
+        ticket = self._tickets.pop((layer, group), None)
+        if ticket is not None:
+            ok = self._sidecar.collect(ticket, out)
+        else:
+            segments = self.row_segments(e.name for e in decision.sidecar)
+            ok = self._sidecar.compute(layer, group, x, segments, out)
+        self.counters["sidecar_s"] += time.monotonic() - start
+        if ok:
+            self.counters["sidecar_calls"] += 1
+            return tuple(e.name for e in decision.sidecar)
+        self.counters["sidecar_fallbacks"] += 1
+        log.warning("sidecar missed layer %d %s; waiting for the device copy instead", layer, group)
+        self._wait(layer, decision.sidecar)
+        return ()
 
     def add_delta(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> bool:
         """out += LoRA delta of `group` at `layer` for every row. Shape: x [T, IN], out [T, OUT].
@@ -106,30 +159,21 @@ class LoraBatch:
         """
         if not self.any_rank[group]:
             return False
-        skip = []
-        pending = self.pending(layer)
-        if pending:
-            skip = self.runtime.mode.resolve(self, layer, group, x, out, pending)
-        skip = tuple(skip)
-        ranks, slots = self._masked(group, skip)
-        a, b = self.pool.layer_view(group, layer)
+        skip = self._resolve(layer, group, x, out)
+        a_rows, b_rows, ranks = self._masked(group, skip)
+        w = self.pool.layer_pool(layer)  # [U, UNIT]
         gs = self.runtime.shapes.group(group)
         offsets = self.runtime.slice_offsets[group]
-        width = self.page_table.shape[1]
-        y = torch.empty((x.shape[0], gs.num_slices, width), dtype=torch.float32, device=x.device)  # y: [T, S, R]
+        y = torch.empty((x.shape[0], gs.num_slices, a_rows.shape[2]), dtype=torch.float32,
+                        device=x.device)  # y: [T, S, R]
         scales = self.scales[group]
         if self.is_prefill:
-            kernels.sgmv_shrink(x, a, self.seg_starts, self.page_table, ranks, y)
-            kernels.sgmv_expand(y, b, self.seg_starts, self.page_table, ranks, scales, offsets, out)
-        elif self.use_bgmv:
-            r = self.pool.max_rank
-            plan = self._plan(group, skip, lambda: kernels.plan_slots(slots, width, r, gs.num_slices))
-            kernels.bgmv_shrink(x, a.view(-1, r, gs.num_slices, gs.in_features), slots, y, plan=plan)
-            kernels.bgmv_expand(y, b.view(-1, r, gs.out_total), slots, scales, offsets, out, plan=plan)
+            kernels.sgmv_shrink(x, w, self.seg_starts, a_rows, ranks, y)
+            kernels.sgmv_expand(y, w, self.seg_starts, b_rows, ranks, scales, offsets, out)
         else:
-            plan = self._plan(group, skip, lambda: kernels.plan_rows(self.page_table, ranks))
-            kernels.mbgmv_shrink(x, a, self.page_table, ranks, y, plan=plan)
-            kernels.mbgmv_expand(y, b, self.page_table, ranks, scales, offsets, out, plan=plan)
+            plan = self._plan(group, skip, lambda: kernels.plan_rows(a_rows, b_rows, ranks))
+            kernels.mbgmv_shrink(x, w, a_rows, ranks, y, plan=plan)
+            kernels.mbgmv_expand(y, w, b_rows, ranks, scales, offsets, out, plan=plan)
         return True
 
     def _plan(self, group: str, skip: tuple, build):
@@ -142,13 +186,13 @@ class LoraBatch:
         return self._plans[key]
 
     def _masked(self, group: str, skip: tuple):
-        """Ranks (and bgmv slots) with the rows of `skip` adapters zeroed (already handled)."""
-        if not skip:
-            return self.ranks[group], getattr(self, "slots", None)
+        """(a_rows, b_rows, ranks) of `group` with the rows of `skip` adapters zeroed (already
+        handled), padded to the batch's max rank for bgmv."""
         key = (group, skip)
         if key not in self._skip_cache:
-            rows = torch.tensor([name in skip for name in self.names], device=self.device)
-            ranks = self.ranks[group].masked_fill(rows[:, None], 0)
-            slots = self.slots.masked_fill(rows, -1) if self.use_bgmv else None
-            self._skip_cache[key] = (ranks, slots)
+            rows = torch.tensor([name in skip for name in self.names], device=self.device) if skip else None
+            descriptors = (self.a_rows[group], self.b_rows[group], mask_rows(self.ranks[group], rows))
+            if self.use_bgmv:
+                descriptors = kernels.pad_to_max_rank(*descriptors, zero_unit=0)
+            self._skip_cache[key] = descriptors
         return self._skip_cache[key]

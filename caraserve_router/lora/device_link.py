@@ -26,38 +26,42 @@ import torch
 from caraserve_router.lora.adapter_pool import AdapterPool, PoolEntry
 from caraserve_router.lora.adapter_store import HostAdapter
 from caraserve_router.lora.residency import CudaResidency, EmulatedResidency
-from caraserve_router.lora.shapes import GROUPS
 
 log = logging.getLogger("caraserve.link")
 
 
 def copy_layers(pool: AdapterPool, entry: PoolEntry, host: HostAdapter, layers: range, non_blocking=False) -> int:
-    """Copy `layers` of `host` into the entry's pages; returns the bytes moved."""
+    """Copy `layers` of `host` into the entry's rows; returns the bytes moved (its tensors' bytes:
+    only the slices it targets, each at its own rank)."""
     moved = 0
-    clear = pool.slot_rows_to_clear(entry)
+    unit = pool.unit
     for layer in layers:
-        for g in GROUPS:
-            for which, buf in (("A", pool.A[g]), ("B", pool.B[g])):
-                src = host.block(layer, g, which)  # [R, ...]
-                dst = buf[layer]  # [P, ...]
-                if entry.contiguous:
-                    start = entry.pages_list[0]
-                    dst[start : start + entry.rank].copy_(src, non_blocking=non_blocking)
-                else:
-                    dst.index_copy_(0, entry.pages.long(), src.to(dst.device, non_blocking=non_blocking))
-                if clear is not None:
-                    dst[clear].zero_()
-                moved += src.numel() * src.element_size()
+        flat = pool.W[layer].view(-1)
+        for block in entry.blocks:
+            if block.which == "A":
+                first = sum(host.layout.slice_ranks(block.group)[: block.slice])
+                src = host.block(layer, block.group, "A")[first : first + len(block.starts)]   # [r, IN]
+            else:
+                src = host.block(layer, block.group, block.slice)                            # [r, OUT_s]
+            row = block.width * unit
+            done = 0
+            for start, rows in block.runs:
+                dst = flat[start * unit : start * unit + rows * row].view(rows, row)
+                dst[:, : src.shape[1]].copy_(src[done : done + rows], non_blocking=non_blocking)
+                done += rows
+            moved += src.numel() * src.element_size()
     return moved
 
 
 class _Job:
-    __slots__ = ("entry", "host", "groups", "next")
+    __slots__ = ("entry", "host", "groups", "next", "on_done", "failed")
 
     def __init__(self, entry: PoolEntry, host: HostAdapter, group_size: int, num_layers: int):
         self.entry, self.host = entry, host
         self.groups = [range(s, min(s + group_size, num_layers)) for s in range(0, num_layers, group_size)]
         self.next = 0
+        self.on_done = None
+        self.failed = False
 
 
 class DeviceLink(ABC):
@@ -84,8 +88,11 @@ class DeviceLink(ABC):
     def _transfer(self, job: _Job, layers: range) -> None:
         """Move one layer group and mark it resident (called on the link thread)."""
 
-    def submit(self, entry: PoolEntry, host: HostAdapter, priority: float) -> None:
+    def submit(self, entry: PoolEntry, host: HostAdapter, priority: float, on_done=None) -> None:
+        """Queue the load of `host` into `entry`; `on_done()` runs on the link thread after its
+        last layer group (or a failure)."""
         job = _Job(entry, host, self.group_size, self.pool.shapes.num_layers)
+        job.on_done = on_done
         with self._cv:
             heapq.heappush(self._heap, (priority, next(self._seq), job))
             self._cv.notify()
@@ -116,7 +123,7 @@ class DeviceLink(ABC):
             priority, seq, job = self._heap[0]
             layers = job.groups[job.next]
             job.next += 1
-            if job.next == len(job.groups):
+            if job.next == len(job.groups) or job.failed:
                 heapq.heappop(self._heap)
             return job, layers
 
@@ -131,8 +138,15 @@ class DeviceLink(ABC):
             except Exception:  # noqa: BLE001 - a failed copy must not kill the link
                 log.exception("copy of adapter %s layers %s failed", job.entry.name, list(layers))
                 job.entry.residency.failed = True
+                job.failed = True
             self.busy_s += time.monotonic() - start
             self.groups_moved += 1
+            if (job.next == len(job.groups) or job.failed) and job.on_done is not None:
+                done, job.on_done = job.on_done, None
+                try:
+                    done()
+                except Exception:  # noqa: BLE001
+                    log.exception("after the load of adapter %s", job.entry.name)
 
 
 class EmulatedLink(DeviceLink):
@@ -167,10 +181,10 @@ class CudaLink(DeviceLink):
     def new_residency(self):
         return CudaResidency(self.pool.shapes.num_layers, self.pool.device)
 
-    def submit(self, entry: PoolEntry, host: HostAdapter, priority: float) -> None:
-        # Pages may have belonged to an evicted adapter that kernels already enqueued still read.
+    def submit(self, entry: PoolEntry, host: HostAdapter, priority: float, on_done=None) -> None:
+        # Rows may have belonged to an evicted adapter that kernels already enqueued still read.
         entry.reuse_fence = torch.cuda.current_stream(self.pool.device).record_event()
-        super().submit(entry, host, priority)
+        super().submit(entry, host, priority, on_done)
 
     def _transfer(self, job: _Job, layers: range) -> None:
         with torch.cuda.stream(self.stream):

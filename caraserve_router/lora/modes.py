@@ -1,4 +1,4 @@
-"""The four LoRA modes: what happens when a batch uses an adapter not (fully) on the device.
+"""The four LoRA modes: what a step does with an adapter not (fully) on the device.
 
 All modes give the same tokens; only the timing differs.
 
@@ -8,103 +8,76 @@ All modes give the same tokens; only the timing differs.
 | `on-demand` | load starts | the whole step waits for the full load before the forward (S-LoRA): the running batch stalls |
 | `pipeline` | load starts, layer group by group | the forward waits for that layer only (vLLM / SGLang overlap loading) |
 | `cpu-assist` | load starts, layer group by group | the CPU sidecar computes that layer's LoRA term for the rows of that adapter; the device kernel runs for the rest (CaraServe). If the sidecar fails or is late, it falls back to waiting, like `pipeline` |
+
+A mode only *decides*; it holds no state and writes nowhere. Per step the flow runs one way
+(nano-vllm's schedule -> run -> postprocess): the runtime asks the mode for a `StepDecision`
+when it builds the step's `LoraBatch`, the batch asks it for a `LayerDecision` per layer
+whose adapters are still loading and carries both out (waits, sidecar calls, per-step
+counters), and the runtime folds the batch's counters in after the forward.
 """
 from __future__ import annotations
 
-import logging
-import time
+from dataclasses import dataclass
 
-import torch
+from caraserve_router.contracts.names import LoraMode
 
-log = logging.getLogger("caraserve.lora")
+
+@dataclass(frozen=True)
+class StepDecision:
+    """What a step does before its forward, given the adapters of the batch still loading."""
+
+    wait_full: tuple = ()      # PoolEntry: wait for the whole load of each before the forward
+    arm_sidecar: bool = False  # the sidecar's workers stop napping for this step
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What a layer does with the adapters (PoolEntry) not resident at it."""
+
+    wait: tuple = ()     # wait for these adapters' copy of this layer, then run the device kernel
+    sidecar: tuple = ()  # the CPU sidecar computes these adapters' rows (device kernel skips them)
 
 
 class Mode:
-    name = ""
-    preload = False  # load and pin every adapter at registration
-    uses_sidecar = False
+    """The waiting behaviour shared by `pipeline` and the fallback of the others."""
 
-    def __init__(self, runtime):
-        self.runtime = runtime
+    kind = LoraMode.PIPELINE
 
-    def before_forward(self, batch) -> None:
-        """Called once per step after the batch's descriptors are built."""
+    def step(self, loading: list) -> StepDecision:
+        return StepDecision()
 
-    def after_forward(self, batch) -> None:
-        """Called once per step after the forward."""
-
-    def begin(self, batch, layer: int, group: str, x: torch.Tensor, pending: list) -> None:
-        """Called before the base projection when `pending` adapters are not resident at `layer`."""
-
-    def resolve(self, batch, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, pending: list):
-        """Handle rows of adapters not resident at `layer`; returns the rows the device kernel
-        must skip (their delta already added), or an empty list after waiting for them."""
-        self._wait(batch, layer, pending)
-        return []
-
-    def _wait(self, batch, layer: int, pending: list) -> None:
-        start = time.monotonic()
-        for entry in pending:
-            entry.residency.wait(layer)
-        self.runtime.counters["layer_wait_s"] += time.monotonic() - start
-        batch.forget_pending(layer)
+    def layer(self, pending: list) -> LayerDecision:
+        return LayerDecision(wait=tuple(pending))
 
 
 class CachedMode(Mode):
-    name = "cached"
-    preload = True
+    kind = LoraMode.CACHED  # adapters are preloaded (LoraMode.preloads): nothing is ever pending
 
 
 class OnDemandMode(Mode):
-    name = "on-demand"
+    kind = LoraMode.ON_DEMAND
 
-    def before_forward(self, batch) -> None:
-        start = time.monotonic()
-        for entry in batch.loading_entries():
-            entry.residency.wait_all()
-        waited = time.monotonic() - start
-        if waited > 0:
-            self.runtime.counters["full_wait_s"] += waited
-        batch.forget_all_pending()
+    def step(self, loading: list) -> StepDecision:
+        return StepDecision(wait_full=tuple(loading))
 
 
 class PipelineMode(Mode):
-    name = "pipeline"
+    kind = LoraMode.PIPELINE
 
 
 class CpuAssistMode(Mode):
-    name = "cpu-assist"
-    uses_sidecar = True
+    kind = LoraMode.CPU_ASSIST
 
-    def before_forward(self, batch) -> None:
-        if batch.loading_entries():
-            self.runtime.sidecar.arm()
-            batch.armed = True
-            self.runtime.counters["cpu_assisted_steps"] += 1
+    def step(self, loading: list) -> StepDecision:
+        return StepDecision(arm_sidecar=bool(loading))
 
-    def after_forward(self, batch) -> None:
-        if getattr(batch, "armed", False):
-            self.runtime.sidecar.disarm()
-
-    def begin(self, batch, layer, group, x, pending):
-        segments = batch.row_segments([e.name for e in pending])
-        batch.tickets[(layer, group)] = self.runtime.sidecar.submit(layer, group, x, segments)
-
-    def resolve(self, batch, layer, group, x, out, pending):
-        start = time.monotonic()
-        ticket = batch.tickets.pop((layer, group), None)
-        if ticket is not None:
-            ok = self.runtime.sidecar.collect(ticket, out)
-        else:
-            ok = self.runtime.sidecar.compute(layer, group, x, batch.row_segments([e.name for e in pending]), out)
-        self.runtime.counters["sidecar_s"] += time.monotonic() - start
-        if ok:
-            self.runtime.counters["sidecar_calls"] += 1
-            return [e.name for e in pending]
-        self.runtime.counters["sidecar_fallbacks"] += 1
-        log.warning("sidecar missed layer %d %s; waiting for the device copy instead", layer, group)
-        self._wait(batch, layer, pending)
-        return []
+    def layer(self, pending: list) -> LayerDecision:
+        return LayerDecision(sidecar=tuple(pending))
 
 
-MODES = {m.name: m for m in (CachedMode, OnDemandMode, PipelineMode, CpuAssistMode)}
+MODES: dict[LoraMode, Mode] = {m.kind: m() for m in (CachedMode, OnDemandMode, PipelineMode, CpuAssistMode)}
+
+
+def mode_for(kind) -> Mode:
+    """The mode policy of `kind` (a LoraMode or its CLI string)."""
+    return MODES[LoraMode(kind)]

@@ -65,7 +65,9 @@ class WaitPolicy:
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_ranks: tuple, offsets: tuple,
                out: torch.Tensor) -> None:
-    """out = per slice s: x @ A_s^T @ B_s, computed in float32, written in out's dtype.
+    """out = per slice s: x @ A_s^T @ B_s, computed in float32, written in out's dtype, for
+    weights padded to one rank R over the slices (the sidecar benchmark's inline timing and the
+    warm-up; adapters' own weights go through `group_delta`).
 
     x: [n, IN]; a: [R, S, IN] (row j, slice s = row j of lora_A of slice s); b: [R, OUT_TOTAL]
     (scale folded in); out: [n, OUT_TOTAL]. Rows past a slice's rank are zero in the store, so
@@ -86,6 +88,27 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_ranks: t
             cols.copy_(y[:, :rs, s] @ b[:rs, offsets[s] : offsets[s + 1]].float())
 
 
+def group_delta(x: torch.Tensor, a: torch.Tensor, bs: tuple, slice_ranks: tuple, offsets: tuple,
+                out: torch.Tensor) -> None:
+    """out = per slice s: x @ A_s^T @ B_s, in float32, written in out's dtype (the host layout).
+
+    x: [n, IN]; a: [sum_s r_s, IN] (every targeted slice's lora_A rows, slice order); bs: per slice
+    [r_s, OUT_s] (scale folded in); out: [n, OUT_TOTAL]. Slices of rank 0 get zeros.
+    """
+    if sum(slice_ranks) == 0:
+        out.zero_()
+        return
+    y = x.float() @ a.float().t()                                     # [n, sum r]
+    pos = 0
+    for s, rs in enumerate(slice_ranks):
+        cols = out[:, offsets[s] : offsets[s + 1]]                      # [n, OUT_s]
+        if rs == 0:
+            cols.zero_()
+        else:
+            cols.copy_(y[:, pos : pos + rs] @ bs[s].float())
+        pos += rs
+
+
 class MappedAdapter:
     """One attached adapter segment and the views of its (layer, group) blocks, made once: the
     layout arithmetic costs more than a small job's matmuls."""
@@ -97,11 +120,12 @@ class MappedAdapter:
         self._blocks: dict[tuple, tuple] = {}
 
     def blocks(self, layer: int, group: str) -> tuple:
-        """(A [R, S, IN], B [R, OUT_TOTAL]) of `group` in `layer`."""
+        """(A [sum_s r_s, IN], (B_s [r_s, OUT_s] per slice)) of `group` in `layer`."""
         key = (layer, group)
         views = self._blocks.get(key)
         if views is None:
-            views = self._blocks[key] = (self.host.block(layer, group, "A"), self.host.block(layer, group, "B"))
+            bs = tuple(self.host.block(layer, group, s) for s in range(len(self.slice_ranks[group])))
+            views = self._blocks[key] = (self.host.block(layer, group, "A"), bs)
         return views
 
     def close(self) -> None:
@@ -263,8 +287,8 @@ class Worker:
 
     def _segment(self, layer: int, shape: GroupShape, slot: int, x: torch.Tensor, out: torch.Tensor) -> None:
         adapter = self.adapters.get(slot)
-        a, b = adapter.blocks(layer, shape.name)
-        lora_delta(x, a, b, adapter.slice_ranks[shape.name], shape.slice_offsets, out)
+        a, bs = adapter.blocks(layer, shape.name)
+        group_delta(x, a, bs, adapter.slice_ranks[shape.name], shape.slice_offsets, out)
 
     def close(self) -> None:
         self.adapters.close()

@@ -48,13 +48,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from caraserve_router.contracts.names import DecodeKernel, values
+
 FORMAT = "caraserve-perf-model"
 VERSION = 1
-KERNELS = ("bgmv", "mbgmv")
+KERNELS = tuple(DecodeKernel)  # members compare and hash equal to their JSON strings
 PREFILL_FEATURES = ("const", "tokens", "rank_x_tokens")
 DECODE_FEATURES = {
-    "bgmv": ("const", "batch", "batch_x_max_rank"),
-    "mbgmv": ("const", "batch", "sum_ranks"),
+    DecodeKernel.BGMV: ("const", "batch", "batch_x_max_rank"),
+    DecodeKernel.MBGMV: ("const", "batch", "sum_ranks"),
 }
 # Optional decode features (indicators), tried in this order and each kept only when it
 # removes RANK_TERM_MIN_GAIN of the remaining residual (like rank x tokens):
@@ -101,7 +103,7 @@ class PerfModel:
     """Latency predictions of one instance. Build with ``fit``, ``from_coefficients`` or ``load``."""
 
     prefill: LinearFit
-    decode: dict[str, LinearFit]
+    decode: dict[DecodeKernel, LinearFit]
     load_fixed_ms: float = 0.0
     load_ms_per_rank: float = 0.0
     load_r2: float | None = None
@@ -116,8 +118,9 @@ class PerfModel:
         _validate_fit("prefill", self.prefill, allowed=(PREFILL_FEATURES[:2], PREFILL_FEATURES))
         unknown = sorted(set(self.decode) - set(KERNELS))
         if unknown or not self.decode:
-            raise PerfModelError(f"perf model: decode must hold fits for one or more of {list(KERNELS)}, "
+            raise PerfModelError(f"perf model: decode must hold fits for one or more of {list(values(DecodeKernel))}, "
                                  f"got {sorted(self.decode)}")
+        self.decode = {DecodeKernel(k): fit for k, fit in self.decode.items()}
         for kernel, fit in self.decode.items():
             _validate_fit(f"decode.{kernel}", fit, allowed=decode_feature_sets(kernel))
         for name in ("load_fixed_ms", "load_ms_per_rank", "cpu_assist_overhead"):
@@ -152,13 +155,13 @@ class PerfModel:
             return 0.0
         return self._p0 + self._p_tok * total_tokens + self._p_rt * total_rank_tokens
 
-    def predict_decode_step_ms(self, ranks: Sequence[int], kernel: str) -> float:
+    def predict_decode_step_ms(self, ranks: Sequence[int], kernel: DecodeKernel | str) -> float:
         """One decode step of a batch whose requests use adapters of these ranks (0: none)."""
         if not ranks:
             return 0.0
         return self.decode_step_ms(len(ranks), sum(ranks), max(ranks), kernel)
 
-    def decode_step_ms(self, batch: int, sum_ranks: int, max_rank: int, kernel: str) -> float:
+    def decode_step_ms(self, batch: int, sum_ranks: int, max_rank: int, kernel: DecodeKernel | str) -> float:
         """Same as ``predict_decode_step_ms`` from the batch's size, sum and max of ranks."""
         if batch <= 0:
             return 0.0
@@ -166,10 +169,11 @@ class PerfModel:
             d0, d_b, d_r, d_any, d_multi = self._dec[kernel]
         except KeyError:
             if kernel not in KERNELS:
-                raise PerfModelError(f"unknown decode kernel {kernel!r}; expected one of {KERNELS}") from None
-            raise PerfModelError(f"this perf model has no decode fit for kernel {kernel!r} "
-                                 f"(profiled: {sorted(self._dec)})") from None
-        feature = batch * max_rank if kernel == "bgmv" else sum_ranks
+                raise PerfModelError(f"unknown decode kernel {kernel!r}; expected one of "
+                                     f"{values(DecodeKernel)}") from None
+            raise PerfModelError(f"this perf model has no decode fit for kernel {str(kernel)!r} "
+                                 f"(profiled: {sorted(k.value for k in self._dec)})") from None
+        feature = batch * max_rank if DecodeKernel(kernel).pads_to_max_rank else sum_ranks
         return (d0 + d_b * batch + d_r * feature + (d_any if max_rank > 0 else 0.0)
                 + (d_multi if batch > 1 else 0.0))
 
@@ -190,8 +194,8 @@ class PerfModel:
         features = PREFILL_FEATURES[: len(prefill)]
         return cls(
             prefill=LinearFit(features, prefill),
-            decode={"bgmv": LinearFit(DECODE_FEATURES["bgmv"], tuple(map(float, bgmv))),
-                    "mbgmv": LinearFit(DECODE_FEATURES["mbgmv"], tuple(map(float, mbgmv)))},
+            decode={DecodeKernel.BGMV: LinearFit(DECODE_FEATURES[DecodeKernel.BGMV], tuple(map(float, bgmv))),
+                    DecodeKernel.MBGMV: LinearFit(DECODE_FEATURES[DecodeKernel.MBGMV], tuple(map(float, mbgmv)))},
             load_fixed_ms=float(load_fixed_ms), load_ms_per_rank=float(load_ms_per_rank),
             cpu_assist_overhead=float(cpu_assist_overhead), metadata=dict(metadata or {}),
         )
@@ -219,7 +223,7 @@ class PerfModel:
         return {
             "format": FORMAT, "version": VERSION, "metadata": self.metadata,
             "prefill": self.prefill.to_json(),
-            "decode": {k: self.decode[k].to_json() for k in KERNELS if k in self.decode},
+            "decode": {k.value: self.decode[k].to_json() for k in KERNELS if k in self.decode},
             "load": {"fixed_ms": self.load_fixed_ms, "ms_per_rank": self.load_ms_per_rank,
                      "r2": self.load_r2, "n": self.load_n, "bandwidth_gbps": self.bandwidth_gbps,
                      "bytes_per_rank": self.bytes_per_rank},
@@ -248,7 +252,7 @@ class PerfModel:
         decode = _require(data, "decode", Mapping, source)
         bad = sorted(set(decode) - set(KERNELS))
         if bad or not decode:
-            raise PerfModelError(f"{source}: decode must hold fits for one or more of {list(KERNELS)}, "
+            raise PerfModelError(f"{source}: decode must hold fits for one or more of {list(values(DecodeKernel))}, "
                                  f"got {sorted(decode)}")
         return cls(
             prefill=_fit_from_json(_require(data, "prefill", Mapping, source), f"{source}: prefill"),
@@ -293,7 +297,8 @@ class PerfModel:
 # ---------------------------------------------------------------------- fitting
 def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float],
                   features: Sequence[str]) -> LinearFit:
-    """Least squares with R^2 and RMSE (numpy; used only while fitting). Every coefficient but
+    """Least squares with R^2 and RMSE (numpy; used only while fitting). Terms constant over the
+    points are not fitted (coefficient 0). Every coefficient but
     the constant is kept >= 0, since more batch, rank or tokens never make a step faster (a
     noisy small profile can fit a negative rank slope, which would make a policy prefer high
     ranks): the most negative one is fixed at 0 and the rest refitted, until none is negative."""
@@ -301,9 +306,14 @@ def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float],
 
     x = np.asarray(rows, dtype=np.float64)
     y = np.asarray(targets, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < x.shape[1] + 1:
+    if x.ndim != 2 or x.shape[0] == 0:
         raise PerfModelError(f"need at least {len(features) + 1} points to fit {list(features)}, got {len(y)}")
-    free = list(range(x.shape[1]))
+    # Fit only the terms the points can support: a term that never varies over them (the rank
+    # term of a profile taken without adapters) cannot be told from the constant; it stays 0.
+    free = [j for j in range(x.shape[1]) if features[j] == "const" or np.ptp(x[:, j]) > 0]
+    if x.shape[0] < len(free) + 1:
+        names = [features[j] for j in free]
+        raise PerfModelError(f"need at least {len(free) + 1} points to fit {names}, got {len(y)}")
     while True:
         sub, *_ = np.linalg.lstsq(x[:, free], y, rcond=None)
         coef = np.zeros(x.shape[1])
@@ -333,9 +343,9 @@ def fit_prefill(points: Sequence[Mapping[str, Any]]) -> LinearFit:
     return base
 
 
-def decode_features(ranks: Sequence[int], kernel: str) -> tuple[float, float, float]:
+def decode_features(ranks: Sequence[int], kernel: DecodeKernel | str) -> tuple[float, float, float]:
     batch = len(ranks)
-    if kernel == "bgmv":
+    if DecodeKernel(kernel).pads_to_max_rank:
         return (1.0, float(batch), float(batch * max(ranks)))
     return (1.0, float(batch), float(sum(ranks)))
 
@@ -481,8 +491,8 @@ def _decode_points(raw: Any) -> list[dict]:
         w = f"profile: decode[{i}]"
         if not isinstance(p, Mapping):
             raise PerfModelError(f"{w}: each point must be an object, got {p!r}")
-        if p.get("kernel") not in KERNELS:
-            raise PerfModelError(f"{w}: 'kernel' must be one of {KERNELS}, got {p.get('kernel')!r}")
+        if p.get("kernel") not in values(DecodeKernel):
+            raise PerfModelError(f"{w}: 'kernel' must be one of {values(DecodeKernel)}, got {p.get('kernel')!r}")
         ranks = p.get("ranks")
         if not isinstance(ranks, list) or not ranks or not all(isinstance(r, int) and r >= 0 for r in ranks):
             raise PerfModelError(f"{w}: 'ranks' must be a non-empty list of integers >= 0, got {ranks!r}")

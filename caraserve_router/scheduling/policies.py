@@ -40,6 +40,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
+from caraserve_router.contracts.names import LoraMode
 from caraserve_router.scheduling.perf_model import PerfModel
 from caraserve_router.scheduling.scheduler_state import InstanceState, RequestInfo
 
@@ -113,7 +114,13 @@ class Move:
 
 
 class Policy(ABC):
+    """One scheduling policy; the class attributes are its capabilities, read by the callers
+    (the front end, the simulator) instead of comparing names."""
+
     name = "?"
+    needs_perf_model = False   # choose() reads the PerfModel (the front end must have one to start it)
+    rebalances = False         # rebalance() may move queued requests (the caller should call it periodically)
+    residency_aware = False    # predictions depend on which adapters each instance holds
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         self.config = config or PolicyConfig()
@@ -211,11 +218,11 @@ def _cold_cpu_assist(inst, req, pm, prefill_ms):
 
 
 # Predicted extra prefill-step time (ms) when the adapter is not resident, by LoRA mode.
-COLD_START_COST: dict[str, Callable] = {
-    "cached": _cold_none,
-    "on-demand": _cold_on_demand,
-    "pipeline": _cold_pipeline,
-    "cpu-assist": _cold_cpu_assist,
+COLD_START_COST: dict[LoraMode, Callable] = {
+    LoraMode.CACHED: _cold_none,
+    LoraMode.ON_DEMAND: _cold_on_demand,
+    LoraMode.PIPELINE: _cold_pipeline,
+    LoraMode.CPU_ASSIST: _cold_cpu_assist,
 }
 
 
@@ -236,11 +243,12 @@ class RankAwarePolicy(Policy):
     """The paper's rank-aware scheduler (see the module docstring for the exact rule)."""
 
     name = "rank-aware"
-    residency_aware = False
+    needs_perf_model = True
 
     def _predict(self, inst: InstanceState, req: RequestInfo, pm: PerfModel) -> tuple[float, float, float, float]:
         """(d_prefill_ms, d_decode_ms, tpot_pred_ms, cost) of adding ``req`` to ``inst``."""
         cfg = self.config
+        pm = inst.perf_model or pm  # the model of this instance's device kind, where it has one
         n, kernel, r = len(inst.running) + len(inst.queued), inst.kernel, req.rank
         before = pm.decode_step_ms(n, inst.sum_ranks, inst.max_rank, kernel)
         after = pm.decode_step_ms(n + 1, inst.sum_ranks + r, max(inst.max_rank, r), kernel)
@@ -316,6 +324,8 @@ class DLoRAPolicy(Policy):
     """
 
     name = "dlora"
+    rebalances = True
+    residency_aware = True     # prefers instances holding the adapter
 
     def choose(self, request, instances, perf_model):
         cands = self.candidates(instances)
@@ -365,15 +375,21 @@ class DLoRAPolicy(Policy):
         return Move(rid, src, dst)
 
 
+# The registry: name -> class. Callers ask a class its capabilities (`needs_perf_model`,
+# `rebalances`, `residency_aware`); the names are the CLI choices, in this order.
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (RankAwarePolicy, RankResidencyAwarePolicy, RandomPolicy, RoundRobinPolicy,
                               FirstFitPolicy, MostIdlePolicy, DLoRAPolicy)
 }
 
 
-def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
+def policy_class(name: str) -> type[Policy]:
+    """The registered class of policy `name` (its capabilities are class attributes)."""
     try:
-        cls = POLICIES[name]
+        return POLICIES[name]
     except KeyError:
         raise PolicyError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None
-    return cls(config)
+
+
+def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
+    return policy_class(name)(config)

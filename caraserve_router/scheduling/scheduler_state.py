@@ -32,11 +32,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
-from caraserve_router.scheduling.perf_model import KERNELS
-
-LORA_MODES = ("cached", "on-demand", "pipeline", "cpu-assist")
+from caraserve_router.contracts.names import DecodeKernel, LoraMode
 
 
 class SchedulerStateError(ValueError):
@@ -83,17 +82,19 @@ class ReconcileReport:
 class InstanceState:
     """Router-side state of one instance."""
 
-    def __init__(self, name: str, *, max_batch: int = 32, lora_mode: str = "cpu-assist", kernel: str = "mbgmv",
+    def __init__(self, name: str, *, max_batch: int = 32, lora_mode: LoraMode | str = LoraMode.CPU_ASSIST,
+                 kernel: DecodeKernel | str = DecodeKernel.MBGMV,
                  healthy: bool = True, resident: Iterable[tuple[str, int]] = (),
                  resident_capacity_ranks: int | None = None) -> None:
         self.name = name
         self.max_batch = _check_positive_int(max_batch, "max_batch")
-        self.lora_mode = _check_choice(lora_mode, LORA_MODES, "lora_mode")
-        self.kernel = _check_choice(kernel, KERNELS, "kernel")
+        self.lora_mode = _check_choice(lora_mode, LoraMode, "lora_mode")
+        self.kernel = _check_choice(kernel, DecodeKernel, "kernel")
         self.healthy = bool(healthy)
         if resident_capacity_ranks is not None:
             _check_positive_int(resident_capacity_ranks, "resident_capacity_ranks")
         self.resident_capacity_ranks = resident_capacity_ranks
+        self.perf_model = None  # PerfModel of this instance's device kind; None: the cluster's
         self.running: dict[Hashable, RequestInfo] = {}
         self.queued: dict[Hashable, RequestInfo] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()
@@ -142,7 +143,7 @@ class InstanceState:
 
     def is_resident(self, adapter: str | None) -> bool:
         """Whether a request for this adapter would start without a host -> device load."""
-        return adapter is None or self.lora_mode == "cached" or adapter in self.resident
+        return adapter is None or self.lora_mode.preloads or adapter in self.resident
 
     def has_request(self, request_id: Hashable) -> bool:
         return request_id in self.running or request_id in self.queued
@@ -255,9 +256,9 @@ class InstanceState:
         if "healthy" in stats:
             self.healthy = bool(stats["healthy"])
         if "lora_mode" in stats:
-            self.lora_mode = _check_choice(stats["lora_mode"], LORA_MODES, "stats.lora_mode")
+            self.lora_mode = _check_choice(stats["lora_mode"], LoraMode, "stats.lora_mode")
         if "kernel" in stats:
-            self.kernel = _check_choice(stats["kernel"], KERNELS, "stats.kernel")
+            self.kernel = _check_choice(stats["kernel"], DecodeKernel, "stats.kernel")
         if "max_batch" in stats:
             self.max_batch = _check_positive_int(stats["max_batch"], "stats.max_batch")
 
@@ -352,8 +353,8 @@ class InstanceState:
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able summary (for a debug endpoint or logs)."""
-        return {"name": self.name, "healthy": self.healthy, "lora_mode": self.lora_mode, "kernel": self.kernel,
-                "max_batch": self.max_batch, "num_running": self.num_running, "num_queued": self.num_queued,
+        return {"name": self.name, "healthy": self.healthy, "lora_mode": self.lora_mode.value,
+                "kernel": self.kernel.value, "max_batch": self.max_batch, "num_running": self.num_running, "num_queued": self.num_queued,
                 "sum_ranks": self.sum_ranks, "max_rank": self.max_rank,
                 "outstanding_tokens": self.outstanding_tokens, "resident_adapters": list(self.resident)}
 
@@ -429,10 +430,12 @@ def _check_positive_int(value: Any, name: str) -> int:
     return value
 
 
-def _check_choice(value: Any, choices: Sequence[str], name: str) -> str:
-    if value not in choices:
-        raise SchedulerStateError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
+def _check_choice(value: Any, enum_cls: type[Enum], name: str) -> Any:
+    """`value` (a member or its user-facing string) as a member of `enum_cls`."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise SchedulerStateError(f"{name} must be one of {[m.value for m in enum_cls]}, got {value!r}") from None
 
 
 def _reported_ids(stats: Mapping[str, Any]) -> list:

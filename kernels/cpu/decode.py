@@ -1,10 +1,10 @@
-"""Fast CPU path for decode (mbgmv, bgmv): a few whole-batch torch ops driven by a RowPlan.
+"""Fast CPU path for decode (mbgmv): a few whole-batch torch ops driven by a RowPlan.
 
 shrink: y.zero_(); one sampled matmul (torch.sparse.sampled_addmm) for the rows whose adapter
         few rows use, one matmul per adapter used by many rows (dense group); one index_copy_.
-expand: one embedding_bag over B viewed as [pages * chunks, width] with y * scale as the
+expand: one embedding_bag over the pool viewed as [*, width] with y * scale as the
         per-sample weights (only live rank rows are indexed), one add_ / index_add_ into out.
-bgmv is mbgmv over the stacked pool with a page table derived from the slots (plan_slots).
+Punica's bgmv is the same code over padded descriptors (kernels.pad_to_max_rank).
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import fail
-from ..plan import RowPlan, ShrinkIndex, plan_rows, plan_slots
+from ..plan import RowPlan, ShrinkIndex, _row_view, gather_rows, plan_rows
 
-# dtype -> gather the batch's pages and compute in float32 ("compact"): sampled_addmm has no
+# dtype -> gather the batch's rows and compute in float32 ("compact"): sampled_addmm has no
 # half kernels on the CPU and half matmuls are 4-10x slower than float32 there.
 COMPACT: dict[torch.dtype, bool] = {
     torch.float16: True,
@@ -24,72 +24,59 @@ COMPACT: dict[torch.dtype, bool] = {
 }
 
 
-def mbgmv_shrink(x, A, page_table, ranks, y, plan: RowPlan | None = None):
-    plan = _checked("mbgmv_shrink", plan or plan_rows(page_table, ranks), y, A.shape[0])
-    shrink(x, A, plan, y)
+def mbgmv_shrink(x, W, a_rows, ranks, y, plan: RowPlan | None = None):
+    plan = plan or plan_rows(a_rows, a_rows, ranks)
+    plan.check("mbgmv_shrink", *y.shape)
+    plan.check_rows("mbgmv_shrink", W, plan.max_a_unit, x.shape[1])
+    shrink(x, W, plan, y)
 
 
-def mbgmv_expand(y, B, page_table, ranks, scales, slice_offsets, out, plan: RowPlan | None = None):
-    plan = _checked("mbgmv_expand", plan or plan_rows(page_table, ranks), y, B.shape[0])
-    expand(y, B, plan, scales, slice_offsets, out)
+def mbgmv_expand(y, W, b_rows, ranks, scales, slice_offsets, out, plan: RowPlan | None = None):
+    plan = plan or plan_rows(b_rows, b_rows, ranks)
+    plan.check("mbgmv_expand", *y.shape)
+    offsets = tuple(slice_offsets.tolist())
+    if offsets[0] != 0 or offsets[-1] != out.shape[1] or list(offsets) != sorted(offsets):
+        fail("mbgmv_expand", f"slice_offsets {list(offsets)} must rise from 0 to OUT_TOTAL={out.shape[1]}")
+    for s, max_unit in enumerate(plan.max_b_units):
+        plan.check_rows("mbgmv_expand", W, max_unit, offsets[s + 1] - offsets[s])
+    expand(y, W, plan, scales, offsets, out)
 
 
-def bgmv_shrink(x, A_stacked, slots, y, plan: RowPlan | None = None):
-    slot_count, slot_rank, s_count, in_features = A_stacked.shape
-    plan = _checked("bgmv_shrink", plan or plan_slots(slots, y.shape[2], slot_rank, s_count), y,
-                    slot_count * slot_rank)
-    shrink(x, A_stacked.view(-1, s_count, in_features), plan, y)
-
-
-def bgmv_expand(y, B_stacked, slots, scales, slice_offsets, out, plan: RowPlan | None = None):
-    slot_count, slot_rank, out_total = B_stacked.shape
-    plan = _checked("bgmv_expand", plan or plan_slots(slots, y.shape[2], slot_rank, y.shape[1]), y,
-                    slot_count * slot_rank)
-    expand(y, B_stacked.view(-1, out_total), plan, scales, slice_offsets, out)
-
-
-def _checked(op: str, plan: RowPlan, y: torch.Tensor, pool_pages: int) -> RowPlan:
-    rows, slices, rank = y.shape
-    plan.check(op, rows, rank, slices, pool_pages)
-    return plan
-
-
-def shrink(x: torch.Tensor, A: torch.Tensor, plan: RowPlan, y: torch.Tensor) -> None:
-    """y[i, s, j] = x[i] . A[page_table[i, j], s] for live (i, j, s), 0 elsewhere."""
-    index = plan.shrink_index(COMPACT[x.dtype])
+def shrink(x: torch.Tensor, W: torch.Tensor, plan: RowPlan, y: torch.Tensor) -> None:
+    """y[i, s, j] = x[i] . A_row(a_rows[i, s, j]) for live (i, s, j), 0 elsewhere."""
+    in_features = x.shape[1]
+    index = plan.shrink_index(W.shape[1], in_features, COMPACT[x.dtype])
     y.zero_()
     parts = []
     if index.col.numel():
-        parts.append(_sampled(x, A, index))
+        values = _sampled(x, W, index, in_features)
+        parts.append(values if index.repeat is None else values.index_select(0, index.repeat))
     for g in index.groups:
-        a = A.narrow(0, g.first_page, g.rank) if g.pages is None else A.index_select(0, g.pages)
-        product = x.index_select(0, g.rows) @ a.view(-1, a.shape[-1]).t()        # [n, rank * S]
-        parts.append(product.view(-1).index_select(0, g.src))
+        a = gather_rows(W, g.units, in_features)                                  # [m, IN]
+        parts.append((x.index_select(0, g.rows) @ a.t()).view(-1))               # [n * m]
     if parts:
         values = parts[0] if len(parts) == 1 else torch.cat(parts)
         y.view(-1).index_copy_(0, index.dest, values.to(y.dtype))
 
 
-def _sampled(x: torch.Tensor, A: torch.Tensor, index: ShrinkIndex) -> torch.Tensor:
-    """Values of the sampled matmul x @ A.view(P * S, IN)^T at the plan's (row, page*S+s)."""
-    if index.pages is not None:  # compact: only the batch's pages, upcast
-        A = A.index_select(0, index.pages).float()
+def _sampled(x: torch.Tensor, W: torch.Tensor, index: ShrinkIndex, in_features: int) -> torch.Tensor:
+    """Values of the sampled matmul x @ A^T at the plan's (row, lora_A row) pairs."""
+    if index.gathered is not None:  # compact: only the batch's rows, upcast
+        a = gather_rows(W, index.gathered, in_features).float()                   # [m, IN]
         x = x.float()
-    a = A.view(-1, A.shape[-1])                                                  # [pages * S, IN]
+    else:
+        a = _row_view(W, in_features)                                             # [U * UNIT / IN, IN]
     return torch.sparse.sampled_addmm(index.pattern(a.shape[0], x.dtype), x, a.t(), beta=0.0).values()
 
 
-def expand(y: torch.Tensor, B: torch.Tensor, plan: RowPlan, scales: torch.Tensor,
-           slice_offsets: torch.Tensor, out: torch.Tensor) -> None:
-    """out[i, off_s + c] += scales[i, s] * sum_{live j} y[i, s, j] * B[page_table[i, j], off_s + c]."""
-    offsets = tuple(slice_offsets.tolist())
-    if offsets[0] != 0 or offsets[-1] != B.shape[1] or list(offsets) != sorted(offsets):
-        fail("expand", f"slice_offsets {list(offsets)} must rise from 0 to OUT_TOTAL={B.shape[1]}")
-    index = plan.expand_index(offsets)
+def expand(y: torch.Tensor, W: torch.Tensor, plan: RowPlan, scales: torch.Tensor,
+           offsets: tuple[int, ...], out: torch.Tensor) -> None:
+    """out[i, off_s + c] += scales[i, s] * sum_{live j} y[i, s, j] * B_row(b_rows[i, s, j], s)[c]."""
+    index = plan.expand_index(W.shape[1], offsets)
     if not index.idx.numel():
         return
-    weights = (y * scales.unsqueeze(2)).view(-1).index_select(0, index.wpos).to(B.dtype)
-    delta = F.embedding_bag(index.idx, B.view(-1, index.width), index.bag_offsets,
+    weights = (y * scales.unsqueeze(2)).view(-1).index_select(0, index.wpos).to(W.dtype)
+    delta = F.embedding_bag(index.idx, W.view(-1, index.width), index.bag_offsets,
                             mode="sum", per_sample_weights=weights)              # [bags, width]
     chunks = out.view(-1, index.width)
     if index.bags is None:

@@ -1,5 +1,8 @@
 """Triton prefill kernels (sgmv): segments of tokens that share an adapter, tiles on tl.dot.
 
+Pool addressing as in decode.py: lora_A row j of slice s of segment i starts at unit
+a_rows[i, s, j] of W [U, UNIT], its lora_B^T row at unit b_rows[i, s, j].
+
 The grid's first axis is an upper bound on the token blocks of any segment, cdiv(T, BLOCK_M),
 so no device->host read of the segment lengths is needed; programs past their segment's end
 do nothing. Every token of a segment is covered because a segment has at most T tokens.
@@ -29,7 +32,7 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _sgmv_shrink_kernel(x_ptr, a_ptr, seg_ptr, pt_ptr, ranks_ptr, y_ptr, IN, R,
+def _sgmv_shrink_kernel(x_ptr, w_ptr, seg_ptr, rows_ptr, ranks_ptr, y_ptr, IN, R, UNIT,
                         S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     seg = tl.program_id(1)
@@ -44,8 +47,8 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, seg_ptr, pt_ptr, ranks_ptr, y_ptr, IN, R,
         live = j < n_live
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         if (tl.program_id(2) // S) * BLOCK_R < n_live:
-            pages = tl.load(pt_ptr + seg * R + j, mask=live, other=0).to(tl.int64)
-            a_rows = a_ptr + (pages * S + s) * IN                             # [BLOCK_R]
+            units = tl.load(rows_ptr + (seg * S + s) * R + j, mask=live, other=0).to(tl.int64)
+            a_rows = w_ptr + tl.where(live, units, 0) * UNIT                  # [BLOCK_R]
             x_rows = x_ptr + t.to(tl.int64) * IN                              # [BLOCK_M]
             for k0 in range(0, IN, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
@@ -58,8 +61,8 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, seg_ptr, pt_ptr, ranks_ptr, y_ptr, IN, R,
 
 
 @triton.jit
-def _sgmv_expand_kernel(y_ptr, b_ptr, seg_ptr, pt_ptr, ranks_ptr, scales_ptr, offsets_ptr, out_ptr,
-                        R, OUT,
+def _sgmv_expand_kernel(y_ptr, w_ptr, seg_ptr, rows_ptr, ranks_ptr, scales_ptr, offsets_ptr, out_ptr,
+                        R, OUT, UNIT,
                         S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     seg = tl.program_id(1)
@@ -82,10 +85,10 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, seg_ptr, pt_ptr, ranks_ptr, scales_ptr, of
                 for r0 in range(0, n_live, BLOCK_R):
                     j = r0 + tl.arange(0, BLOCK_R)
                     live = j < n_live
-                    pages = tl.load(pt_ptr + seg * R + j, mask=live, other=0).to(tl.int64)
+                    units = tl.load(rows_ptr + (seg * S + s) * R + j, mask=live, other=0).to(tl.int64)
                     yt = tl.load(y_ptr + (t[:, None].to(tl.int64) * S + s) * R + j[None, :],
                                  mask=t_in[:, None] & live[None, :], other=0.0)       # [BLOCK_M, BLOCK_R]
-                    bt = tl.load(b_ptr + pages[:, None] * OUT + c[None, :],
+                    bt = tl.load(w_ptr + tl.where(live, units, 0)[:, None] * UNIT + (c - lo)[None, :],
                                  mask=live[:, None] & cols[None, :], other=0.0)       # [BLOCK_R, BLOCK_N]
                     part = tl.dot(yt.to(bt.dtype), bt, part, input_precision=PRECISION)
                 scale = tl.load(scales_ptr + seg * S + s)
@@ -101,25 +104,25 @@ def _block_r(rank: int) -> int:
     return min(max(triton.next_power_of_2(rank), 16), 32)  # tl.dot needs >= 16
 
 
-def sgmv_shrink(x, A, seg_starts, page_table, ranks, y, plan=None):
+def sgmv_shrink(x, W, seg_starts, a_rows, ranks, y, plan=None):
     tokens, slices, rank = y.shape
     segs = seg_starts.shape[0] - 1
     if y.numel() == 0 or segs == 0:
         return
     block_r = _block_r(rank)
     grid = (triton.cdiv(tokens, BLOCK_M), segs, slices * triton.cdiv(rank, block_r))
-    _sgmv_shrink_kernel[grid](x, A, seg_starts, page_table, ranks, y, x.shape[1], rank,
+    _sgmv_shrink_kernel[grid](x, W, seg_starts, a_rows, ranks, y, x.shape[1], rank, W.shape[1],
                               S=slices, BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
                               PRECISION=DOT_PRECISION[x.dtype])
 
 
-def sgmv_expand(y, B, seg_starts, page_table, ranks, scales, slice_offsets, out, plan=None):
+def sgmv_expand(y, W, seg_starts, b_rows, ranks, scales, slice_offsets, out, plan=None):
     tokens, slices, rank = y.shape
     segs = seg_starts.shape[0] - 1
     out_total = out.shape[1]
     if y.numel() == 0 or segs == 0 or out_total == 0:
         return
     grid = (triton.cdiv(tokens, BLOCK_M), segs, triton.cdiv(out_total, BLOCK_N))
-    _sgmv_expand_kernel[grid](y, B, seg_starts, page_table, ranks, scales, slice_offsets, out,
-                              rank, out_total, S=slices, BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
-                              BLOCK_N=BLOCK_N, PRECISION=DOT_PRECISION[B.dtype])
+    _sgmv_expand_kernel[grid](y, W, seg_starts, b_rows, ranks, scales, slice_offsets, out,
+                              rank, out_total, W.shape[1], S=slices, BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+                              BLOCK_N=BLOCK_N, PRECISION=DOT_PRECISION[W.dtype])

@@ -1,9 +1,8 @@
 """Random LoRA batches for the kernel tests: adapters, pools, descriptors, popularity mixes.
 
-Pools are poisoned: every element the contract says is never read (pages of no adapter, rank
-rows of a slice past that slice's rank) is NaN, so a kernel that reads one fails. In slot mode
-(bgmv) rows past an adapter's rank are zero, as the pool guarantees, and rows past the batch's
-max rank R are NaN (bgmv reads only R rows).
+Pools are poisoned: every element the contract says is never read (units of no adapter's row,
+the tail of a unit past a row's width) is NaN, so a kernel that reads one fails. The padded
+bgmv descriptors read the pool's zero row, which is zero.
 """
 from __future__ import annotations
 
@@ -64,9 +63,10 @@ class Adapter:
 
 @dataclass
 class Pool:
-    A: torch.Tensor               # [P, S, IN]
-    B: torch.Tensor               # [P, OUT_TOTAL]
-    pages: list[list[int]]        # adapter -> its pages (rank row j -> page)
+    W: torch.Tensor               # [U, UNIT]: the pool of one layer
+    a_units: list[list[list[int]]]  # adapter -> slice -> rank row j -> first unit of its lora_A row
+    b_units: list[list[list[int]]]  # adapter -> slice -> rank row j -> first unit of its lora_B^T row
+    zero_unit: int                # first unit of a zero row as wide as any row (padded bgmv rows)
 
 
 @dataclass
@@ -84,11 +84,13 @@ class Batch:
         return torch.tensor([self.adapters[a].slice_ranks if a is not None else zero for a in self.users],
                             dtype=I32).view(len(self.users), self.geometry.slices)
 
-    def page_table(self, pool: Pool) -> torch.Tensor:                  # [N, R]
-        table = torch.full((len(self.users), self.max_rank()), -1, dtype=I32)
+    def rows(self, pool: Pool, which: str) -> torch.Tensor:            # [N, S, R]
+        units = pool.a_units if which == "A" else pool.b_units
+        table = torch.full((len(self.users), self.geometry.slices, self.max_rank()), -1, dtype=I32)
         for i, a in enumerate(self.users):
             if a is not None:
-                table[i, :self.adapters[a].rank] = torch.tensor(pool.pages[a], dtype=I32)
+                for s, r in enumerate(self.adapters[a].slice_ranks):
+                    table[i, s, :r] = torch.tensor(units[a][s], dtype=I32)
         return table
 
     def scales(self, gen: torch.Generator) -> torch.Tensor:            # [N, S]
@@ -149,66 +151,61 @@ def make_batch(gen, geometry: Geometry, mix: str, rows: int, max_rank: int) -> B
     return Batch(geometry, draw_adapters(gen, count, geometry.slices, max_rank), users)
 
 
+def pool_unit(geometry: Geometry) -> int:
+    return math.gcd(geometry.in_features, *geometry.out_features)
+
+
 def make_pool(gen, batch: Batch, dtype: torch.dtype, contiguous: bool) -> Pool:
-    """Paged pool: adapters' pages contiguous (in order, with gaps) or scattered at random."""
-    ranks = [a.rank for a in batch.adapters]
-    total = sum(ranks) + 3 + len(ranks)                                  # room for gaps / unused pages
-    order = torch.arange(total) if contiguous else torch.randperm(total, generator=gen)
-    pages, cursor = [], 1                                                # page 0 stays unused
-    for r in ranks:
-        pages.append(order[cursor:cursor + r].tolist())
-        cursor += r + (1 if contiguous else 0)
-    return fill_pool(gen, batch, dtype, pages, total)
+    """The batch's adapters in a pool of units (gcd of the row widths): every targeted slice's
+    rank rows only, each lora_A / lora_B^T row at a unit boundary. contiguous: rows in order,
+    aligned to their own width (the CPU path reads the pool in place), with gaps; scattered:
+    rows in random order with random gaps, aligned or not (the CPU path gathers them).
+    Unit 0.. holds a zero row; everything else not live is NaN."""
+    g = batch.geometry
+    unit = pool_unit(g)
+    widest = max(g.in_features, *g.out_features)
+    zero_units = -(-widest // unit)
+    rows = []                                                            # (adapter, slice, j, which, width)
+    for a, adapter in enumerate(batch.adapters):
+        for s, r in enumerate(adapter.slice_ranks):
+            for j in range(r):
+                rows.append((a, s, j, "A", g.in_features))
+                rows.append((a, s, j, "B", g.out_features[s]))
+    aligned = contiguous or _coin(gen, 0.5)
+    order = range(len(rows)) if contiguous else torch.randperm(len(rows), generator=gen).tolist()
+    cursor = zero_units
+    place = {}
+    for k in order:
+        width = rows[k][4]
+        if aligned and width % unit == 0:
+            step = width // unit
+            cursor = -(-cursor // step) * step                           # aligned to its own width
+        place[k] = cursor
+        cursor += -(-width // unit) + (_randint(gen, 0, 2) if not contiguous else int(k % 7 == 0))
+    total = cursor + 2
+    a_units = [[[0] * r for r in ad.slice_ranks] for ad in batch.adapters]
+    b_units = [[[0] * r for r in ad.slice_ranks] for ad in batch.adapters]
+    for k, (a, s, j, which, _) in enumerate(rows):
+        (a_units if which == "A" else b_units)[a][s][j] = place[k]
+    pool = Pool(torch.empty(total, unit, dtype=dtype), a_units, b_units, 0)
+    return fill_pool(gen, batch, pool)
 
 
-def fill_pool(gen, batch: Batch, dtype: torch.dtype, pages: list[list[int]], total: int) -> Pool:
-    """A pool of `total` pages holding the batch's adapters at `pages` (fresh values: another layer)."""
-    live = torch.zeros(total, batch.geometry.slices, dtype=torch.bool)
-    for adapter, adapter_pages in zip(batch.adapters, pages):
-        live[torch.tensor(adapter_pages, dtype=torch.long)] = _live_rows(adapter)
-    A, B = _materialise(gen, batch.geometry, live, torch.zeros_like(live), dtype)
-    return Pool(A, B, pages)
-
-
-def make_slot_pool(gen, batch: Batch, dtype: torch.dtype, slot_rank: int) -> tuple[Pool, list[int]]:
-    """Slot-mode pool [NS * RS, ...] for the adapters rows use, plus one spare slot.
-    Returns the pool and the adapter -> slot map (-1: adapter not used by any row)."""
-    used = sorted({a for a in batch.users if a is not None})             # only these need a slot
-    slot_count = len(used) + 1
-    slot_of = [-1] * len(batch.adapters)
-    for a, slot in zip(used, torch.randperm(slot_count, generator=gen).tolist()):
-        slot_of[a] = slot
-    live = torch.zeros(slot_count * slot_rank, batch.geometry.slices, dtype=torch.bool)
-    zero = torch.zeros_like(live)
-    rank = batch.max_rank()
-    pages = [[] for _ in batch.adapters]
-    for a in used:
-        adapter, first = batch.adapters[a], slot_of[a] * slot_rank
-        pages[a] = list(range(first, first + adapter.rank))
-        zero[first:first + rank] = True                                  # zero past the adapter's rank
-        live[first:first + adapter.rank] = _live_rows(adapter)
-    A, B = _materialise(gen, batch.geometry, live, zero, dtype)
-    return Pool(A, B, pages), slot_of
-
-
-def _live_rows(adapter: Adapter) -> torch.Tensor:                      # [rank, S]: row j of slice s exists
-    return torch.arange(adapter.rank)[:, None] < torch.tensor(adapter.slice_ranks)[None, :]
-
-
-def _materialise(gen, g: Geometry, live, zero, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [P, S, IN], B [P, OUT_TOTAL]: random where live, 0 where zero, NaN elsewhere."""
-    def fill(values, live_, zero_):
-        background = torch.where(zero_, 0.0, math.nan)
-        return torch.where(live_, values, background).to(dtype)
-    A = torch.randn(live.shape[0], g.slices, g.in_features, generator=gen) / math.sqrt(g.in_features)
-    A = fill(A, live[:, :, None], zero[:, :, None])
-    col_slice = torch.repeat_interleave(torch.arange(g.slices), torch.tensor(g.out_features))
-    B = fill(0.1 * torch.randn(live.shape[0], g.out_total, generator=gen), live[:, col_slice], zero[:, col_slice])
-    return A, B
-
-
-def slots_of(batch: Batch, slot_of: list[int]) -> torch.Tensor:          # [N]
-    return torch.tensor([-1 if a is None else slot_of[a] for a in batch.users], dtype=I32)
+def fill_pool(gen, batch: Batch, pool: Pool) -> Pool:
+    """Fresh random values at the pool's live rows (another layer), NaN elsewhere, the zero row."""
+    g = batch.geometry
+    flat = torch.full((pool.W.numel(),), math.nan)
+    widest = max(g.in_features, *g.out_features)
+    flat[pool.zero_unit * pool.W.shape[1] : pool.zero_unit * pool.W.shape[1] + widest] = 0.0
+    for a, adapter in enumerate(batch.adapters):
+        for s, r in enumerate(adapter.slice_ranks):
+            for j in range(r):
+                start = pool.a_units[a][s][j] * pool.W.shape[1]
+                flat[start : start + g.in_features] = torch.randn(g.in_features, generator=gen) / math.sqrt(g.in_features)
+                start = pool.b_units[a][s][j] * pool.W.shape[1]
+                n = g.out_features[s]
+                flat[start : start + n] = 0.1 * torch.randn(n, generator=gen)
+    return Pool(flat.to(pool.W.dtype).view(pool.W.shape), pool.a_units, pool.b_units, pool.zero_unit)
 
 
 def segment_starts(gen, segments: int, max_len: int) -> torch.Tensor:   # [N + 1]

@@ -16,8 +16,8 @@ import kernels
 from kernels import reference
 from tests.testing import assert_close
 
-from .batches import (Geometry, bits, fill_pool, inputs, live_mask, make_batch, make_pool,
-                      make_slot_pool, out_before, segment_starts, slots_of, touched_columns)
+from .batches import (Geometry, bits, fill_pool, inputs, live_mask, make_batch, make_pool, out_before,
+                      segment_starts, touched_columns)
 
 
 def nan_y(rows: int, slices: int, rank: int) -> torch.Tensor:
@@ -42,93 +42,62 @@ def check_expand_result(out, expected, out0, touched, dtype, msg):
 
 
 def check_mbgmv(gen, backend, geometry: Geometry, mix: str, rows: int, max_rank: int, dtype,
-                contiguous: bool, make_plan=None, layers: int = 1, msg: str = ""):
-    """mbgmv shrink + expand; with make_plan the plan is built once and reused for `layers` pools."""
+                contiguous: bool, make_plan=None, layers: int = 1, padded: bool = False, msg: str = ""):
+    """mbgmv shrink + expand; with make_plan the plan is built once and reused for `layers` pools.
+    padded: Punica's bgmv, the descriptors padded to the batch's max rank (kernels.pad_to_max_rank)."""
     batch = make_batch(gen, geometry, mix, rows, max_rank)
     pool = make_pool(gen, batch, dtype, contiguous)
-    page_table, ranks = batch.page_table(pool), batch.ranks()
-    plan = make_plan(page_table, ranks) if make_plan else None
-    live = live_mask(ranks, page_table.shape[1])
+    a_rows, b_rows, ranks = batch.rows(pool, "A"), batch.rows(pool, "B"), batch.ranks()
+    if padded:
+        a_rows, b_rows, ranks = kernels.pad_to_max_rank(a_rows, b_rows, ranks, pool.zero_unit)
+    plan = make_plan(a_rows, b_rows, ranks) if make_plan else None
+    live = live_mask(ranks, a_rows.shape[2])
     for layer in range(layers):
         if layer:
-            pool = fill_pool(gen, batch, dtype, pool.pages, pool.A.shape[0])
-        where = f"{msg} mbgmv {backend} layer {layer} ranks {ranks.tolist()}"
+            pool = fill_pool(gen, batch, pool)
+        where = f"{msg} mbgmv{' padded' if padded else ''} {backend} layer {layer} ranks {ranks.tolist()}"
         x = inputs(gen, rows, geometry.in_features, dtype)
-        y = nan_y(rows, geometry.slices, page_table.shape[1])
-        kernels.mbgmv_shrink(x, pool.A, page_table, ranks, y, plan=plan, backend=backend)
+        y = nan_y(rows, geometry.slices, a_rows.shape[2])
+        kernels.mbgmv_shrink(x, pool.W, a_rows, ranks, y, plan=plan, backend=backend)
         y_ref = torch.empty(y.shape, dtype=torch.float64)
-        reference.mbgmv_shrink(x, pool.A, page_table, ranks, y_ref)
+        reference.mbgmv_shrink(x, pool.W, a_rows, ranks, y_ref)
         check_shrink_result(y, y_ref, live, dtype, where)
 
         y_in = expand_input(y_ref, live)
         scales, offsets = batch.scales(gen), geometry.slice_offsets()
         out0 = out_before(gen, rows, geometry.out_total, dtype)
         out = out0.clone()
-        kernels.mbgmv_expand(y_in, pool.B, page_table, ranks, scales, offsets, out, plan=plan, backend=backend)
+        kernels.mbgmv_expand(y_in, pool.W, b_rows, ranks, scales, offsets, out, plan=plan, backend=backend)
         expected = out0.double()
-        reference.mbgmv_expand(y_in, pool.B, page_table, ranks, scales, offsets, expected)
+        reference.mbgmv_expand(y_in, pool.W, b_rows, ranks, scales, offsets, expected)
         check_expand_result(out, expected, out0, touched_columns(ranks, geometry), dtype, where)
-
-
-def check_bgmv(gen, backend, geometry: Geometry, mix: str, rows: int, max_rank: int, dtype,
-               spare_rank: int, use_plan: bool, msg: str = ""):
-    """bgmv shrink + expand on a slot pool of slot size R + spare_rank (R: the batch's max rank)."""
-    batch = make_batch(gen, geometry, mix, rows, max_rank)
-    rank = batch.max_rank()
-    slot_rank = rank + spare_rank
-    if slot_rank == 0:
-        return
-    pool, slot_of = make_slot_pool(gen, batch, dtype, slot_rank)
-    slots = slots_of(batch, slot_of)
-    A_stacked = pool.A.view(-1, slot_rank, geometry.slices, geometry.in_features)
-    B_stacked = pool.B.view(-1, slot_rank, geometry.out_total)
-    plan = kernels.plan_slots(slots, rank, slot_rank, geometry.slices) if use_plan else None
-    where = f"{msg} bgmv {backend} R={rank} RS={slot_rank} slots {slots.tolist()}"
-
-    x = inputs(gen, rows, geometry.in_features, dtype)
-    y = nan_y(rows, geometry.slices, rank)
-    kernels.bgmv_shrink(x, A_stacked, slots, y, plan=plan, backend=backend)
-    y_ref = torch.empty(y.shape, dtype=torch.float64)
-    reference.bgmv_shrink(x, A_stacked, slots, y_ref)
-    has = (slots >= 0)[:, None, None].expand_as(y)
-    check_shrink_result(y, y_ref, has, dtype, where)
-
-    scales, offsets = batch.scales(gen), geometry.slice_offsets()
-    out0 = out_before(gen, rows, geometry.out_total, dtype)
-    out = out0.clone()
-    y_in = y_ref.float()
-    kernels.bgmv_expand(y_in, B_stacked, slots, scales, offsets, out, plan=plan, backend=backend)
-    expected = out0.double()
-    reference.bgmv_expand(y_in, B_stacked, slots, scales, offsets, expected)
-    touched = (slots >= 0)[:, None].expand_as(out)
-    check_expand_result(out, expected, out0, touched, dtype, where)
 
 
 def check_sgmv(gen, backend, geometry: Geometry, mix: str, segments: int, max_len: int, max_rank: int,
                dtype, contiguous: bool, msg: str = ""):
     batch = make_batch(gen, geometry, mix, segments, max_rank)
     pool = make_pool(gen, batch, dtype, contiguous)
-    page_table, ranks = batch.page_table(pool), batch.ranks()
+    a_rows, b_rows, ranks = batch.rows(pool, "A"), batch.rows(pool, "B"), batch.ranks()
     seg_starts = segment_starts(gen, segments, max_len)
     tokens = int(seg_starts[-1])
     where = f"{msg} sgmv {backend} seg_starts {seg_starts.tolist()} ranks {ranks.tolist()}"
     token_ranks = ranks.repeat_interleave(seg_starts.diff().long(), dim=0)        # [T, S]
-    live = live_mask(token_ranks, page_table.shape[1])
+    live = live_mask(token_ranks, a_rows.shape[2])
 
     x = inputs(gen, tokens, geometry.in_features, dtype)
-    y = nan_y(tokens, geometry.slices, page_table.shape[1])
-    kernels.sgmv_shrink(x, pool.A, seg_starts, page_table, ranks, y, backend=backend)
+    y = nan_y(tokens, geometry.slices, a_rows.shape[2])
+    kernels.sgmv_shrink(x, pool.W, seg_starts, a_rows, ranks, y, backend=backend)
     y_ref = torch.empty(y.shape, dtype=torch.float64)
-    reference.sgmv_shrink(x, pool.A, seg_starts, page_table, ranks, y_ref)
+    reference.sgmv_shrink(x, pool.W, seg_starts, a_rows, ranks, y_ref)
     check_shrink_result(y, y_ref, live, dtype, where)
 
     y_in = expand_input(y_ref, live)
     scales, offsets = batch.scales(gen), geometry.slice_offsets()
     out0 = out_before(gen, tokens, geometry.out_total, dtype)
     out = out0.clone()
-    kernels.sgmv_expand(y_in, pool.B, seg_starts, page_table, ranks, scales, offsets, out, backend=backend)
+    kernels.sgmv_expand(y_in, pool.W, seg_starts, b_rows, ranks, scales, offsets, out, backend=backend)
     expected = out0.double()
-    reference.sgmv_expand(y_in, pool.B, seg_starts, page_table, ranks, scales, offsets, expected)
+    reference.sgmv_expand(y_in, pool.W, seg_starts, b_rows, ranks, scales, offsets, expected)
     check_expand_result(out, expected, out0, touched_columns(token_ranks, geometry), dtype, where)
 
 

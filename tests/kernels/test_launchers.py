@@ -10,13 +10,13 @@ from kernels import KernelArgumentError, _registry
 I32 = torch.int32
 
 
-def decode_args(rows=3, slices=2, rank=4, in_features=8, out=(5, 3), pages=12, dtype=torch.float32):
-    page_table = torch.arange(rows * rank, dtype=I32).view(rows, rank) % pages
+def decode_args(rows=3, slices=2, rank=4, in_features=8, out=(5, 3), units=40, dtype=torch.float32):
+    table = (torch.arange(rows * slices * rank, dtype=I32).view(rows, slices, rank) * 2) % (units - 8)
     return dict(
         x=torch.randn(rows, in_features, dtype=dtype),
-        A=torch.randn(pages, slices, in_features, dtype=dtype),
-        B=torch.randn(pages, sum(out), dtype=dtype),
-        page_table=page_table,
+        W=torch.randn(units, 4, dtype=dtype),
+        a_rows=table,
+        b_rows=table.clone(),
         ranks=torch.full((rows, slices), rank, dtype=I32),
         y=torch.zeros(rows, slices, rank),
         scales=torch.ones(rows, slices),
@@ -26,24 +26,25 @@ def decode_args(rows=3, slices=2, rank=4, in_features=8, out=(5, 3), pages=12, d
 
 
 def shrink(a, **kw):
-    kernels.mbgmv_shrink(a["x"], a["A"], a["page_table"], a["ranks"], a["y"], **kw)
+    kernels.mbgmv_shrink(a["x"], a["W"], a["a_rows"], a["ranks"], a["y"], **kw)
 
 
 def expand(a, **kw):
-    kernels.mbgmv_expand(a["y"], a["B"], a["page_table"], a["ranks"], a["scales"], a["slice_offsets"],
+    kernels.mbgmv_expand(a["y"], a["W"], a["b_rows"], a["ranks"], a["scales"], a["slice_offsets"],
                          a["out"], **kw)
 
 
 @pytest.mark.parametrize("name, value, message", [
     ("x", torch.randn(3, 8, dtype=torch.float64), "x must have dtype"),
-    ("A", torch.randn(12, 2, 8, dtype=torch.float16), "A must have dtype torch.float32"),
-    ("A", torch.randn(12, 2, 9), r"A must have shape \[\*, \*, 8\]"),
+    ("W", torch.randn(40, 4, dtype=torch.float16), "W must have dtype torch.float32"),
+    ("W", torch.randn(40, 4, 1), r"W must have shape \[\*, \*\]"),
     ("y", torch.zeros(3, 2, 4, dtype=torch.float16), "y must have dtype torch.float32"),
     ("y", torch.zeros(3, 2, 5), r"y must have shape \[3, 2, 4\]"),
-    ("page_table", torch.zeros(3, 4, dtype=torch.int64), "page_table must have dtype torch.int32"),
+    ("a_rows", torch.zeros(3, 2, 4, dtype=torch.int64), "a_rows must have dtype torch.int32"),
+    ("a_rows", torch.zeros(3, 4, dtype=I32), r"a_rows must have shape \[3, \*, \*\]"),
     ("ranks", torch.zeros(3, 3, dtype=I32), r"ranks must have shape \[3, 2\]"),
     ("x", torch.randn(8, 3).t(), "x must be contiguous"),
-    ("A", torch.randn(12, 2, 8, device="meta"), "A is on meta"),
+    ("W", torch.randn(40, 4, device="meta"), "W is on meta"),
 ])
 def test_shrink_argument_errors(name, value, message):
     args = decode_args()
@@ -54,10 +55,11 @@ def test_shrink_argument_errors(name, value, message):
 
 @pytest.mark.parametrize("name, value, message", [
     ("out", torch.zeros(3, 8, dtype=torch.float16), "out must have dtype torch.float32"),
-    ("B", torch.randn(12, 8, dtype=torch.float64), "B must have dtype"),
+    ("W", torch.randn(40, 4, dtype=torch.float64), "W must have dtype"),
     ("scales", torch.ones(3, 2, dtype=torch.float64), "scales must have dtype torch.float32"),
     ("slice_offsets", torch.tensor([0, 8], dtype=I32), r"slice_offsets must have shape \[3\]"),
     ("slice_offsets", torch.tensor([0, 9, 8], dtype=I32), "slice_offsets .* must rise from 0 to OUT_TOTAL=8"),
+    ("b_rows", torch.zeros(3, 2, 5, dtype=I32), r"b_rows must have shape \[3, 2, 4\]"),
 ])
 def test_expand_argument_errors(name, value, message):
     args = decode_args()
@@ -66,16 +68,10 @@ def test_expand_argument_errors(name, value, message):
         expand(args)
 
 
-def test_bgmv_rank_must_fit_the_slot():
-    with pytest.raises(KernelArgumentError, match="exceeds the slot size 4"):
-        kernels.bgmv_shrink(torch.zeros(2, 8), torch.zeros(3, 4, 1, 8), torch.zeros(2, dtype=I32),
-                            torch.zeros(2, 1, 5))
-
-
 def test_sgmv_segment_count_must_match_descriptors():
     args = decode_args()
     with pytest.raises(KernelArgumentError, match=r"seg_starts must have shape \[4\]"):
-        kernels.sgmv_shrink(args["x"], args["A"], torch.tensor([0, 3], dtype=I32), args["page_table"],
+        kernels.sgmv_shrink(args["x"], args["W"], torch.tensor([0, 3], dtype=I32), args["a_rows"],
                             args["ranks"], args["y"])
 
 
@@ -94,7 +90,7 @@ def test_registry_tables():
     import kernels.reference
     assert _registry.DEVICE_BACKEND == {"cuda": "triton", "cpu": "cpu"}
     assert _registry.lookup("sgmv_expand", None, torch.device("cpu")) is kernels.cpu.sgmv_expand
-    assert _registry.lookup("bgmv_shrink", "reference", torch.device("cpu")) is kernels.reference.bgmv_shrink
+    assert _registry.lookup("mbgmv_shrink", "reference", torch.device("cpu")) is kernels.reference.mbgmv_shrink
 
 
 def test_cuda_device_selects_triton():

@@ -1,4 +1,4 @@
-"""RowPlan: grouping of rows by adapter, contiguity, index tensors, validation, reuse."""
+"""RowPlan: grouping of rows by adapter, in-place vs gathered reads, index tensors, validation."""
 from __future__ import annotations
 
 import functools
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import KernelArgumentError, plan_rows, plan_slots
+from kernels import KernelArgumentError, plan_rows
 
 from .batches import MIXES, MODEL_GROUPS
 from .checks import check_mbgmv, geometry
@@ -15,83 +15,93 @@ from .checks import check_mbgmv, geometry
 I32 = torch.int32
 
 
-def table(rows):
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=I32)
+def rows_table(rows, slices):
+    """[[units of slice 0], [units of slice 1], ...] per row -> int32 [N, S, R], -1 padded."""
+    width = max([len(units) for row in rows for units in row] or [0])
+    return torch.tensor([[units + [-1] * (width - len(units)) for units in row] + [[-1] * width] * (slices - len(row))
+                         for row in rows], dtype=I32)
 
 
 def test_dense_group_for_popular_adapter_and_sampled_rest():
-    # adapter a: pages 10..13 (contiguous) used by 4 rows; b: scattered pages used by 2; one row none
-    a, b = [10, 11, 12, 13], [7, 3]
-    page_table = table([a, b, a, [], a, b, a])
-    ranks = torch.tensor([[4, 2], [2, 2], [4, 2], [0, 0], [4, 2], [2, 1], [4, 2]], dtype=I32)
-    plan = plan_rows(page_table, ranks, dense_min_rows=4)
-    index = plan.shrink_index(compact=False)
-    assert len(index.groups) == 1
-    group = index.groups[0]
-    assert group.rows.tolist() == [0, 2, 4, 6] and group.rank == 4
-    assert group.pages is None and group.first_page == 10                # contiguous: a pool view
-    assert len(group.dest) == 4 * (4 + 2)                                 # 4 rows x live (j, s)
-    # sampled part: rows 1 and 5 only (ranks (2, 2) and (2, 1)), columns page * S + s
-    assert index.crow.tolist() == [0, 0, 4, 4, 4, 4, 7, 7]
-    assert index.col.tolist()[:4] == [7 * 2 + 0, 7 * 2 + 1, 3 * 2 + 0, 3 * 2 + 1]
-    assert len(index.dest) == 7 + len(group.dest) and len(set(index.dest.tolist())) == len(index.dest)
+    # UNIT 4, IN 8: lora_A rows aligned at multiples of 2 units. Adapter a: 4 rows; b: 2 rows; one none.
+    a = [[10, 12], [14]]
+    b = [[20], [22]]
+    a_rows = rows_table([a, b, a, [], a, b, a], 2)
+    ranks = torch.tensor([[2, 1], [1, 1], [2, 1], [0, 0], [2, 1], [1, 1], [2, 1]], dtype=I32)
+    plan = plan_rows(a_rows, a_rows, ranks, dense_min_rows=4)
+    index = plan.shrink_index(unit=4, in_features=8, compact=False)
+    assert index.gathered is None                                         # aligned: read in place
+    group, = index.groups
+    assert group.rows.tolist() == [0, 2, 4, 6] and group.units.tolist() == [10, 12, 14]
+    assert len(group.dest) == 4 * 3
+    # sampled part: rows 1 and 5 only; columns = row of the pool viewed as [*, 8] = unit * 4 / 8
+    assert index.crow.tolist() == [0, 0, 2, 2, 2, 2, 4, 4]
+    assert index.col.tolist() == [10, 11, 10, 11]
+    assert len(index.dest) == 4 + len(group.dest) and len(set(index.dest.tolist())) == len(index.dest)
 
 
-def test_scattered_group_keeps_its_page_list():
-    page_table = table([[5, 2, 9]] * 4)
-    plan = plan_rows(page_table, torch.full((4, 1), 3, dtype=I32), dense_min_rows=2)
-    group, = plan.shrink_index(compact=False).groups
-    assert group.pages.tolist() == [5, 2, 9]
-
-
-def test_compact_mode_gathers_each_page_once():
-    page_table = table([[8, 4], [8, 4], [6]])
+def test_unaligned_rows_are_gathered_once():
+    a_rows = rows_table([[[9, 3]], [[9, 3]], [[5]]], 1)
     ranks = torch.tensor([[2], [2], [1]], dtype=I32)
-    index = plan_rows(page_table, ranks).shrink_index(compact=True)
-    assert index.pages.tolist() == [4, 6, 8] and index.groups == ()
-    assert index.col.tolist() == [2, 0, 2, 0, 1]                          # positions in index.pages
+    index = plan_rows(a_rows, a_rows, ranks).shrink_index(unit=4, in_features=8, compact=False)
+    assert index.gathered.tolist() == [3, 5, 9] and index.groups == ()
+    assert index.col.tolist() == [2, 0, 2, 0, 1]                          # positions in `gathered`
 
 
-def test_expand_index_chunks_by_gcd_of_slice_offsets():
-    plan = plan_rows(table([[0, 1], [2]]), torch.tensor([[2, 1, 0], [1, 1, 1]], dtype=I32))
-    index = plan.expand_index((0, 576, 768, 960))
+def test_repeated_rows_are_sampled_once():
+    """Padded descriptors name the zero row for several (s, j) of one row."""
+    a_rows = rows_table([[[6, 0], [0, 0]]], 2)
+    index = plan_rows(a_rows, a_rows, torch.tensor([[2, 2]], dtype=I32)).shrink_index(4, 8, False)
+    assert index.col.tolist() == [0, 3] and index.repeat.tolist() == [1, 0, 0, 0]
+
+
+def test_expand_index_chunks_by_gcd_of_slice_offsets_and_unit():
+    # qkv 576 / 192 / 192, UNIT 192: row 0 q rank 2 (units 0, 3), k rank 1 (unit 6); row 1 rank 1 each
+    b_rows = rows_table([[[0, 3], [6]], [[9], [12], [13]]], 3)
+    ranks = torch.tensor([[2, 1, 0], [1, 1, 1]], dtype=I32)
+    index = plan_rows(b_rows, b_rows, ranks).expand_index(192, (0, 576, 768, 960))
     assert index.width == 192                                             # 5 chunks: q q q k v
-    # row 0: q chunks 3 x rank 2, k chunk rank 1, v untouched; row 1: 5 chunks x rank 1
     assert index.bags.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9]
-    assert index.idx.tolist()[:2] == [0 * 5 + 0, 1 * 5 + 0]
-    full = plan_rows(table([[3]]), torch.ones(1, 3, dtype=I32)).expand_index((0, 576, 768, 960))
+    assert index.idx.tolist()[:6] == [0, 3, 1, 4, 2, 5]                   # q chunk c of rows at units 0, 3
+    assert index.idx.tolist()[6:] == [6, 9, 10, 11, 12, 13]
+    full = plan_rows(b_rows[1:], b_rows[1:], ranks[1:]).expand_index(192, (0, 576, 768, 960))
     assert full.bags is None                                              # every chunk touched: plain add_
 
 
-def test_plan_slots_pages():
-    plan = plan_slots(torch.tensor([2, -1, 0], dtype=I32), rank=3, slot_rank=5, num_slices=2)
-    assert plan.page_table.tolist() == [[10, 11, 12], [-1, -1, -1], [0, 1, 2]]
-    assert plan.ranks.tolist() == [[3, 3], [0, 0], [3, 3]]
+def test_pad_to_max_rank():
+    a_rows = rows_table([[[4, 8], [12]], []], 2)
+    b_rows = rows_table([[[5, 9], [13]], []], 2)
+    ranks = torch.tensor([[2, 1], [0, 0]], dtype=I32)
+    a, b, r = kernels.pad_to_max_rank(a_rows, b_rows, ranks, zero_unit=0)
+    assert a.tolist() == [[[4, 8], [12, 0]], [[-1, -1], [-1, -1]]]
+    assert b.tolist() == [[[5, 9], [13, 0]], [[-1, -1], [-1, -1]]]
+    assert r.tolist() == [[2, 2], [0, 0]]
 
 
 @pytest.mark.parametrize("dense_min_rows", [1, 2, 10**9], ids=["all-dense", "pairs", "all-sampled"])
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_every_split_matches_reference(gen, mix, dense_min_rows):
     make_plan = functools.partial(plan_rows, dense_min_rows=dense_min_rows)
-    check_mbgmv(gen, "cpu", geometry(MODEL_GROUPS, "qkv"), mix, 24, 128, torch.float32, contiguous=False,
+    check_mbgmv(gen, "cpu", geometry(MODEL_GROUPS, "qkv"), mix, 24, 128, torch.float32, contiguous=True,
                 make_plan=make_plan)
 
 
 def test_plan_for_another_batch_is_refused():
-    plan = plan_rows(table([[0, 1]]), torch.tensor([[2]], dtype=I32))
-    A = torch.zeros(4, 1, 8)
+    a_rows = rows_table([[[0, 1]]], 1)
+    plan = plan_rows(a_rows, a_rows, torch.tensor([[2]], dtype=I32))
+    other = rows_table([[[0, 1]], [[2, 3]]], 1)
     with pytest.raises(KernelArgumentError, match="plan is for N=1"):
-        kernels.mbgmv_shrink(torch.zeros(2, 8), A, table([[0, 1], [2, 3]]), torch.full((2, 1), 2, dtype=I32),
+        kernels.mbgmv_shrink(torch.zeros(2, 8), torch.zeros(8, 8), other, torch.full((2, 1), 2, dtype=I32),
                              torch.zeros(2, 1, 2), plan=plan)
 
 
-def test_pages_outside_the_pool_are_refused():
-    with pytest.raises(KernelArgumentError, match="reads page 9 of a pool of 4"):
-        kernels.mbgmv_shrink(torch.zeros(1, 8), torch.zeros(4, 1, 8), table([[9]]), torch.ones(1, 1, dtype=I32),
-                             torch.zeros(1, 1, 1))
+def test_rows_outside_the_pool_are_refused():
+    with pytest.raises(KernelArgumentError, match="runs past the pool of 4 units"):
+        kernels.mbgmv_shrink(torch.zeros(1, 8), torch.zeros(4, 8), rows_table([[[3, 9]]], 1),
+                             torch.full((1, 1), 2, dtype=I32), torch.zeros(1, 1, 2))
 
 
-def test_missing_page_below_rank_is_refused():
+def test_missing_row_below_rank_is_refused():
+    a_rows = rows_table([[[1, -1]]], 1)
     with pytest.raises(KernelArgumentError, match="-1 below a row's rank"):
-        plan_rows(table([[1, -1]]), torch.tensor([[2]], dtype=I32))
+        plan_rows(a_rows, a_rows, torch.tensor([[2]], dtype=I32))

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import kernels
 from kernels import reference
 from tests.testing import assert_close
 
@@ -17,76 +18,80 @@ I32 = torch.int32
 
 
 def hand_example():
-    """IN 2, slices of 1 and 2 columns; row 0: pages [2, 0], slice ranks (2, 1); row 1: none."""
-    A = torch.full((4, 2, 2), NAN, dtype=torch.float64)
-    A[2, 0], A[0, 0], A[2, 1] = torch.tensor([1., 2.]), torch.tensor([3., 4.]), torch.tensor([5., 6.])
-    B = torch.full((4, 3), NAN, dtype=torch.float64)
-    B[2], B[0, 0] = torch.tensor([1., 10., 100.]), 2.
-    page_table = torch.tensor([[2, 0], [-1, -1]], dtype=I32)
+    """IN 2, slices of 1 and 2 columns, UNIT 1; row 0: slice ranks (2, 1), row 1: none."""
+    W = torch.full((16, 1), NAN, dtype=torch.float64)
+    flat = W.view(-1)
+    flat[4:6], flat[0:2], flat[8:10] = torch.tensor([1., 2.]), torch.tensor([3., 4.]), torch.tensor([5., 6.])
+    flat[10], flat[11], flat[12:14] = 1., 2., torch.tensor([10., 100.])
+    a_rows = torch.tensor([[[4, 0], [8, -1]], [[-1, -1], [-1, -1]]], dtype=I32)
+    b_rows = torch.tensor([[[10, 11], [12, -1]], [[-1, -1], [-1, -1]]], dtype=I32)
     ranks = torch.tensor([[2, 1], [0, 0]], dtype=I32)
     scales = torch.tensor([[1.0, 0.5], [7.0, 7.0]])
     offsets = torch.tensor([0, 1, 3], dtype=I32)
     x = torch.tensor([[1., 1.], [5., 5.]], dtype=torch.float64)
     y = torch.tensor([[[3., 7.], [11., 0.]], [[0., 0.], [0., 0.]]], dtype=torch.float64)
     delta = torch.tensor([[3. * 1 + 7. * 2, 0.5 * 11 * 10, 0.5 * 11 * 100], [0., 0., 0.]], dtype=torch.float64)
-    return A, B, page_table, ranks, scales, offsets, x, y, delta
+    return W, a_rows, b_rows, ranks, scales, offsets, x, y, delta
 
 
 def test_hand_example_mbgmv():
-    A, B, page_table, ranks, scales, offsets, x, y_expected, delta = hand_example()
+    W, a_rows, b_rows, ranks, scales, offsets, x, y_expected, delta = hand_example()
     y = torch.full((2, 2, 2), NAN, dtype=torch.float64)
-    reference.mbgmv_shrink(x, A, page_table, ranks, y)
+    reference.mbgmv_shrink(x, W, a_rows, ranks, y)
     assert torch.equal(y, y_expected)
     out = torch.tensor([[1., 2., 3.], [-0.0, 4., 5.]], dtype=torch.float64)
     before = out.clone()
-    reference.mbgmv_expand(y, B, page_table, ranks, scales, offsets, out)
+    reference.mbgmv_expand(y, W, b_rows, ranks, scales, offsets, out)
     assert torch.equal(out, before + delta)
     assert math.copysign(1, out[1, 0]) == -1, "row without adapter must be untouched (-0.0 kept)"
 
 
 def test_hand_example_sgmv():
     """The same two adapters as segments of 2 and 1 tokens."""
-    A, B, page_table, ranks, scales, offsets, x, y_row, delta = hand_example()
+    W, a_rows, b_rows, ranks, scales, offsets, x, y_row, delta = hand_example()
     seg_starts = torch.tensor([0, 2, 3], dtype=I32)
     tokens = x[[0, 0, 1]]
     y = torch.full((3, 2, 2), NAN, dtype=torch.float64)
-    reference.sgmv_shrink(tokens, A, seg_starts, page_table, ranks, y)
+    reference.sgmv_shrink(tokens, W, seg_starts, a_rows, ranks, y)
     assert torch.equal(y, y_row[[0, 0, 1]])
     out = torch.zeros(3, 3, dtype=torch.float64)
-    reference.sgmv_expand(y, B, seg_starts, page_table, ranks, scales, offsets, out)
+    reference.sgmv_expand(y, W, seg_starts, b_rows, ranks, scales, offsets, out)
     assert torch.equal(out, delta[[0, 0, 1]])
 
 
-def test_hand_example_bgmv():
-    """Slot mode: 2 slots of 3 rank rows; slot 1 holds the adapter (its third row zero)."""
-    A = torch.full((2, 3, 1, 2), NAN, dtype=torch.float64)
-    A[1] = torch.tensor([[[1., 2.]], [[3., 4.]], [[0., 0.]]])
-    B = torch.full((2, 3, 2), NAN, dtype=torch.float64)
-    B[1] = torch.tensor([[1., 10.], [2., 20.], [0., 0.]])
-    slots = torch.tensor([1, -1], dtype=I32)
-    x = torch.tensor([[1., 1.], [9., 9.]], dtype=torch.float64)
-    y = torch.full((2, 1, 2), NAN, dtype=torch.float64)                  # R = 2 < RS = 3
-    reference.bgmv_shrink(x, A, slots, y)
-    assert torch.equal(y, torch.tensor([[[3., 7.]], [[0., 0.]]], dtype=torch.float64))
-    out = torch.tensor([[0., 0.], [-0.0, 1.]], dtype=torch.float64)
-    reference.bgmv_expand(y, B, slots, torch.tensor([[2.0], [3.0]]), torch.tensor([0, 2], dtype=I32), out)
-    assert torch.equal(out[0], torch.tensor([2 * (3. + 14.), 2 * (30. + 140.)], dtype=torch.float64))
-    assert math.copysign(1, out[1, 0]) == -1
+def test_hand_example_padded_bgmv():
+    """Padded to R = 2: slice 1's second row reads the zero row (units 14..15); the delta is the
+    same, and the row without adapter stays untouched."""
+    W, a_rows, b_rows, ranks, scales, offsets, x, y_expected, delta = hand_example()
+    W.view(-1)[14:16] = 0.0
+    a_pad, b_pad, ranks_pad = kernels.pad_to_max_rank(a_rows, b_rows, ranks, zero_unit=14)
+    assert ranks_pad.tolist() == [[2, 2], [0, 0]] and a_pad[0, 1].tolist() == [8, 14]
+    assert a_pad[1].tolist() == [[-1, -1], [-1, -1]]
+    y = torch.full((2, 2, 2), NAN, dtype=torch.float64)
+    reference.mbgmv_shrink(x, W, a_pad, ranks_pad, y)
+    assert torch.equal(y, y_expected)
+    out = torch.tensor([[0., 0., 0.], [-0.0, 1., 1.]], dtype=torch.float64)
+    reference.mbgmv_expand(y, W, b_pad, ranks_pad, scales, offsets, out)
+    assert torch.equal(out[0], delta[0]) and math.copysign(1, out[1, 0]) == -1
 
 
-def vectorised(x, A, B, page_table, ranks, scales, g: Geometry, token_segment):
-    """y and delta of every token at once (gather padded pages, mask, einsum), float64."""
-    seg_pages = page_table[token_segment].long()                          # [T, R]
+def vectorised(x, W, a_rows, b_rows, ranks, scales, g: Geometry, token_segment):
+    """y and delta of every token at once (element gathers, mask, einsum), float64."""
+    flat, unit = W.view(-1).double(), W.shape[1]
     seg_ranks = ranks[token_segment]                                      # [T, S]
-    live = live_mask(seg_ranks, page_table.shape[1])                      # [T, S, R]
-    a = A[seg_pages.clamp(min=0)].double().permute(0, 2, 1, 3)           # [T, S, R, IN]
+    live = live_mask(seg_ranks, a_rows.shape[2])                          # [T, S, R]
+    a_start = a_rows[token_segment].long().clamp(min=0) * unit            # [T, S, R]
+    a = flat[a_start[..., None] + torch.arange(g.in_features)]            # [T, S, R, IN]
     a = torch.where(live[..., None], a, 0.0)
     y = torch.einsum("tk,tsjk->tsj", x.double(), a)
-    b = B[seg_pages.clamp(min=0)].double()                                # [T, R, OUT]
-    col_slice = torch.repeat_interleave(torch.arange(g.slices), torch.tensor(g.out_features))
-    b = torch.where(live[:, col_slice, :].transpose(1, 2), b, 0.0)        # only live rows of the column's slice
-    weights = (y * scales[token_segment].double()[:, :, None])[:, col_slice, :]   # [T, OUT, R]
-    delta = torch.einsum("tcj,tjc->tc", weights, b)
+    delta = torch.zeros(len(token_segment), g.out_total, dtype=torch.float64)
+    offsets = g.offsets
+    for s, n in enumerate(g.out_features):
+        b_start = b_rows[token_segment][:, s].long().clamp(min=0) * unit  # [T, R]
+        b = flat[b_start[..., None] + torch.arange(n)]                    # [T, R, n]
+        b = torch.where(live[:, s, :, None], b, 0.0)
+        weights = y[:, s] * scales[token_segment][:, s].double()[:, None]  # [T, R]
+        delta[:, offsets[s]:offsets[s + 1]] = torch.einsum("tj,tjc->tc", weights, b)
     return y, delta
 
 
@@ -95,14 +100,14 @@ def test_mbgmv_matches_vectorised_formula(gen, mix):
     g = geometry(SMALL_GROUPS, "qkv")
     batch = make_batch(gen, g, mix, 7, 30)
     pool = make_pool(gen, batch, torch.float32, contiguous=False)
-    page_table, ranks, scales = batch.page_table(pool), batch.ranks(), batch.scales(gen)
+    a_rows, b_rows, ranks, scales = batch.rows(pool, "A"), batch.rows(pool, "B"), batch.ranks(), batch.scales(gen)
     x = torch.randn(7, g.in_features, generator=gen)
-    y_want, delta = vectorised(x, pool.A, pool.B, page_table, ranks, scales, g, torch.arange(7))
+    y_want, delta = vectorised(x, pool.W, a_rows, b_rows, ranks, scales, g, torch.arange(7))
     y = torch.empty(y_want.shape, dtype=torch.float64)
-    reference.mbgmv_shrink(x, pool.A, page_table, ranks, y)
+    reference.mbgmv_shrink(x, pool.W, a_rows, ranks, y)
     assert_close(y, y_want, msg=f"reference mbgmv shrink, ranks {ranks.tolist()}")
     out = torch.zeros(7, g.out_total, dtype=torch.float64)
-    reference.mbgmv_expand(y.float(), pool.B, page_table, ranks, scales, g.slice_offsets(), out)
+    reference.mbgmv_expand(y.float(), pool.W, b_rows, ranks, scales, g.slice_offsets(), out)
     assert_close(out, delta, dtype=torch.float32, msg="reference mbgmv expand")
 
 
@@ -110,21 +115,21 @@ def test_sgmv_matches_vectorised_formula(gen):
     g = geometry(SMALL_GROUPS, "gate_up")
     batch = make_batch(gen, g, "uniform", 5, 30)
     pool = make_pool(gen, batch, torch.float32, contiguous=True)
-    page_table, ranks, scales = batch.page_table(pool), batch.ranks(), batch.scales(gen)
+    a_rows, b_rows, ranks, scales = batch.rows(pool, "A"), batch.rows(pool, "B"), batch.ranks(), batch.scales(gen)
     seg_starts = segment_starts(gen, 5, 6)
     token_segment = torch.repeat_interleave(torch.arange(5), seg_starts.diff().long())
     x = torch.randn(len(token_segment), g.in_features, generator=gen)
-    y_want, delta = vectorised(x, pool.A, pool.B, page_table, ranks, scales, g, token_segment)
+    y_want, delta = vectorised(x, pool.W, a_rows, b_rows, ranks, scales, g, token_segment)
     y = torch.empty(y_want.shape, dtype=torch.float64)
-    reference.sgmv_shrink(x, pool.A, seg_starts, page_table, ranks, y)
+    reference.sgmv_shrink(x, pool.W, seg_starts, a_rows, ranks, y)
     assert_close(y, y_want, msg="reference sgmv shrink")
     out = torch.zeros(len(token_segment), g.out_total, dtype=torch.float64)
-    reference.sgmv_expand(y.float(), pool.B, seg_starts, page_table, ranks, scales, g.slice_offsets(), out)
+    reference.sgmv_expand(y.float(), pool.W, seg_starts, b_rows, ranks, scales, g.slice_offsets(), out)
     assert_close(out, delta, dtype=torch.float32, msg="reference sgmv expand")
 
 
-def test_reference_refuses_missing_pages():
-    A, B, page_table, ranks, scales, offsets, x, _, _ = hand_example()
-    page_table[0, 1] = -1                                                 # below slice 0's rank 2
-    with pytest.raises(AssertionError, match="page_table has -1"):
-        reference.mbgmv_shrink(x, A, page_table, ranks, torch.empty(2, 2, 2, dtype=torch.float64))
+def test_reference_refuses_missing_rows():
+    W, a_rows, b_rows, ranks, scales, offsets, x, _, _ = hand_example()
+    a_rows[0, 0, 1] = -1                                                  # below slice 0's rank 2
+    with pytest.raises(AssertionError, match="row table has -1"):
+        reference.mbgmv_shrink(x, W, a_rows, ranks, torch.empty(2, 2, 2, dtype=torch.float64))

@@ -61,3 +61,28 @@ def test_batches_are_independent(engine):
     together = engine.run(PROMPTS, steps=3)
     for step in range(4):
         assert_close(together[step][1], alone[step][0], atol=1e-5, rtol=0, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("scaling", [{"type": "dynamic", "factor": 2.0}, {"rope_type": "yarn", "factor": 4.0}])
+def test_model_preparation_and_the_instance_refuse_the_same_rope_scaling(tiny_llama_dir, tmp_path, scaling):
+    """One validator: what model preparation accepts, the instance serves (dynamic NTK used to
+    pass preparation and then fail at instance start)."""
+    import json
+    import shutil
+
+    from caraserve_router.assets.model_prep import ModelDirError, validate_model_dir
+    from caraserve_router.contracts.model_config import rope_scaling_problem
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["rope_scaling"] = scaling
+    (model / "config.json").write_text(json.dumps(config))
+    problem = rope_scaling_problem(config)
+    assert problem and "rope_scaling" in problem
+    with pytest.raises(ModelDirError) as prep:
+        validate_model_dir(model, check_tokenizer=False)
+    assert problem in str(prep.value)
+    with pytest.raises(ValueError, match="rope_scaling"):
+        OfflineEngine(model)
+    assert rope_scaling_problem({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}) is None

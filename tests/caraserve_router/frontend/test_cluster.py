@@ -79,9 +79,18 @@ def test_round_robin_spreads_and_outputs_agree(tiny, tmp_path):
 
 
 def test_rank_aware_with_quick_profile(tiny, tmp_path):
-    with start(tiny, tmp_path, "rank-aware", *lora_adapters_dir_flag(tiny)) as srv:
-        stats = requests.get(srv.url + "/stats", timeout=30).json()
+    # The server answers at once (a warm-up policy) while the profile runs in the background;
+    # a fresh cache directory makes sure this run profiles instead of reusing an earlier fit.
+    with start(tiny, tmp_path, "rank-aware", *lora_adapters_dir_flag(tiny),
+               "--perf-model-cache", str(tmp_path / "perf_cache")) as srv:
+        deadline = time.monotonic() + 600
+        while True:
+            stats = requests.get(srv.url + "/stats", timeout=30).json()
+            if not stats["profiling"] or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
         assert stats["perf_model"] and stats["slo_tpot_ms"] > 0
+        assert list((tmp_path / "perf_cache").iterdir()), "the finished profile is cached"
         with cf.ThreadPoolExecutor(6) as pool:
             outs = list(pool.map(lambda i: complete(srv.url, tiny[1][i % 3].name, [9, 10, 11], 12), range(6)))
         assert all(len(o) == 12 for o in outs)

@@ -106,10 +106,9 @@ def test_layout_holds_scaled_weights(store, base):
     scale = config["lora_alpha"] / config["r"]
     tensors = load_file(base[1] / "adapter_model.safetensors")
     prefix = "base_model.model.model.layers.1.self_attn.k_proj"
-    a = host.block(1, "qkv", "A")  # [R, S, IN]
-    b = host.block(1, "qkv", "B")  # [R, OUT]
-    q_out = host.layout.shapes.num_heads * host.layout.shapes.head_dim
-    kv_out = host.layout.shapes.num_kv_heads * host.layout.shapes.head_dim
-    torch.testing.assert_close(a[:, 1], tensors[prefix + ".lora_A.weight"])
-    torch.testing.assert_close(b[:, q_out:q_out + kv_out], scale * tensors[prefix + ".lora_B.weight"].t())
+    a = host.block(1, "qkv", "A")  # [sum r, IN]: q rows, k rows, v rows
+    b = host.block(1, "qkv", 1)    # [r_k, OUT_k]
+    torch.testing.assert_close(a[4:8], tensors[prefix + ".lora_A.weight"])
+    torch.testing.assert_close(b, scale * tensors[prefix + ".lora_B.weight"].t())
     assert host.spec.rank == 4 and host.spec.slice_ranks["qkv"] == (4, 4, 4)
+    assert host.nbytes == sum(t.numel() * 4 for t in tensors.values()), "the segment holds the tensors' bytes only"

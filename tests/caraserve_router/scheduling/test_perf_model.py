@@ -244,3 +244,15 @@ def test_slopes_are_never_negative():
     pm = PerfModel(prefill=PerfModel.from_coefficients((10, 1), (1, 1, 1), (1, 1, 1)).prefill, decode={"mbgmv": fit})
     assert pm.predict_decode_step_ms([64] * 8, "mbgmv") >= pm.predict_decode_step_ms([8] * 8, "mbgmv")
     assert pm.predict_decode_step_ms([64] * 8, "mbgmv") > unconstrained
+
+
+def test_profile_without_adapters_fits_the_supported_terms():
+    """The bare launch profiles with no adapter: every rank is 0, so rank terms cannot be
+    fitted; they stay 0 and the batch / token terms are still fitted (three decode points, as
+    a quick profile on a busy machine may give, suffice for const + batch)."""
+    profile = {"prefill": [{"tokens": t, "rank": 0, "ms": 5.0 + 0.1 * t} for t in (16, 64, 128, 256)],
+               "decode": [{"kernel": "mbgmv", "ranks": [0] * b, "ms": 20.0 + 2.0 * b} for b in (1, 2, 4)]}
+    pm = PerfModel.fit(profile)
+    assert pm.predict_decode_step_ms([0, 0, 0], "mbgmv") == pytest.approx(26.0)
+    assert pm.decode["mbgmv"].coef[2] == 0.0
+    assert pm.predict_prefill_ms(100) == pytest.approx(15.0)

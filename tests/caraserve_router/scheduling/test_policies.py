@@ -244,3 +244,22 @@ def test_choose_does_not_mutate_instances():
     for name in POLICIES:
         make_policy(name, cfg()).choose(request(32), cluster, PM)
     assert [(i.load, i.sum_ranks, i.max_rank) for i in cluster] == before
+
+
+def test_registry_capabilities_match_behaviour():
+    """A policy's capability attributes say what it does: one that does not need a perf model
+    chooses with none, one that does not rebalance never moves, dlora does move."""
+    from caraserve_router.scheduling.policies import policy_class
+
+    busy = instance([8] * 4, queued=[request(8, max_new=500) for _ in range(4)], max_batch=32)
+    idle = instance([], max_batch=32)
+    for name, cls in POLICIES.items():
+        assert policy_class(name) is cls and cls.name == name
+        pol = make_policy(name, cfg())
+        if not cls.needs_perf_model:
+            assert pol.choose(request(8), [busy, idle], None) in (0, 1)
+        moves = pol.rebalance([busy, idle], PM)
+        assert (len(moves) > 0) == cls.rebalances, (name, moves)
+    assert [n for n, c in POLICIES.items() if c.needs_perf_model] == ["rank-aware", "rank-residency-aware"]
+    with pytest.raises(PolicyError):
+        policy_class("no-such-policy")

@@ -1,4 +1,4 @@
-"""Fast CPU decode path (mbgmv, bgmv) at the default model's shapes vs the float64 reference."""
+"""Fast CPU decode path (mbgmv, and bgmv = mbgmv over padded descriptors) at the default model's shapes vs the float64 reference."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import kernels
 from tests.kernels.batches import MIXES, MODEL_GROUPS
-from tests.kernels.checks import check_bgmv, check_mbgmv, geometry
+from tests.kernels.checks import check_mbgmv, geometry
 
 ROWS = {"distinct": 16, "single": 32, "uniform": 32, "zipf": 32}
 DTYPES = [torch.float32, torch.float16]
@@ -42,7 +42,6 @@ def test_mbgmv_bfloat16(gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mix", list(MIXES))
 @pytest.mark.parametrize("group", ["qkv", "gate_up"])
-def test_bgmv(gen, group, mix, dtype, use_plan):
-    spare = int(torch.randint(0, 9, (1,), generator=gen))           # slot size RS = R + spare
-    check_bgmv(gen, "cpu", geometry(MODEL_GROUPS, group), mix, ROWS[mix], 256, dtype, spare, use_plan,
-               msg=group)
+def test_bgmv_padded(gen, group, mix, dtype, use_plan):
+    check_mbgmv(gen, "cpu", geometry(MODEL_GROUPS, group), mix, ROWS[mix], 256, dtype, contiguous=False,
+                make_plan=kernels.plan_rows if use_plan else None, padded=True, msg=group)

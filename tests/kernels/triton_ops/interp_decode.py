@@ -1,4 +1,4 @@
-"""Triton decode kernels (mbgmv, bgmv) under TRITON_INTERPRET=1 on small shapes.
+"""Triton decode kernels (mbgmv; bgmv = mbgmv over padded descriptors) under TRITON_INTERPRET=1 on small shapes.
 
 Run by test_interpreter.py in a subprocess (TRITON_INTERPRET must be set before Triton is
 imported); not collected by a plain pytest run (the file name does not start with test_).
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.kernels.batches import MIXES, MODEL_GROUPS, SMALL_GROUPS
-from tests.kernels.checks import check_bgmv, check_mbgmv, geometry
+from tests.kernels.checks import check_mbgmv, geometry
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/triton_ops/test_interpreter.py"
 
@@ -37,13 +37,13 @@ def test_mbgmv_ranks_up_to_256(gen):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_bgmv(gen, mix, dtype):
-    spare = int(torch.randint(0, 5, (1,), generator=gen))
-    check_bgmv(gen, "triton", geometry(SMALL_GROUPS, "qkv"), mix, ROWS[mix], 40, dtype, spare, use_plan=False)
+def test_bgmv_padded(gen, mix, dtype):
+    check_mbgmv(gen, "triton", geometry(SMALL_GROUPS, "qkv"), mix, ROWS[mix], 40, dtype, False, padded=True)
 
 
 def test_bgmv_ranks_up_to_256(gen):
-    check_bgmv(gen, "triton", geometry(SMALL_GROUPS, "gate_up"), "uniform", 4, 256, torch.float32, 3, False)
+    check_mbgmv(gen, "triton", geometry(SMALL_GROUPS, "gate_up"), "uniform", 4, 256, torch.float32, False,
+                padded=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -53,4 +53,4 @@ def test_mbgmv_model_qkv_shapes(gen, dtype):
 
 
 def test_bgmv_model_qkv_shapes(gen):
-    check_bgmv(gen, "triton", geometry(MODEL_GROUPS, "qkv"), "zipf", 4, 40, torch.float16, 2, False)
+    check_mbgmv(gen, "triton", geometry(MODEL_GROUPS, "qkv"), "zipf", 4, 40, torch.float16, False, padded=True)

@@ -1,0 +1,71 @@
+"""Running the front end: prepare the model, start the instances, serve HTTP, stop cleanly."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+
+from caraserve_router.frontend.config import FrontendConfig, parse_configs
+from caraserve_router.frontend.service import FrontEnd
+
+log = logging.getLogger("caraserve.api")
+
+
+def prepare_model(front_cfg: FrontendConfig) -> None:
+    """Check --model-dir, or prepare the default model once (cached under .cache/)."""
+    from caraserve_router.assets.model_prep import prepare_default_model, validate_model_dir
+
+    if front_cfg.model_dir:
+        validate_model_dir(front_cfg.model_dir)
+    else:
+        start = time.monotonic()
+        print("preparing the default model (SmolLM2-135M-Instruct; the first time takes about a minute) ...",
+              flush=True)
+        front_cfg.model_dir = str(prepare_default_model())
+        print(f"default model ready in {time.monotonic() - start:.0f} s: {front_cfg.model_dir}", flush=True)
+    front_cfg.model_dir = os.path.abspath(front_cfg.model_dir)
+
+
+async def serve(front: FrontEnd) -> None:
+    from caraserve_router.frontend.app import build_app
+    from caraserve_router.frontend.shutdown import QuietServer, Shutdown
+    import uvicorn
+
+    config = front.config
+    # The graceful part of uvicorn's shutdown waits for in-flight requests; ours ends them with
+    # an error at half the timeout, so this only bounds what remains.
+    server = QuietServer(uvicorn.Config(build_app(front), host=config.host, port=config.port, log_level="warning",
+                                        timeout_keep_alive=5, timeout_graceful_shutdown=config.shutdown_timeout_s / 2 + 2))
+    shutdown = Shutdown(front, server, config.shutdown_timeout_s)
+    shutdown.install()  # a signal during start-up also ends within the timeout
+    try:
+        await front.start()
+        if shutdown.started_at is None:
+            await server.serve()
+    except asyncio.CancelledError:
+        log.warning("start-up interrupted")
+    finally:
+        shutdown.begin("stopping")
+        await front.stop(grace_s=max(1.0, shutdown.remaining_s() - 2.0))
+
+
+def main(argv=None, description: str = "") -> int:
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        front_cfg, template = parse_configs(argv, description)
+        front_cfg.validate()
+        logging.getLogger().setLevel(front_cfg.log_level.upper())
+        prepare_model(front_cfg)
+        template.model_dir = front_cfg.model_dir
+        template.lora.validate()
+        uvloop.run(serve(FrontEnd(front_cfg, template)))
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"caraserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
