@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -116,63 +117,99 @@ def sync(device: torch.device) -> None:
 # ---- 1. kernels ----------------------------------------------------------------------------------
 
 class KernelCase:
-    """One qkv-group batch: every row (decode) or segment (prefill) its own adapter of rank r."""
+    """One qkv-group batch in the pool layout the engine uses (docs/DESIGN.md): every row
+    (decode) or segment (prefill) its own adapter, of rank `ranks[i]`, every slice targeted.
+    The loop baseline holds each adapter's A and B as its own dense tensors (what a per-adapter
+    implementation keeps) with the same values."""
 
-    def __init__(self, shapes: ModelShapes, rows: int, rank: int, seg_len: int, dtype, device, gen):
+    def __init__(self, shapes: ModelShapes, ranks: list, seg_len: int, dtype, device, gen):
         g = shapes.group("qkv")
         self.slices, self.in_f, self.out_total = g.num_slices, g.in_features, g.out_total
-        self.rank, self.rows, self.seg_len = rank, rows, seg_len
-        pages = rows * rank  # adapter i owns pages [i * rank, (i + 1) * rank) (also a slot layout)
-        self.A = (torch.randn(pages, self.slices, self.in_f, generator=gen, device=device) / self.in_f ** 0.5).to(dtype)
-        self.B = (0.1 * torch.randn(pages, self.out_total, generator=gen, device=device)).to(dtype)
-        self.page_table = torch.arange(pages, dtype=torch.int32, device=device).view(rows, rank)
-        self.ranks = torch.full((rows, self.slices), rank, dtype=torch.int32, device=device)
-        self.scales = torch.ones(rows, self.slices, device=device)
-        self.slots = torch.arange(rows, dtype=torch.int32, device=device)
+        self.rows, self.seg_len, rank = len(ranks), seg_len, max(ranks)
+        unit = math.gcd(g.in_features, *g.out_features)
+        widths = {"A": g.in_features // unit, **{s: o // unit for s, o in enumerate(g.out_features)}}
+        cursor = max(widths.values())  # units 0..: the zero row padded bgmv rows read
+        a_rows = torch.full((self.rows, self.slices, rank), -1, dtype=torch.int32)
+        b_rows = torch.full((self.rows, self.slices, rank), -1, dtype=torch.int32)
+        for i, r in enumerate(ranks):
+            for s in range(self.slices):
+                for table, width in ((a_rows, widths["A"]), (b_rows, widths[s])):
+                    cursor = -(-cursor // width) * width  # a row starts at a multiple of its width
+                    table[i, s, :r] = torch.arange(cursor, cursor + r * width, width, dtype=torch.int32)
+                    cursor += r * width
+        flat = torch.randn(cursor * unit, generator=gen, device=device)
+        flat[: max(widths.values()) * unit] = 0.0
+        self.W = (flat / self.in_f ** 0.5).to(dtype).view(cursor, unit)  # A rows ~ N(0, 1/IN), B rows small
+        self.ranks = torch.tensor([[r] * self.slices for r in ranks], dtype=torch.int32, device=device)
+        self.a_rows, self.b_rows = a_rows.to(device), b_rows.to(device)
+        self.padded = kernels.pad_to_max_rank(self.a_rows, self.b_rows, self.ranks, 0)
+        self.scales = torch.ones(self.rows, self.slices, device=device)
         self.offsets = torch.tensor(g.slice_offsets, dtype=torch.int32, device=device)
-        tokens = rows * seg_len
+        tokens = self.rows * seg_len
         self.seg_starts = torch.arange(0, tokens + 1, seg_len, dtype=torch.int32, device=device)
         self.x = torch.randn(tokens, self.in_f, generator=gen, device=device).to(dtype)
         self.out = torch.zeros(tokens, self.out_total, dtype=dtype, device=device)
         self.y = torch.empty(tokens, self.slices, rank, device=device)
-        self.cols = [slice(a, b) for a, b in zip(g.slice_offsets[:-1], g.slice_offsets[1:])]
         cpu = device.type == "cpu"
-        self.row_plan = kernels.plan_rows(self.page_table, self.ranks) if cpu else None
-        self.slot_plan = kernels.plan_slots(self.slots, rank, rank, self.slices) if cpu else None
+        self.plan = kernels.plan_rows(self.a_rows, self.b_rows, self.ranks) if cpu else None
+        self.padded_plan = kernels.plan_rows(*self.padded) if cpu else None
+        # per-adapter dense copies for the loop: A [S, r, IN], B [S, r, OUT_s]
+        rows_of = lambda table, i, s, r, width: self.W.view(-1)[  # noqa: E731
+            (table[i, s, :r].long()[:, None] * unit + torch.arange(width, device=device)[None, :])]
+        self.dense = [(torch.stack([rows_of(self.a_rows, i, s, r, self.in_f) for s in range(self.slices)]),
+                       [rows_of(self.b_rows, i, s, r, g.out_features[s]) for s in range(self.slices)])
+                      for i, r in enumerate(ranks)]
+        self.cols = [slice(a, b) for a, b in zip(g.slice_offsets[:-1], g.slice_offsets[1:])]
 
     def mbgmv(self):
-        kernels.mbgmv_shrink(self.x, self.A, self.page_table, self.ranks, self.y, plan=self.row_plan)
-        kernels.mbgmv_expand(self.y, self.B, self.page_table, self.ranks, self.scales, self.offsets, self.out,
-                             plan=self.row_plan)
+        kernels.mbgmv_shrink(self.x, self.W, self.a_rows, self.ranks, self.y, plan=self.plan)
+        kernels.mbgmv_expand(self.y, self.W, self.b_rows, self.ranks, self.scales, self.offsets, self.out,
+                             plan=self.plan)
 
     def bgmv(self):
-        a = self.A.view(self.rows, self.rank, self.slices, self.in_f)
-        kernels.bgmv_shrink(self.x, a, self.slots, self.y, plan=self.slot_plan)
-        kernels.bgmv_expand(self.y, self.B.view(self.rows, self.rank, self.out_total), self.slots, self.scales,
-                            self.offsets, self.out, plan=self.slot_plan)
+        """Punica's bgmv: mbgmv over descriptors padded to the batch's max rank."""
+        a_rows, b_rows, ranks = self.padded
+        kernels.mbgmv_shrink(self.x, self.W, a_rows, ranks, self.y, plan=self.padded_plan)
+        kernels.mbgmv_expand(self.y, self.W, b_rows, ranks, self.scales, self.offsets, self.out,
+                             plan=self.padded_plan)
 
     def sgmv(self):
-        kernels.sgmv_shrink(self.x, self.A, self.seg_starts, self.page_table, self.ranks, self.y)
-        kernels.sgmv_expand(self.y, self.B, self.seg_starts, self.page_table, self.ranks, self.scales, self.offsets,
+        kernels.sgmv_shrink(self.x, self.W, self.seg_starts, self.a_rows, self.ranks, self.y)
+        kernels.sgmv_expand(self.y, self.W, self.seg_starts, self.b_rows, self.ranks, self.scales, self.offsets,
                             self.out)
 
+    def agreement(self, paths) -> dict:
+        """Max |path - loop| of one call from a zeroed output, over max |loop| (a benchmark of a
+        wrong result is worthless: checked before timing)."""
+        outs = {}
+        for path in ["loop", *paths]:
+            self.out.zero_()
+            getattr(self, path)()
+            outs[path] = self.out.float().clone()
+        scale = float(outs["loop"].abs().max())
+        return {path: float((outs[path] - outs["loop"]).abs().max()) / max(scale, 1e-6) for path in paths}
+
     def loop(self):
-        """The baseline: per adapter, gather its rows, x @ A_s^T @ B_s per slice, add back."""
-        for i in range(self.rows):
+        """The baseline: per adapter, its rows' x @ A_s^T @ B_s per slice, added back."""
+        for i, (a, bs) in enumerate(self.dense):
             rows = slice(i * self.seg_len, (i + 1) * self.seg_len)
-            pages = slice(i * self.rank, (i + 1) * self.rank)
             x = self.x[rows]
             for s, cols in enumerate(self.cols):
-                self.out[rows, cols] += (x @ self.A[pages, s].t()) @ self.B[pages, cols]
+                self.out[rows, cols] += (x @ a[s].t()) @ bs[s]
 
 
 def bench_kernels(shapes, dtype, device, timer, batches, ranks, prefill) -> list:
+    """Decode: for each batch size, every row at one rank, and "mixed" (ranks drawn from `ranks`)."""
     gen = torch.Generator(device=device).manual_seed(0)
+    draw = torch.Generator().manual_seed(1)
     results = []
     for rows in batches:
-        for rank in ranks:
-            case = KernelCase(shapes, rows, rank, 1, dtype, device, gen)
-            row = {"phase": "decode", "rows": rows, "rank": rank}
+        for rank in list(ranks) + ["mixed"]:
+            row_ranks = ([ranks[int(k)] for k in torch.randint(len(ranks), (rows,), generator=draw)]
+                         if rank == "mixed" else [rank] * rows)
+            case = KernelCase(shapes, row_ranks, 1, dtype, device, gen)
+            row = {"phase": "decode", "rows": rows, "rank": rank, "ranks": row_ranks,
+                   "rel_error_vs_loop": case.agreement(["mbgmv", "bgmv"])}
             for name in ("loop", "mbgmv", "bgmv"):
                 row[name] = timer(getattr(case, name))
             row["mbgmv_speedup"] = row["loop"]["median_ms"] / row["mbgmv"]["median_ms"]
@@ -180,9 +217,9 @@ def bench_kernels(shapes, dtype, device, timer, batches, ranks, prefill) -> list
             log(f"decode rows {rows} rank {rank}: loop {row['loop']['median_ms']:.3f} ms, "
                 f"mbgmv {row['mbgmv']['median_ms']:.3f}, bgmv {row['bgmv']['median_ms']:.3f}")
     for segments, seg_len in prefill:
-        case = KernelCase(shapes, segments, 64, seg_len, dtype, device, gen)
+        case = KernelCase(shapes, [64] * segments, seg_len, dtype, device, gen)
         row = {"phase": "prefill", "segments": segments, "tokens_per_segment": seg_len, "rank": 64,
-               "loop": timer(case.loop), "sgmv": timer(case.sgmv)}
+               "rel_error_vs_loop": case.agreement(["sgmv"]), "loop": timer(case.loop), "sgmv": timer(case.sgmv)}
         row["sgmv_speedup"] = row["loop"]["median_ms"] / row["sgmv"]["median_ms"]
         results.append(row)
         log(f"prefill {segments} x {seg_len}: loop {row['loop']['median_ms']:.3f} ms, sgmv {row['sgmv']['median_ms']:.3f}")
@@ -273,7 +310,10 @@ def bench_steps(engine, device, names, repeats, prefill_shape, decode_batches, d
 
 
 def bench_ttft(engine, device, names, prompt_len) -> dict:
-    """TTFT of one request per adapter in `names` (each cold on first use), then warm again."""
+    """TTFT of one request per adapter in `names` (each cold on first use: in host memory, page-
+    locked, not on the device, as in the paper), then warm again."""
+    for name in names:  # read the files now: the cold start measured is the host->device one
+        engine.runtime.store.materialize(engine.runtime.names.key(name))
     prompt = [[(5 * j) % 500 + 3 for j in range(prompt_len)]]
     cold = [timed_run(engine, device, prompt, [name], 0) for name in names]
     warm = [timed_run(engine, device, prompt, [name], 0) for name in names]
@@ -364,7 +404,7 @@ def main(argv=None) -> dict:
         return True
 
     if due("kernels"):
-        batches, ranks = ((1, 4), (8, 16)) if dry else ((1, 8, 32, 64), (8, 16, 32, 64, 128))
+        batches, ranks = ((1, 4), (8, 16)) if dry else ((1, 8, 32, 64), (8, 32, 64, 128))
         prefill = ((2, 8),) if dry else ((1, 512), (4, 128), (16, 32))
         result["kernels"] = bench_kernels(shapes, dtype, device, kernel_timer, batches, ranks, prefill)
         save()

@@ -11,6 +11,8 @@
 # writing check.log, env.json, imports.json, pytest_cuda.xml, bench_gpu.json and summary.json
 # under $OUT (default results/gpu_check). Time limits: $GPU_CHECK_PYTEST_S and
 # $GPU_CHECK_BENCH_S (defaults 270 s and 180 s: the whole check stays under 8 minutes).
+# A partial rerun: GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-k sidecar") and
+# GPU_CHECK_BENCH_ARGS (extra bench_gpu.py arguments, e.g. "--parts kernels").
 #
 # Without CUDA (CI, a laptop) it says so, checks what it can -- the bundle installs for
 # CPython 3.12, every module imports, `pytest -m cuda` collects and skips every test, the
@@ -24,6 +26,8 @@ WHL=${GPU_BUNDLE_DIR:-$REPO/.whl}
 SITE=${GPU_SITE:-/tmp/site}
 PYTEST_S=${GPU_CHECK_PYTEST_S:-270}
 BENCH_S=${GPU_CHECK_BENCH_S:-180}
+read -r -a PYTEST_EXTRA <<< "${GPU_CHECK_PYTEST_ARGS:-}"
+read -r -a BENCH_EXTRA <<< "${GPU_CHECK_BENCH_ARGS:-}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/check.log") 2>&1
 START=$(date +%s)
@@ -86,7 +90,7 @@ step imports $PY scripts/gpu_bundle.py imports --json "$OUT/imports.json"
 
 # 3. the CUDA tests (on a CPU machine: every one collected and skipped)
 step pytest timeout -k 10 "$PYTEST_S" $PY -m pytest -m cuda tests/cuda -q -p no:cacheprovider \
-    --junitxml="$OUT/pytest_cuda.xml"
+    --junitxml="$OUT/pytest_cuda.xml" "${PYTEST_EXTRA[@]}"
 if [ "$CUDA" != "1" ] && [ "${RC[pytest]}" = "0" ]; then
     $PY - "$OUT/pytest_cuda.xml" <<'EOF'
 import sys, xml.etree.ElementTree as ET
@@ -103,10 +107,10 @@ fi
 # 4. the benchmarks (without CUDA: tiny shapes, emulated link, one repeat: proves the script runs)
 if [ "$CUDA" = "1" ]; then
     step bench timeout -k 10 "$BENCH_S" $PY scripts/bench_gpu.py --out "$OUT/bench_gpu.json" \
-        --budget-s $(( BENCH_S * 2 / 3 ))
+        --budget-s $(( BENCH_S * 2 / 3 )) "${BENCH_EXTRA[@]}"
 else
     step bench timeout -k 10 "$BENCH_S" $PY scripts/bench_gpu.py --device cpu --dry-run --repeats 1 \
-        --sidecar-workers 1 --out "$OUT/bench_gpu.json"
+        --sidecar-workers 1 --out "$OUT/bench_gpu.json" "${BENCH_EXTRA[@]}"
 fi
 
 TOTAL=$(( $(date +%s) - START ))
