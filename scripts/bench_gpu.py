@@ -198,6 +198,12 @@ class KernelCase:
                 self.out[rows, cols] += (x @ a[s].t()) @ bs[s]
 
 
+def _warn_if_apart(row: dict, limit: float = 2e-2) -> None:
+    for path, err in row["rel_error_vs_loop"].items():
+        if err > limit:
+            log(f"WARNING: {path} differs from the loop by {err:.2e} (relative) in {row['phase']} case {row}")
+
+
 def bench_kernels(shapes, dtype, device, timer, batches, ranks, prefill) -> list:
     """Decode: for each batch size, every row at one rank, and "mixed" (ranks drawn from `ranks`)."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -213,6 +219,7 @@ def bench_kernels(shapes, dtype, device, timer, batches, ranks, prefill) -> list
             for name in ("loop", "mbgmv", "bgmv"):
                 row[name] = timer(getattr(case, name))
             row["mbgmv_speedup"] = row["loop"]["median_ms"] / row["mbgmv"]["median_ms"]
+            _warn_if_apart(row)
             results.append(row)
             log(f"decode rows {rows} rank {rank}: loop {row['loop']['median_ms']:.3f} ms, "
                 f"mbgmv {row['mbgmv']['median_ms']:.3f}, bgmv {row['bgmv']['median_ms']:.3f}")
@@ -221,6 +228,7 @@ def bench_kernels(shapes, dtype, device, timer, batches, ranks, prefill) -> list
         row = {"phase": "prefill", "segments": segments, "tokens_per_segment": seg_len, "rank": 64,
                "rel_error_vs_loop": case.agreement(["sgmv"]), "loop": timer(case.loop), "sgmv": timer(case.sgmv)}
         row["sgmv_speedup"] = row["loop"]["median_ms"] / row["sgmv"]["median_ms"]
+        _warn_if_apart(row)
         results.append(row)
         log(f"prefill {segments} x {seg_len}: loop {row['loop']['median_ms']:.3f} ms, sgmv {row['sgmv']['median_ms']:.3f}")
     return results
@@ -267,11 +275,14 @@ def make_engine(model_dir, device, dtype, adapters, mode, pool_mb, workers, max_
 
 
 def close(engine) -> None:
+    """Stop the engine and free its device memory now (the caller's name for it lives on until
+    the next engine is built, and two 7B models at once would be wasteful)."""
     engine.close()
-    del engine
+    engine.model = engine.runtime = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        log(f"device memory after close: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated")
 
 
 def timed_run(engine, device, prompts, names, steps) -> float:
@@ -392,6 +403,8 @@ def main(argv=None) -> dict:
 
     def save():
         result["elapsed_s"] = time.monotonic() - start
+        if device.type == "cuda":
+            result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
     def due(part: str) -> bool:
