@@ -69,14 +69,21 @@ def _recorded(link, order: list, name: str):
     return residency
 
 
-def _a_rows(pool, entry, host, layer: int, group: str = "qkv", s: int = 0):
-    """(pool rows, host rows) of slice s's lora_A rows of `entry` at `layer`: [r, IN] each."""
+def _a_index(pool, entry, group: str = "qkv", s: int = 0) -> torch.Tensor:
+    """Element index [r, IN] of slice s's lora_A rows of `entry` in a layer's flat pool, on the
+    pool's device. (Made before any GPU sleep: a pageable host->device copy syncs the stream.)"""
     starts = entry.a_rows[group][s]
     starts = starts[starts >= 0].long()
     width = SHAPES.group(group).in_features
-    index = (starts[:, None] * pool.unit + torch.arange(width)[None, :]).to(pool.device)
+    return (starts[:, None] * pool.unit + torch.arange(width)[None, :]).to(pool.device)
+
+
+def _a_rows(pool, entry, host, layer: int, index=None, group: str = "qkv", s: int = 0):
+    """(pool rows gathered by a kernel on the current stream, host rows) of slice s's lora_A
+    rows of `entry` at `layer`: [r, IN] each."""
+    index = _a_index(pool, entry, group, s) if index is None else index
     first = sum(host.layout.slice_ranks(group)[:s])
-    return pool.W[layer].view(-1)[index], host.block(layer, group, "A")[first : first + len(starts)]
+    return pool.W[layer].view(-1)[index], host.block(layer, group, "A")[first : first + index.shape[0]]
 
 
 def _covered(blocks) -> set:
@@ -129,6 +136,7 @@ def test_residency_is_a_stream_wait_not_a_host_sync(store):
     try:
         host = store.get("b16")
         entry = pool.place(host, link.new_residency())
+        index = _a_index(pool, entry)
         torch.cuda.synchronize()
         with torch.cuda.stream(link.stream):
             torch.cuda._sleep(SLEEP_CYCLES)  # the copies queue behind this
@@ -137,9 +145,8 @@ def test_residency_is_a_stream_wait_not_a_host_sync(store):
         entry.residency.wait(0)  # marked once layer 0's copy is queued; then a stream wait
         waited = time.perf_counter() - start
         assert not entry.residency.is_ready(0), "the copy sits behind the sleep: not resident yet"
-        rows, want = _a_rows(pool, entry, host, 0)
-        seen = rows.float().sum()  # queued on the compute stream after the wait
-        assert torch.equal(seen.cpu(), want.float().sum()), "a kernel after wait() read the pool before the copy"
+        seen, want = _a_rows(pool, entry, host, 0, index)  # the gather is a kernel queued after the wait
+        assert torch.equal(seen.cpu(), want), "a kernel after wait() read the pool before the copy landed"
         assert waited < 0.05, f"wait() blocked the host for {waited * 1e3:.1f} ms"
         entry.residency.wait_all()
     finally:
@@ -156,16 +163,16 @@ def test_reused_pages_wait_for_queued_readers(store):
         old, new = store.get("b16"), store.get("a8")
         entry = pool.place(old, link.new_residency())
         link.load_now(entry, old)
+        index = _a_index(pool, entry)
         torch.cuda._sleep(SLEEP_CYCLES)  # the compute stream is busy ...
-        rows, want_old = _a_rows(pool, entry, old, 3)
-        seen = rows.float().sum()  # ... then reads the old adapter
+        seen, want_old = _a_rows(pool, entry, old, 3, index)  # ... then a gather reads the old adapter
         pool.remove("b16")
         reused = pool.place(new, link.new_residency())
         read = _covered([b for b in entry.blocks if b.group == "qkv" and b.which == "A" and b.slice == 0])
         assert read <= _covered(reused.blocks), "the test needs the rows being read overwritten by the new load"
         link.submit(reused, new, 0.0)
         reused.residency.wait_all()
-        assert torch.equal(seen.cpu(), want_old.float().sum()), "the new adapter overwrote rows still being read"
+        assert torch.equal(seen.cpu(), want_old), "the new adapter overwrote rows still being read"
         got, want_new = _a_rows(pool, reused, new, 3)
         assert torch.equal(got.cpu(), want_new)
     finally:
