@@ -1,16 +1,16 @@
 """The Triton LoRA kernels compiled on CUDA, fp16 and bf16, at Llama-2-7B shapes, against the
 float64 torch reference (kernels/reference.py), on the poisoned random batches of
-tests/kernels/batches.py (pool units no row owns hold NaN), through tests/kernels/checks.py
-with the kernels' tensors copied to the GPU.
+tests/kernels/batches.py (units no adapter owns and rank rows past a slice's rank hold NaN).
 
-Batches, pools and the reference live on the CPU; the kernels get device copies of the same
-tensors. The checks of tests/kernels/checks.py apply unchanged: y is exactly 0 past every
-slice's rank, expand leaves rows without adapter and rank-0 slices bit-identical.
+The checks are tests/kernels/checks.py's, with the kernels run on the GPU (`device=`): batches,
+pools and the reference stay on the CPU, the kernels get device copies of the same tensors;
+y is exactly 0 past every slice's rank, expand leaves rows without adapter and rank-0 slices
+bit-identical. Punica's bgmv is mbgmv over descriptors padded to the batch's max rank.
 """
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 import kernels
 from tests.cuda.common import CUDA_TESTS, compiled_triton, cuda_device
@@ -38,53 +38,41 @@ def _compiled():
     assert compiled_triton(), "unset TRITON_INTERPRET: these tests exist to run the compiled kernels"
 
 
-def check_mbgmv_cuda(gen, g: Geometry, mix, rows, max_rank, dtype, contiguous=False):
-    check_mbgmv(gen, None, g, mix, rows, max_rank, dtype, contiguous, msg=f"{dtype}", device=cuda_device())
-
-
-def check_bgmv_cuda(gen, g: Geometry, mix, rows, max_rank, dtype):
-    """Punica's bgmv: the same kernels over descriptors padded to the batch's max rank."""
-    check_mbgmv(gen, None, g, mix, rows, max_rank, dtype, False, padded=True, msg=f"{dtype}", device=cuda_device())
-
-
-def check_sgmv_cuda(gen, g: Geometry, mix, segments, max_len, max_rank, dtype, contiguous=False):
-    check_sgmv(gen, None, g, mix, segments, max_len, max_rank, dtype, contiguous, msg=f"{dtype}",
-               device=cuda_device())
-
-
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("rows,max_rank,mix", DECODE_CASES)
 def test_mbgmv_llama7b_qkv(gen, rows, max_rank, mix, dtype):
-    check_mbgmv_cuda(gen, LLAMA7B["qkv"], mix, rows, max_rank, dtype)
+    check_mbgmv(gen, None, LLAMA7B["qkv"], mix, rows, max_rank, dtype, contiguous=False, device=cuda_device())
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("rows,max_rank,mix", DECODE_CASES[1:3])
 def test_bgmv_llama7b_qkv(gen, rows, max_rank, mix, dtype):
-    check_bgmv_cuda(gen, LLAMA7B["qkv"], mix, rows, max_rank, dtype)
+    check_mbgmv(gen, None, LLAMA7B["qkv"], mix, rows, max_rank, dtype, contiguous=True, padded=True,
+                device=cuda_device())
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("segments,max_len,max_rank,mix", PREFILL_CASES)
 def test_sgmv_llama7b_qkv(gen, segments, max_len, max_rank, mix, dtype):
-    check_sgmv_cuda(gen, LLAMA7B["qkv"], mix, segments, max_len, max_rank, dtype)
+    check_sgmv(gen, None, LLAMA7B["qkv"], mix, segments, max_len, max_rank, dtype, contiguous=False,
+               device=cuda_device())
 
 
 @pytest.mark.parametrize("group", ["o", "gate_up", "down"])
 def test_every_group_llama7b_fp16(gen, group):
-    """The other module groups (one slice; two 11008-wide slices; an 11008-wide input), with
-    adapters scattered over the pool."""
-    check_mbgmv_cuda(gen, LLAMA7B[group], "uniform", 16, 64, torch.float16, contiguous=False)
-    check_sgmv_cuda(gen, LLAMA7B[group], "zipf", 3, 64, 64, torch.float16, contiguous=False)
-    check_bgmv_cuda(gen, LLAMA7B[group], "zipf", 8, 32, torch.float16)
+    """The other module groups (one slice; two 11008-wide slices; an 11008-wide input)."""
+    check_mbgmv(gen, None, LLAMA7B[group], "uniform", 16, 64, torch.float16, contiguous=False, device=cuda_device())
+    check_mbgmv(gen, None, LLAMA7B[group], "zipf", 8, 32, torch.float16, contiguous=True, padded=True,
+                device=cuda_device())
+    check_sgmv(gen, None, LLAMA7B[group], "zipf", 3, 64, 64, torch.float16, contiguous=False, device=cuda_device())
 
 
-def test_kernels_reject_mixed_devices(gen):
+def test_kernels_reject_mixed_devices():
     """The launchers refuse a CPU tensor among CUDA ones (a clear error, not a crash)."""
-    g = LLAMA7B["o"]
-    x = torch.randn(2, g.in_features, dtype=torch.float16, device=cuda_device())
-    W = torch.zeros(64, 256, dtype=torch.float16, device=cuda_device())
-    y = torch.zeros(2, 1, 4, device=cuda_device())
+    dev = cuda_device()
+    x = torch.randn(2, 64, dtype=torch.float16, device=dev)
+    W = torch.zeros(16, 64, dtype=torch.float16, device=dev)
+    y = torch.zeros(2, 1, 4, device=dev)
     with pytest.raises(kernels.KernelArgumentError, match="expected cuda"):
-        kernels.mbgmv_shrink(x, W, torch.zeros(2, 1, 4, dtype=torch.int32),
-                             torch.zeros(2, 1, dtype=torch.int32, device=cuda_device()), y)
+        kernels.mbgmv_shrink(x, W, torch.zeros(2, 1, 4, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32,
+                                                                                      device=dev), y)
