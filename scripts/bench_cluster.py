@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     model_dir = args.model_dir or str(prepare_default_model())
     ranks = tuple(int(r) for r in args.ranks.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
+    os.environ["RAY_TMPDIR"] = str(work)  # Ray's session files (logs, sockets) go there, removed at the end
     try:
         return run(args, model_dir, ranks, work)
     finally:
