@@ -38,6 +38,8 @@ class Job:
 
 
 class BackendDriver:
+    _ids = 1000  # request ids are global in LightLLM's worker (requests_mapping): unique per driver
+
     def __init__(self, model_dir, chunk_tokens: int, adapters: Optional[dict] = None, mode: str = "cached",
                  eos_id: int = 0, torch_threads: int = 1, max_batch: int = 16, max_total_tokens: int = 4096,
                  max_input: int = 400, max_total_len: int = 512, **lora_kw):
@@ -76,11 +78,13 @@ class BackendDriver:
 
         backend_module.sample = recording_sample
         try:
-            tokens = self._run(jobs, max_steps)
+            stepper = self.stepper(jobs, max_steps)
+            for _ in stepper:
+                pass
+            tokens = self.tokens
         finally:
             backend_module.sample = real_sample
-        ids = list(range(1000, 1000 + len(jobs)))
-        return [tokens[i] for i in ids], [logits.get(i, []) for i in ids]
+        return tokens, [logits.get(i, []) for i in self.ids]
 
     def _rpc_req(self, r_id: int, job: Job) -> dict:
         adapter = AdapterRequest(job.adapter) if job.adapter is not None else None
@@ -91,14 +95,18 @@ class BackendDriver:
                 "sampling_param": params.to_dict(), "multimodal_params": MultimodalParams().to_dict(),
                 "req_status": ReqRunStatus.WAIT_IN_QUEUE}
 
-    def _run(self, jobs: list, max_steps: int) -> dict:
+    def stepper(self, jobs: list, max_steps: int = 10_000):
+        """Run `jobs`, yielding after every step (so callers can interleave two drivers step by
+        step); afterwards `self.tokens` holds the generated tokens per job."""
         be = self.backend
         chunked = self.config.prefill_chunk_tokens > 0
-        tokens = {1000 + i: [] for i in range(len(jobs))}
-        left = {1000 + i: j.max_new_tokens for i, j in enumerate(jobs)}
+        self.ids = list(range(BackendDriver._ids, BackendDriver._ids + len(jobs)))
+        BackendDriver._ids += len(jobs)
+        tokens = {r: [] for r in self.ids}
+        left = {r: j.max_new_tokens for r, j in zip(self.ids, jobs)}
         running: Optional[str] = None
         for step in range(max_steps):
-            arriving = [(1000 + i, j) for i, j in enumerate(jobs) if j.arrive == step]
+            arriving = [(r, j) for r, j in zip(self.ids, jobs) if j.arrive == step]
             if arriving:
                 batch_id = uuid.uuid4().hex
                 be.add_batch(batch_id, [self._rpc_req(r, j) for r, j in arriving])
@@ -117,6 +125,7 @@ class BackendDriver:
                 if self.on_step:
                     self.on_step(self.steps[-1])
                 self._collect(out, tokens, left, running)
+            yield step
             if all(v == 0 for v in left.values()) and all(j.arrive <= step for j in jobs):
                 break
         else:
@@ -124,7 +133,7 @@ class BackendDriver:
         if running is not None:
             assert not be.cache.pop(running).request_ids  # every request finished and was filtered out
         assert not any(r in requests_mapping for r in tokens), "finished requests must be released"
-        return tokens
+        self.tokens = [tokens[r] for r in self.ids]
 
     def _collect(self, out: dict, tokens: dict, left: dict, batch_id: str) -> None:
         finished = []

@@ -3,14 +3,16 @@
 
 Drives `CaraBackend` in process (`lightllm_patches.offline_backend`), the base model, greedy:
 
-1. Decode cost: `--batch` requests decode together, with chunking off and on (rounds
-   interleaved). Steps without any prompt to prefill run the same decode code either way; the
-   JSON gives the mean decode step time of each and their ratio, and whether the greedy tokens
-   are identical.
+1. Decode cost: `--batch` requests decode together, with chunking off and on, the two workers
+   stepping in turn (paired steps: machine noise hits both alike). Steps without any prompt
+   to prefill run the same decode code either way; the JSON gives the median decode step of
+   each, the median and p10-p90 of the paired throughput ratios, and whether the greedy
+   tokens are identical.
 2. Stall: while the batch decodes, one `--long-prompt`-token request arrives. Without
    chunking its whole prefill is one step that every running request waits for; with chunk c
-   the longest step is one chunk beside the decode rows. Per chunk size: the longest step,
-   the mean mixed-step time, and the time from the long request's arrival to its first token.
+   the longest step is one chunk beside the decode rows. Per chunk size (all sizes stepping in
+   turn): the longest step, the mean prompt-step time, and the time from the long request's
+   arrival to its first token (sum of its steps).
 
 The CPU stands in for the device (`--threads` torch threads). Writes `--out` (JSON) and a PNG.
 """
@@ -24,7 +26,8 @@ import time
 from pathlib import Path
 
 
-def run_once(model_dir: str, chunk: int, args, long_prompt: bool):
+def make_driver(model_dir: str, chunk: int, args, long_prompt: bool):
+    """A worker for `chunk` and its step-by-step run of the benchmark's requests."""
     from lightllm_patches.offline_backend import BackendDriver, Job
 
     jobs = [Job([1000 + (i * 131 + k * 7) % 20000 for k in range(args.prompt)], None, args.decode_tokens, arrive=0)
@@ -35,12 +38,23 @@ def run_once(model_dir: str, chunk: int, args, long_prompt: bool):
                            max_total_tokens=args.batch * (args.prompt + args.decode_tokens) + 2 * args.long_prompt + 64,
                            max_input=max(args.long_prompt, args.prompt) + 8,
                            max_total_len=max(args.long_prompt, args.prompt) + args.decode_tokens + 16)
+    return driver, driver.stepper(jobs)
+
+
+def lockstep(model_dir: str, chunks: list, args, long_prompt: bool) -> dict:
+    """Run one worker per chunk size *step by step in turn* (so machine noise hits them alike);
+    returns chunk -> (tokens, step samples)."""
+    drivers = {c: make_driver(model_dir, c, args, long_prompt) for c in chunks}
+    live = dict(drivers)
     try:
-        tokens, _ = driver.run(jobs, max_steps=10_000)
-        samples = list(driver.backend.step_samples)
+        while live:
+            for c in list(live):
+                if next(live[c][1], None) is None:
+                    del live[c]
+        return {c: (d.tokens, list(d.backend.step_samples)) for c, (d, _) in drivers.items()}
     finally:
-        driver.close()
-    return tokens, samples
+        for d, _ in drivers.values():
+            d.close()
 
 
 def summarize_stall(samples: list) -> dict:
@@ -66,40 +80,49 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=32, help="their prompt tokens")
     parser.add_argument("--decode-tokens", type=int, default=64, help="their output tokens")
     parser.add_argument("--long-prompt", type=int, default=1024, help="tokens of the prompt that arrives mid-decode")
-    parser.add_argument("--arrive-step", type=int, default=24,
-                        help="step at which it arrives (after the batch's own prompts, at the smallest chunk)")
+    parser.add_argument("--arrive-step", type=int, default=0,
+                        help="step at which it arrives (0 = 4 steps after the batch's own prompts are done at the "
+                        "smallest chunk)")
     parser.add_argument("--chunks", default="64,128,256,512", help="chunk sizes to measure (0 = off is always run)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds (chunk sizes interleaved within each)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each part")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model (the 'device')")
     args = parser.parse_args()
     from caraserve_router.assets.model_prep import prepare_default_model
 
     model_dir = args.model_dir or str(prepare_default_model())
     chunks = [0] + [int(c) for c in args.chunks.split(",") if c]
+    if args.arrive_step == 0:
+        args.arrive_step = -(-args.batch * args.prompt // min(chunks[1:])) + 4
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    # 1. decode cost at batch `--batch`: chunking off vs on, no prompt arriving mid-run
-    decode = {0: [], chunks[-1]: []}
-    tokens_by_chunk = {}
-    for r in range(args.rounds):
-        for chunk in decode:
-            tokens, samples = run_once(model_dir, chunk, args, long_prompt=False)
-            tokens_by_chunk.setdefault(chunk, tokens)
-            decode[chunk] += [s["ms"] for s in samples if s["kind"] == "decode"]
-    off, on = statistics.mean(decode[0]), statistics.mean(decode[chunks[-1]])
-    cost = {"batch": args.batch, "decode_step_ms_off": off, "decode_step_ms_on": on,
-            "decode_step_ms_off_stdev": statistics.stdev(decode[0]), "decode_step_ms_on_stdev": statistics.stdev(decode[chunks[-1]]),
-            "throughput_ratio_on_vs_off": off / on, "chunk_on": chunks[-1],
-            "greedy_tokens_identical": tokens_by_chunk[0] == tokens_by_chunk[chunks[-1]]}
-    print(f"decode step at batch {args.batch}: off {off:.1f} ms, on (chunk {chunks[-1]}) {on:.1f} ms -> "
-          f"throughput on/off {off / on:.3f}; greedy tokens identical: {cost['greedy_tokens_identical']}", flush=True)
+    # 1. decode cost at batch `--batch`: chunking off vs on, no prompt arriving mid-run, the
+    #    two workers stepping in turn (paired steps)
+    on_chunk = chunks[-1]
+    pairs, identical = [], True
+    for _ in range(args.rounds):
+        res = lockstep(model_dir, [0, on_chunk], args, long_prompt=False)
+        identical &= res[0][0] == res[on_chunk][0]
+        off_steps = [x["ms"] for x in res[0][1] if x["kind"] == "decode"]
+        on_steps = [x["ms"] for x in res[on_chunk][1] if x["kind"] == "decode"]
+        pairs += list(zip(off_steps[-args.decode_tokens // 2:], on_steps[-args.decode_tokens // 2:]))
+    off = statistics.median(a for a, _ in pairs)
+    on = statistics.median(b for _, b in pairs)
+    ratios = sorted(a / b for a, b in pairs)
+    cost = {"batch": args.batch, "chunk_on": on_chunk, "paired_steps": len(pairs),
+            "decode_step_ms_off_median": off, "decode_step_ms_on_median": on,
+            "throughput_ratio_on_vs_off_median": statistics.median(ratios),
+            "throughput_ratio_p10_p90": [ratios[len(ratios) // 10], ratios[(9 * len(ratios)) // 10]],
+            "greedy_tokens_identical": identical}
+    print(f"decode step at batch {args.batch} (paired, same decode steps): off {off:.1f} ms, on (chunk {on_chunk}) "
+          f"{on:.1f} ms -> throughput on/off {cost['throughput_ratio_on_vs_off_median']:.3f} "
+          f"(p10-p90 of pairs {ratios[len(ratios) // 10]:.2f}-{ratios[(9 * len(ratios)) // 10]:.2f}); "
+          f"greedy tokens identical: {identical}", flush=True)
 
-    # 2. the stall a long prompt causes, per chunk size (rounds interleaved)
+    # 2. the stall a long prompt causes, per chunk size (all sizes stepping in turn)
     stall = {c: [] for c in chunks}
-    for r in range(args.rounds):
-        for chunk in chunks:
-            _, samples = run_once(model_dir, chunk, args, long_prompt=True)
+    for _ in range(args.rounds):
+        for chunk, (_, samples) in lockstep(model_dir, chunks, args, long_prompt=True).items():
             stall[chunk].append(summarize_stall(samples))
     table = {}
     for chunk, runs in stall.items():

@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -184,13 +185,23 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if os.environ.get(NETNS_ENV) != "1":
         return reexec_in_netns()
-    from caraserve_router.assets.demo_adapters import make_random_adapter
     from caraserve_router.assets.model_prep import prepare_default_model
-    from caraserve_router.evaluation.workload import WorkloadConfig, generate
 
     model_dir = args.model_dir or str(prepare_default_model())
     ranks = tuple(int(r) for r in args.ranks.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
+    os.environ["RAY_TMPDIR"] = str(work)  # Ray's session files (logs, sockets) go there, removed at the end
+    try:
+        return run(args, model_dir, ranks, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, model_dir: str, ranks: tuple, work: Path) -> int:
+    from caraserve_router.assets.demo_adapters import make_random_adapter
+    from caraserve_router.evaluation.workload import WorkloadConfig, generate
+
+    (work / "logs").mkdir()
     adapters_dir = work / "adapters"
     for i, rank in enumerate(ranks):
         make_random_adapter(model_dir, adapters_dir / f"demo-r{rank}-{i}", rank=rank, seed=100 + i)
@@ -228,9 +239,6 @@ def main(argv=None) -> int:
         cells = [get(runs[k]) for k in KINDS]
         print(f"{name:24}" + "".join(f"{c:>12.2f}" if isinstance(c, float) else f"{str(c):>12}" for c in cells))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

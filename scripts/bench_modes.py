@@ -46,81 +46,6 @@ def pct(values: list, q: float):
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-# ------------------------------------------------------------------------------ calibration
-
-
-def calibrate(model_dir: str, adapter_dir: Path, prompt_len: int, args) -> dict:
-    """Prefill / decode times and the LoRA numbers that decide how honest the emulation is.
-
-    The device's LoRA time is measured directly: the step's LoRA kernels (sgmv) for every
-    layer and targeted group of a `prompt_len`-token prefill, on the engine's thread; the
-    sidecar's time is the same work through `CpuLoraSidecar.compute`."""
-    import torch
-
-    from caraserve_router.contracts.configs import LoRAConfig, SidecarConfig
-    from caraserve_router.lora.shapes import GROUPS
-    from lightllm_patches.offline import OfflineEngine
-
-    torch.set_num_threads(args.engine_threads)
-    name = adapter_dir.name
-    engine = OfflineEngine(model_dir, lora=LoRAConfig(mode="cpu-assist", link_bandwidth_mbps=1e5, pool_mb=512),
-                           sidecar=SidecarConfig(workers=args.sidecar_workers), adapters={name: adapter_dir},
-                           max_seq=prompt_len + 16, shm_prefix="csbench_modes")
-    prompt = [1000 + (i * 37) % 20000 for i in range(prompt_len)]
-    rt = engine.runtime
-    shapes = rt.shapes
-
-    def step_ms(adapter, batch=1, steps=0, kind="prefill"):
-        times = []
-        engine.run([prompt[: prompt_len if batch == 1 else 16]] * batch, [adapter] * batch, steps,
-                   on_step=lambda k, s: times.append(s * 1000) if k == kind else None)
-        return statistics.median(times)
-
-    try:
-        step_ms(name)  # loads the adapter (fast link), warms up
-        base_runs, decode_runs = [], []
-        for _ in range(args.calibration_rounds):
-            base_runs.append(step_ms(None))
-            decode_runs.append(step_ms(None, batch=8, steps=4, kind="decode"))
-        spec = rt.store.get(name).spec
-        groups = [g for g in GROUPS if any(spec.slice_ranks[g])]
-        x_in = {g: torch.randn(prompt_len, shapes.group(g).in_features) for g in groups}
-        outs = {g: torch.zeros(prompt_len, shapes.group(g).out_total) for g in groups}
-        req = engine._attach(name)
-        device_runs, cpu_runs = [], []
-        try:
-            view = {"is_prefill": True, "b_seq_len": torch.tensor([prompt_len]), "b_ready_cache_len": torch.tensor([0])}
-            for _ in range(args.calibration_rounds):
-                batch = rt.build_batch([req], view)
-                start = time.perf_counter()
-                for layer in range(shapes.num_layers):
-                    for g in groups:
-                        batch.add_delta(layer, g, x_in[g], outs[g])
-                device_runs.append((time.perf_counter() - start) * 1000)
-                rt.after_forward(batch)
-                rt.sidecar.arm()
-                start = time.perf_counter()
-                for layer in range(shapes.num_layers):
-                    for g in groups:
-                        if not rt.sidecar.compute(layer, g, x_in[g], [(0, prompt_len, name)], outs[g]):
-                            raise RuntimeError("the sidecar did not answer during calibration")
-                cpu_runs.append((time.perf_counter() - start) * 1000)
-                rt.sidecar.disarm()
-        finally:
-            rt.detach_request(req.r_id)
-        page_bytes = rt.pool.page_bytes
-    finally:
-        engine.close()
-    base, device_lora, cpu_lora = (statistics.median(v) for v in (base_runs, device_runs, cpu_runs))
-    return {"prompt_tokens": prompt_len, "prefill_ms_base": base, "prefill_ms_base_runs": base_runs,
-            "decode_step_ms_batch8": statistics.median(decode_runs), "decode_step_ms_batch8_runs": decode_runs,
-            "device_lora_ms": device_lora, "device_lora_ms_runs": device_runs,
-            "lora_share_of_prefill": device_lora / (base + device_lora),
-            "sidecar_lora_ms": cpu_lora, "sidecar_lora_ms_runs": cpu_runs,
-            "cpu_vs_device_lora_time_ratio": cpu_lora / device_lora, "targets": groups,
-            "pool_page_bytes": page_bytes}
-
-
 # ------------------------------------------------------------------------------ one mode
 
 
@@ -334,7 +259,10 @@ def main() -> int:
     prompt_mean = int(statistics.mean(r.prompt_tokens for r in probe.requests))
     output_mean = statistics.mean(r.output_tokens for r in probe.requests)
     r64 = next(a for a in made if a["rank"] == max(ranks))
-    cal = calibrate(model_dir, Path(r64["path"]), prompt_mean, args)
+    from lightllm_patches.emulation_check import calibrate
+
+    cal = calibrate(model_dir, Path(r64["path"]), prompt_mean, args.engine_threads, args.sidecar_workers,
+                    args.calibration_rounds, shm_prefix="csbench_modes")
     if args.pool_mb == 0:  # every adapter fits (cached mode preloads them all); a page spans every group
         args.pool_mb = int(sum(a["rank"] for a in made) * cal["pool_page_bytes"] / 2**20 * 1.05) + 16
     print(f"{len(made)} adapters (ranks {ranks}, targets {args.targets}), {total_mb:.0f} MiB of files; "

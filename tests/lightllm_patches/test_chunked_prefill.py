@@ -39,6 +39,17 @@ def schedule(names: list) -> list:
     ]
 
 
+_PEFT: dict = {}
+
+
+def peft_reference(model_dir, adapter_dir, prompt, tokens):
+    """PEFT's teacher-forced logits, computed once per (adapter, prompt, tokens) for the module."""
+    key = (str(adapter_dir), tuple(prompt), tuple(tokens))
+    if key not in _PEFT:
+        _PEFT[key] = peft_logits(model_dir, adapter_dir, prompt, tokens)
+    return _PEFT[key]
+
+
 def run(model_dir, adapters, jobs, chunk, mode="cached", **kw):
     driver = BackendDriver(model_dir, chunk, adapters, mode=mode, **kw)
     try:
@@ -72,7 +83,7 @@ def test_mixed_steps_match_unchunked_and_peft(adapters, mode, kw):
     assert chunked.tokens == plain.tokens
     for i, job in enumerate(jobs):
         assert len(chunked.tokens[i]) == job.max_new_tokens
-        ref = peft_logits(model_dir, dirs.get(job.adapter), job.prompt, chunked.tokens[i][:-1])
+        ref = peft_reference(model_dir, dirs.get(job.adapter), job.prompt, chunked.tokens[i][:-1])
         for s, (ours, theirs, want) in enumerate(zip(chunked.logits[i], plain.logits[i], ref)):
             assert_close(ours, theirs, atol=1e-5, rtol=0, msg=f"job {i} step {s}: chunked vs unchunked")
             assert_close(ours, want, msg=f"job {i} step {s}: chunked vs PEFT")

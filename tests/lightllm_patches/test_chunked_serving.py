@@ -1,0 +1,89 @@
+"""Chunked prefill through a real instance (HTTP server, router step loop, admission every
+step, detokenizer): prompts of several chunks that arrive together, with adapters, seeded
+sampling and a stop sequence, give exactly the replies each gets when it runs alone."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import pytest
+import requests
+
+from caraserve_router.evaluation.server_process import RunningServer, port_free
+from tests import fixtures
+
+pytestmark = pytest.mark.slow
+
+CHUNK = 8
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chunked-serving")
+    model_dir, dirs = fixtures.tiny_llama_with_adapters(root, ranks=(4, 8))
+    ads = root / "adapters"
+    ads.mkdir()
+    for d in dirs:
+        d.rename(ads / d.name)
+    log = root / "instance.log"
+    srv = RunningServer("caraserve_router.api_server",
+                        ["--model-dir", str(model_dir), "--adapters", str(ads), "--lora-mode", "pipeline",
+                         "--policy", "round-robin", "--prefill-chunk-tokens", str(CHUNK), "--torch-threads", "1",
+                         "--max-req-input-len", "200", "--max-req-total-len", "256", "--max-total-token-num", "4096",
+                         "--log-dir", str(root)], log)
+    with srv:
+        yield srv, sorted(p.name for p in ads.iterdir()), model_dir
+    assert srv.leftover_procs == [], f"processes left: {srv.leftover_procs}"
+    assert srv.leftover_shm == set(), f"/dev/shm left: {srv.leftover_shm}"
+    assert port_free(srv.port)
+
+
+def bodies(adapters):
+    long_ids = [100 + (7 * k) % 900 for k in range(45)]  # 6 chunks of 8
+    return [
+        {"input_ids": long_ids, "adapter": adapters[0],
+         "parameters": {"max_new_tokens": 10, "ignore_eos": True, "do_sample": True, "temperature": 1.2,
+                        "seed": 11}},
+        {"input_ids": long_ids[::-1][:30], "adapter": adapters[1],
+         "parameters": {"max_new_tokens": 12, "ignore_eos": True}},
+        {"input_ids": [5, 6, 7], "parameters": {"max_new_tokens": 16, "ignore_eos": True, "do_sample": True,
+                                                "temperature": 1.0, "seed": 3}},
+        {"input_ids": long_ids[:20], "adapter": adapters[0],
+         "parameters": {"max_new_tokens": 14, "ignore_eos": True, "do_sample": True, "temperature": 1.5,
+                        "seed": 5}},
+    ]
+
+
+def generate(url, body):
+    r = requests.post(url + "/generate", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    return out["token_ids"], out["finish_reason"]
+
+
+def test_concurrent_chunked_requests_match_running_alone(server):
+    srv, adapters, _ = server
+    jobs = bodies(adapters)
+    alone = [generate(srv.url, b) for b in jobs]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda b: generate(srv.url, b), jobs))
+    assert [t[0] for t in together] == [a[0] for a in alone]
+    instance = requests.get(srv.url + "/stats", timeout=30).json()["instances"][0]["url"]
+    steps = requests.get(instance + "/step_samples", timeout=30).json()
+    assert any(s["kind"] == "mixed" and s["tokens"] > s["batch"] for s in steps), "chunks must share steps"
+    assert all(s["tokens"] <= CHUNK + s["batch"] for s in steps), "at most one chunk of prompt tokens per step"
+
+
+def test_stop_sequence_with_chunked_prompt(server):
+    from transformers import AutoTokenizer
+
+    srv, adapters, model_dir = server
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    body = bodies(adapters)[0]  # a 45-token prompt: 6 chunks
+    tokens, _ = generate(srv.url, body)
+    texts = [tok.decode([t]) for t in tokens]
+    # the first token that is a word of its own, encodes back to itself and did not occur before
+    k = next(i for i in range(2, len(texts)) if texts[i].strip().isalnum() and tokens[i] not in tokens[:i]
+             and tok.encode(texts[i], add_special_tokens=False) == [tokens[i]])
+    stopped = {**body, "parameters": {**body["parameters"], "stop_sequences": [texts[k]]}}
+    tokens2, reason = generate(srv.url, stopped)
+    assert reason == "stop" and tokens2 == tokens[: k + 1]
