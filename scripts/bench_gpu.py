@@ -52,7 +52,7 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 DRY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4, vocab_size=512)
 QKV = ("q_proj", "k_proj", "v_proj")
-MODES = ("on-demand", "pipeline", "cpu-assist")
+MODES = ("cpu-assist", "pipeline", "on-demand")  # CaraServe first: the budget may cut the last
 
 
 def log(message: str) -> None:
