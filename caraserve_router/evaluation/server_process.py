@@ -35,7 +35,7 @@ def group_alive(pgid: int) -> list[int]:
 def groups_of(marker: str) -> set[int]:
     """Process groups of the processes whose command line contains `marker` (the local
     instances run in sessions of their own, outside the server's group)."""
-    out = subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pgid=,args="], capture_output=True, text=True).stdout  # -ww: whole lines
     return {int(line.split(None, 1)[0]) for line in out.splitlines() if marker in line}
 
 
