@@ -233,7 +233,7 @@ class CaraBackend(ContinuesBatchBackend):
 
     def _record_step(self, kind: str, reqs, kwargs, start) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)  # the instance's GPU, not whichever is current
         self.step_samples.append({
             "kind": kind,
             "batch": len(reqs),

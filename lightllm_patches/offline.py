@@ -29,9 +29,11 @@ class OfflineEngine:
                  sidecar: Optional[SidecarConfig] = None, adapters: Optional[dict] = None,
                  max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64,
                  cpu_weight_layout: str = "lightllm", shm_prefix: str = "caraserve_offline",
-                 dtype: str = "float32"):
+                 dtype: str = "float32", model_class: type = CaraLlamaModel):
+        # model_class: CaraLlamaModel or a subclass (scripts/bench_gpu.py builds random weights
+        # on the device instead of reading safetensors)
         self.shm_prefix = f"{shm_prefix}_{uuid.uuid4().hex[:8]}"  # unique per engine
-        self.model = CaraLlamaModel({
+        self.model = model_class({
             "tp_rank": 0, "world_size": 1, "weight_dir": str(model_dir), "max_total_token_num": max_total_tokens,
             "load_way": "HF", "mode": [], "max_req_num": max_req, "max_seq_length": max_seq,
             "data_type": dtype, "device": torch.device(device), "shm_prefix": self.shm_prefix,

@@ -7,13 +7,19 @@
 - `loop_for_netio_req`: also serves `ControlRequest`s (typed calls: `AdapterCall`s on the
   worker's `AdapterManager`, `GetStats` -> `InstanceStats`, `GetSamples`, `Ping`) and answers
   them on the control-reply socket.
+- `add_req`: refuses a request whose adapter was unloaded meanwhile; prefetches its adapter.
+- `abort`: also drops a waiting request at once (upstream waits for the next batch formation,
+  which does not come while the running batch is full).
+- `_prefill_batch` / `_decode_batch`: a failed step fails its requests, not the router loop.
 - `clean_up`: stops the CPU sidecar and releases shared memory.
 - `_step`: with `--prefill-chunk-tokens` (chunked prefill), `_chunked_step` replaces
   upstream's step: waiting requests join the running batch at every step (upstream: every
   `router_max_wait_tokens` steps) without a prefill of their own, and every step is one
   mixed forward (decode rows + at most one chunk of prompt tokens; `CaraBackend._forward_mixed`).
 
-`start_router_process` replaces upstream's function of the same name (the process target).
+`start_router_process` replaces upstream's function of the same name (the process target); the
+process dies with the instance's HTTP process (`die_with_parent`), freeing the sidecar and the
+instance's `/dev/shm` on the way.
 """
 from __future__ import annotations
 

@@ -32,6 +32,13 @@ def group_alive(pgid: int) -> list[int]:
     return [int(p) for p, g in (line.split() for line in out.splitlines()) if int(g) == pgid]
 
 
+def groups_of(marker: str) -> set[int]:
+    """Process groups of the processes whose command line contains `marker` (the local
+    instances run in sessions of their own, outside the server's group)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pgid=,args="], capture_output=True, text=True).stdout  # -ww: whole lines
+    return {int(line.split(None, 1)[0]) for line in out.splitlines() if marker in line}
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -64,6 +71,7 @@ class RunningServer:
                 raise RuntimeError(f"server exited at start-up:\n{self.tail()}")
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.instance_groups = groups_of(self.shm_prefix) - {self.proc.pid}
                     return self
             except requests.RequestException:
                 pass
@@ -88,11 +96,14 @@ class RunningServer:
                 pass
         time.sleep(0.5)
         self.leftover_procs = group_alive(self.proc.pid)
+        for pgid in getattr(self, "instance_groups", ()):
+            self.leftover_procs += group_alive(pgid)
         self.leftover_shm = shm_entries(self.shm_prefix) - self.shm_before
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pgid in {self.proc.pid, *getattr(self, "instance_groups", ())}:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait()
         for name in self.leftover_shm:  # never leave them, even when a test fails
             try:

@@ -6,10 +6,11 @@ ends with a clear error).
 """
 from __future__ import annotations
 
-import json
 from typing import AsyncIterator, Optional
 
 import aiohttp
+
+from caraserve_router.contracts import sse
 
 
 class InstanceError(RuntimeError):
@@ -72,24 +73,37 @@ class InstanceClient:
         return await self._json("GET", f"/step_samples?clear={int(clear)}")
 
     async def generate_stream(self, body: dict) -> AsyncIterator[dict]:
-        """Yield the instance's stream events (dicts); raise as the class docs say."""
+        """Yield the instance's stream events (dicts); raise as the class docs say.
+
+        A consumer that stops early (its client left, shutdown, migration) closes the
+        connection at once, which is how the instance learns to abort the request; aiohttp's
+        `async with` would instead wait for the instance to finish the whole stream."""
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s, sock_connect=5.0)
         started = False
+        resp = None
+        finished = False
         try:
-            async with self.session.post(self.url + "/generate_stream", json=body, timeout=timeout) as resp:
-                if resp.status >= 400:
-                    raise InstanceError(resp.status, await resp.json(content_type=None))
-                async for raw in resp.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data:"):
-                        continue
-                    event = json.loads(line[5:])
-                    started = True
-                    yield event
-                    if event.get("finished") or "error" in event:
-                        return
+            resp = await self.session.post(self.url + "/generate_stream", json=body, timeout=timeout)
+            if resp.status >= 400:
+                raise InstanceError(resp.status, await resp.json(content_type=None))
+            async for raw in resp.content:
+                event = sse.parse_event(raw)
+                if event is None:
+                    continue
+                started = True
+                if event.get("finished") or "error" in event:
+                    finished = True
+                yield event
+                if finished:
+                    return
             raise aiohttp.ServerDisconnectedError("stream ended before the request finished")
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
             if started:
                 raise InstanceFailed(f"instance {self.url} failed mid-request: {type(e).__name__}: {e}") from e
             raise InstanceUnavailable(f"instance {self.url} unreachable: {type(e).__name__}: {e}") from e
+        finally:
+            if resp is not None:
+                if finished:
+                    resp.release()  # read to the end: the connection can be reused
+                else:
+                    resp.close()    # abandoned: drop the connection now, never wait for the rest

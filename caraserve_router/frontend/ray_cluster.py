@@ -281,6 +281,10 @@ class RayCluster(Cluster):
                     h.restarts += 1
                     log.warning("instance %d restarted by Ray: %s on node %s (was pid %s)", i, info["url"],
                                 info["node_id"][:8], h.pid)
+                    if h.healthy:  # restarted between two health checks: down first, so that coming
+                        h.healthy = False  # up again restores its run-time adapters
+                        h.failures += 1
+                        self.on_down(i)
                 h.pid, h.node_id, h.device_kind, h.log_path = (info["pid"], info["node_id"], info["device_kind"],
                                                                info["log_path"])
                 h.url = info["url"]

@@ -110,6 +110,7 @@ def router(front) -> APIRouter:
                 "perf_model": front.perf_model.describe() if front.perf_model else None,
                 "waiting": front.dispatcher.waiting, "max_waiting": front.dispatcher.max_waiting,
                 "instances": [{"url": h.url, "name": h.name, "healthy": h.healthy, "restarts": h.restarts,
+                               "view": front.dispatcher.state.instances[i].snapshot(),  # what the router believes
                                "stats": front.stats.get(i, {})} for i, h in enumerate(front.cluster.handles)]}
 
     @api.get("/metrics")

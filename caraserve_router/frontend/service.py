@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Optional
 
 from caraserve_router.contracts.configs import InstanceConfig
+from caraserve_router.contracts.stats import InstanceStats
 from caraserve_router.frontend.config import FrontendConfig
 from caraserve_router.scheduling.policies import make_policy, policy_class
 
@@ -246,7 +247,7 @@ class FrontEnd:
                 if handle.healthy:
                     try:
                         stats = await client.stats()
-                        self.dispatcher.state.apply_stats(i, stats)
+                        self.dispatcher.state.apply_stats(i, InstanceStats.from_dict(stats))
                     except Exception as e:  # noqa: BLE001 - one bad poll must not stop the loop
                         log.debug("stats of instance %d: %s", i, e)
                 self.stats[i] = stats

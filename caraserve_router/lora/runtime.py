@@ -58,7 +58,8 @@ class LoraRuntime:
             self.store.max_mapped = self.sidecar.layout.max_adapters
             self.store.on_map = self.sidecar.register_adapter
             self.store.on_unmap = self.sidecar.unregister_adapter
-        self.load_s = 0.0
+        self.load_s = 0.0  # host->device loads, submit to last layer (queueing included)
+        self.register_s = 0.0  # registrations (config and header checks)
         self.names = AdapterNames()
         self.request_adapter: dict[int, str] = {}  # request id -> storage key
         # Since start: loads, warm/cold requests, and every step's counters (LoraBatch.counters).
@@ -87,12 +88,14 @@ class LoraRuntime:
             raise AdapterError(str(e)) from None
         if name in self.names:
             raise AdapterError(f"adapter {name!r} is already registered", status=409)
+        started = time.monotonic()
         real = preflight(name, path)
         key = self.names.key_for_dir(real)
         if key is None:
             key = self.names.new_key(name, taken=self.store.__contains__)
             self._load_host(name, key, (path, real, os.path.abspath(path)), real)
         self.names.bind(name, key, real)
+        self.register_s += time.monotonic() - started
         return self.info(name)
 
     def _load_host(self, name: str, key: str, paths: tuple, real: str) -> None:
@@ -318,7 +321,7 @@ class LoraRuntime:
             "device_loads": self.counters["loads_cold"], "device_load_bytes": self.counters["load_bytes"],
             "device_evictions": self.pool.evictions,
             "device_hit_rate": warm / (warm + cold) if warm + cold else None,
-            "load_s": self.load_s, "resolved": self.counters["resolved"],
+            "load_s": self.load_s, "register_s": self.register_s, "resolved": self.counters["resolved"],
         }
 
     def shutdown(self) -> None:

@@ -141,10 +141,6 @@ class PerfModel:
         """Prefill step of one prompt of ``tokens`` tokens with an adapter of ``rank`` (0: none)."""
         return self._p0 + self._p_tok * tokens + self._p_rt * rank * tokens
 
-    def prefill_fixed_ms(self) -> float:
-        """The part of a prefill step paid once per batch, whatever it holds."""
-        return self._p0
-
     def prefill_marginal_ms(self, tokens: int, rank: int = 0) -> float:
         """What one more prompt adds to a prefill batch that runs anyway."""
         return self._p_tok * tokens + self._p_rt * rank * tokens

@@ -36,6 +36,7 @@ from enum import Enum
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 from caraserve_router.contracts.names import DecodeKernel, LoraMode
+from caraserve_router.contracts.stats import InstanceStats
 
 
 class SchedulerStateError(ValueError):
@@ -230,12 +231,12 @@ class InstanceState:
             if name != adapter and self.adapter_counts.get(name, 0) == 0:
                 total -= self.resident.pop(name)
 
-    def set_healthy(self, healthy: bool) -> None:
-        self.healthy = bool(healthy)
-
     # ------------------------------------------------------------------ reconciliation
-    def apply_stats(self, stats: Mapping[str, Any], drop_missing: bool = False) -> ReconcileReport:
-        """Reconcile with the instance's stats (layout in the module docstring)."""
+    def apply_stats(self, stats: InstanceStats | Mapping[str, Any], drop_missing: bool = False) -> ReconcileReport:
+        """Reconcile with the instance's stats: its typed record, or a dict in the layout of the
+        module docstring (the record's `to_dict()`; the simulator passes partial dicts)."""
+        if isinstance(stats, InstanceStats):
+            stats = stats.to_dict()
         if not isinstance(stats, Mapping):
             raise SchedulerStateError(f"{self.name}: stats must be a dict, got {type(stats).__name__}")
         self._apply_settings(stats)
@@ -354,7 +355,8 @@ class InstanceState:
     def snapshot(self) -> dict[str, Any]:
         """JSON-able summary (for a debug endpoint or logs)."""
         return {"name": self.name, "healthy": self.healthy, "lora_mode": self.lora_mode.value,
-                "kernel": self.kernel.value, "max_batch": self.max_batch, "num_running": self.num_running, "num_queued": self.num_queued,
+                "kernel": self.kernel.value, "max_batch": self.max_batch, "num_running": self.num_running,
+                "num_queued": self.num_queued,
                 "sum_ranks": self.sum_ranks, "max_rank": self.max_rank,
                 "outstanding_tokens": self.outstanding_tokens, "resident_adapters": list(self.resident)}
 
@@ -368,10 +370,6 @@ class ClusterState:
 
     def __len__(self) -> int:
         return len(self.instances)
-
-    def add_instance(self, inst: InstanceState) -> int:
-        self.instances.append(inst)
-        return len(self.instances) - 1
 
     def instance_of(self, request_id: Hashable) -> int | None:
         return self._where.get(request_id)
@@ -402,7 +400,8 @@ class ClusterState:
         self.instances[to_index].dispatched(req)
         self._where[request_id] = to_index
 
-    def apply_stats(self, index: int, stats: Mapping[str, Any], drop_missing: bool = False) -> ReconcileReport:
+    def apply_stats(self, index: int, stats: InstanceStats | Mapping[str, Any],
+                    drop_missing: bool = False) -> ReconcileReport:
         inst = self.instances[index]
         for rid in _reported_ids(stats):
             other = self._where.get(rid)

@@ -1,7 +1,7 @@
 """CudaLink + CudaResidency on the real host->device link, against the EmulatedLink.
 
 - Both links serve the same queued loads in the same order (priority first, then layer group
-  by layer group) and leave the same bytes in the pool (paged and slot layouts).
+  by layer group) and leave the same bytes in the pool.
 - Residency is a stream wait, not a host sync: with the link's stream held up by a GPU sleep,
   `wait(layer)` returns at once, the layer is not ready yet, and a kernel queued after the
   wait still reads the adapter, not the zero-initialised pool.
@@ -19,7 +19,7 @@ import torch
 from caraserve_router.lora.adapter_pool import AdapterPool
 from caraserve_router.lora.adapter_store import AdapterStore
 from caraserve_router.lora.device_link import CudaLink, EmulatedLink
-from caraserve_router.lora.shapes import GROUPS, ModelShapes
+from caraserve_router.lora.shapes import ModelShapes
 from tests.cuda.adapters import write_adapter
 from tests.cuda.common import CUDA_TESTS, cuda_device
 
@@ -50,6 +50,7 @@ def store(adapter_root):
     try:
         for name in ADAPTERS:
             s.add(name, str(adapter_root / name))
+            s.acquire(name)  # mapped (read from the file) and page-locked, as a load holds it
         yield s
     finally:
         s.close()
@@ -68,9 +69,31 @@ def _recorded(link, order: list, name: str):
     return residency
 
 
-def _load_queued(kind: str, store, layout: str, priorities: dict):
+def _a_index(pool, entry, group: str = "qkv", s: int = 0) -> torch.Tensor:
+    """Element index [r, IN] of slice s's lora_A rows of `entry` in a layer's flat pool, on the
+    pool's device. (Made before any GPU sleep: a pageable host->device copy syncs the stream.)"""
+    starts = entry.a_rows[group][s]
+    starts = starts[starts >= 0].long()
+    width = SHAPES.group(group).in_features
+    return (starts[:, None] * pool.unit + torch.arange(width)[None, :]).to(pool.device)
+
+
+def _a_rows(pool, entry, host, layer: int, index=None, group: str = "qkv", s: int = 0):
+    """(pool rows gathered by a kernel on the current stream, host rows) of slice s's lora_A
+    rows of `entry` at `layer`: [r, IN] each."""
+    index = _a_index(pool, entry, group, s) if index is None else index
+    first = sum(host.layout.slice_ranks(group)[:s])
+    return pool.W[layer].view(-1)[index], host.block(layer, group, "A")[first : first + index.shape[0]]
+
+
+def _covered(blocks) -> set:
+    """Units the rows of `blocks` occupy."""
+    return {u for b in blocks for start in b.starts for u in range(start, start + b.width)}
+
+
+def _load_queued(kind: str, store, priorities: dict):
     device = cuda_device() if kind == "cuda" else torch.device("cpu")
-    pool = AdapterPool(SHAPES, DTYPE, device, capacity_mb=8, max_rank=MAX_RANK, layout=layout)
+    pool = AdapterPool(SHAPES, DTYPE, device, capacity_mb=8, max_rank=MAX_RANK)
     link = CudaLink(pool, group_size=2) if kind == "cuda" else EmulatedLink(pool, 2, bandwidth_mbps=500.0,
                                                                               latency_us=50.0)
     order, entries = [], {}
@@ -90,24 +113,21 @@ def _load_queued(kind: str, store, layout: str, priorities: dict):
         link.stop()
 
 
-@pytest.mark.parametrize("layout", ["paged", "slot"])
-def test_cuda_link_matches_emulated_link(store, layout):
+def test_cuda_link_matches_emulated_link(store):
     priorities = {"a8": 3.0, "b16": 1.0, "c4": 4.0, "d32": 2.0}
-    cuda_pool, cuda_entries, cuda_order, cuda_bytes = _load_queued("cuda", store, layout, priorities)
-    emu_pool, emu_entries, emu_order, emu_bytes = _load_queued("emulated", store, layout, priorities)
+    cuda_pool, cuda_entries, cuda_order, cuda_bytes = _load_queued("cuda", store, priorities)
+    emu_pool, emu_entries, emu_order, emu_bytes = _load_queued("emulated", store, priorities)
     groups = [(0, 1), (2, 3), (4, 5)]
     expected = [(name, g) for name in sorted(priorities, key=priorities.get) for g in groups]
     assert cuda_order == expected and emu_order == expected
     assert cuda_bytes == emu_bytes > 0
     for name in ADAPTERS:
-        assert cuda_entries[name].pages_list == emu_entries[name].pages_list
-    for g in GROUPS:
-        assert torch.equal(cuda_pool.A[g].cpu(), emu_pool.A[g]), f"A[{g}]"
-        assert torch.equal(cuda_pool.B[g].cpu(), emu_pool.B[g]), f"B[{g}]"
-    # and what landed is the host adapter (rank rows of the entry's pages)
-    host, pages = store.get("d32"), torch.tensor(cuda_entries["d32"].pages_list)
-    assert torch.equal(cuda_pool.A["o"][5][pages].cpu(), host.block(5, "o", "A"))
-    assert torch.equal(cuda_pool.B["gate_up"][0][pages].cpu(), host.block(0, "gate_up", "B"))
+        assert [b.starts for b in cuda_entries[name].blocks] == [b.starts for b in emu_entries[name].blocks]
+    assert torch.equal(cuda_pool.W.cpu(), emu_pool.W), "the two links left different bytes in the pool"
+    # and what landed is the host adapter
+    for layer in (0, 5):
+        got, want = _a_rows(cuda_pool, cuda_entries["a8"], store.get("a8"), layer)
+        assert torch.equal(got.cpu(), want)
 
 
 def test_residency_is_a_stream_wait_not_a_host_sync(store):
@@ -116,6 +136,7 @@ def test_residency_is_a_stream_wait_not_a_host_sync(store):
     try:
         host = store.get("b16")
         entry = pool.place(host, link.new_residency())
+        index = _a_index(pool, entry)
         torch.cuda.synchronize()
         with torch.cuda.stream(link.stream):
             torch.cuda._sleep(SLEEP_CYCLES)  # the copies queue behind this
@@ -124,10 +145,8 @@ def test_residency_is_a_stream_wait_not_a_host_sync(store):
         entry.residency.wait(0)  # marked once layer 0's copy is queued; then a stream wait
         waited = time.perf_counter() - start
         assert not entry.residency.is_ready(0), "the copy sits behind the sleep: not resident yet"
-        pages = entry.pages.long()
-        seen = pool.A["qkv"][0][pages].float().sum()  # queued on the compute stream after the wait
-        assert torch.equal(seen.cpu(), host.block(0, "qkv", "A").float().sum()), \
-            "a kernel after wait() read the pool before the copy landed"
+        seen, want = _a_rows(pool, entry, host, 0, index)  # the gather is a kernel queued after the wait
+        assert torch.equal(seen.cpu(), want), "a kernel after wait() read the pool before the copy landed"
         assert waited < 0.05, f"wait() blocked the host for {waited * 1e3:.1f} ms"
         entry.residency.wait_all()
     finally:
@@ -144,15 +163,18 @@ def test_reused_pages_wait_for_queued_readers(store):
         old, new = store.get("b16"), store.get("a8")
         entry = pool.place(old, link.new_residency())
         link.load_now(entry, old)
+        index = _a_index(pool, entry)
         torch.cuda._sleep(SLEEP_CYCLES)  # the compute stream is busy ...
-        seen = pool.B["qkv"][3][entry.pages.long()].float().sum()  # ... then reads the old adapter
+        seen, want_old = _a_rows(pool, entry, old, 3, index)  # ... then a gather reads the old adapter
         pool.remove("b16")
         reused = pool.place(new, link.new_residency())
-        assert set(reused.pages_list) <= set(entry.pages_list), "the test needs the pages reused"
+        read = _covered([b for b in entry.blocks if b.group == "qkv" and b.which == "A" and b.slice == 0])
+        assert read <= _covered(reused.blocks), "the test needs the rows being read overwritten by the new load"
         link.submit(reused, new, 0.0)
         reused.residency.wait_all()
-        assert torch.equal(seen.cpu(), old.block(3, "qkv", "B").float().sum())
-        assert torch.equal(pool.B["qkv"][3][reused.pages.long()].cpu(), new.block(3, "qkv", "B"))
+        assert torch.equal(seen.cpu(), want_old), "the new adapter overwrote rows still being read"
+        got, want_new = _a_rows(pool, reused, new, 3)
+        assert torch.equal(got.cpu(), want_new)
     finally:
         torch.cuda.synchronize()
         link.stop()

@@ -46,7 +46,7 @@ def sidecar(tmp_path_factory):
         car.start()
         car.pin_memory()
         for name in ADAPTERS:
-            car.register_adapter(store.get(name))
+            car.register_adapter(store.acquire(name))  # mapped and page-locked while registered
         car.arm()
         yield car, store
     finally:
@@ -60,11 +60,14 @@ def _reference(store, layer: int, group: str, x: torch.Tensor, base: torch.Tenso
     shape = SHAPES.group(group)
     for start, end, name in SEGMENTS:
         host = store.get(name)
-        a = host.block(layer, group, "A").double()  # [r, S, IN]
-        b = host.block(layer, group, "B").double()  # [r, OUT_TOTAL], scale folded in
-        for s in range(shape.num_slices):
-            cols = slice(shape.slice_offsets[s], shape.slice_offsets[s + 1])
-            out[start:end, cols] += x[start:end].double() @ a[:, s].t() @ b[:, cols]
+        a = host.block(layer, group, "A").double()  # [sum of slice ranks, IN]
+        first = 0
+        for s, r in enumerate(host.layout.slice_ranks(group)):
+            if r:
+                b = host.block(layer, group, s).double()  # [r, OUT_s]: lora_B^T, scale folded in
+                cols = slice(shape.slice_offsets[s], shape.slice_offsets[s + 1])
+                out[start:end, cols] += x[start:end].double() @ a[first : first + r].t() @ b
+            first += r
     return out
 
 

@@ -41,8 +41,15 @@ def check_expand_result(out, expected, out0, touched, dtype, msg):
         f"{msg}: expand changed elements of rank-0 slices / rows without adapter"
 
 
+def _on(device, *tensors):
+    """Copies of `tensors` on `device`: the kernel under test runs there (tests/cuda passes the
+    GPU); batches and the float64 reference stay on the CPU."""
+    return [t.to(device, copy=True) for t in tensors]
+
+
 def check_mbgmv(gen, backend, geometry: Geometry, mix: str, rows: int, max_rank: int, dtype,
-                contiguous: bool, make_plan=None, layers: int = 1, padded: bool = False, msg: str = ""):
+                contiguous: bool, make_plan=None, layers: int = 1, padded: bool = False, msg: str = "",
+                device="cpu"):
     """mbgmv shrink + expand; with make_plan the plan is built once and reused for `layers` pools.
     padded: Punica's bgmv, the descriptors padded to the batch's max rank (kernels.pad_to_max_rank)."""
     batch = make_batch(gen, geometry, mix, rows, max_rank)
@@ -58,7 +65,9 @@ def check_mbgmv(gen, backend, geometry: Geometry, mix: str, rows: int, max_rank:
         where = f"{msg} mbgmv{' padded' if padded else ''} {backend} layer {layer} ranks {ranks.tolist()}"
         x = inputs(gen, rows, geometry.in_features, dtype)
         y = nan_y(rows, geometry.slices, a_rows.shape[2])
-        kernels.mbgmv_shrink(x, pool.W, a_rows, ranks, y, plan=plan, backend=backend)
+        W, d_a, d_b, d_ranks, y = _on(device, pool.W, a_rows, b_rows, ranks, y)
+        kernels.mbgmv_shrink(*_on(device, x), W, d_a, d_ranks, y, plan=plan, backend=backend)
+        y = y.cpu()
         y_ref = torch.empty(y.shape, dtype=torch.float64)
         reference.mbgmv_shrink(x, pool.W, a_rows, ranks, y_ref)
         check_shrink_result(y, y_ref, live, dtype, where)
@@ -66,15 +75,17 @@ def check_mbgmv(gen, backend, geometry: Geometry, mix: str, rows: int, max_rank:
         y_in = expand_input(y_ref, live)
         scales, offsets = batch.scales(gen), geometry.slice_offsets()
         out0 = out_before(gen, rows, geometry.out_total, dtype)
-        out = out0.clone()
-        kernels.mbgmv_expand(y_in, pool.W, b_rows, ranks, scales, offsets, out, plan=plan, backend=backend)
+        out = out0.to(device, copy=True)
+        kernels.mbgmv_expand(*_on(device, y_in), W, d_b, d_ranks, *_on(device, scales, offsets), out, plan=plan,
+                             backend=backend)
+        out = out.cpu()
         expected = out0.double()
         reference.mbgmv_expand(y_in, pool.W, b_rows, ranks, scales, offsets, expected)
         check_expand_result(out, expected, out0, touched_columns(ranks, geometry), dtype, where)
 
 
 def check_sgmv(gen, backend, geometry: Geometry, mix: str, segments: int, max_len: int, max_rank: int,
-               dtype, contiguous: bool, msg: str = ""):
+               dtype, contiguous: bool, msg: str = "", device="cpu"):
     batch = make_batch(gen, geometry, mix, segments, max_rank)
     pool = make_pool(gen, batch, dtype, contiguous)
     a_rows, b_rows, ranks = batch.rows(pool, "A"), batch.rows(pool, "B"), batch.ranks()
@@ -86,7 +97,9 @@ def check_sgmv(gen, backend, geometry: Geometry, mix: str, segments: int, max_le
 
     x = inputs(gen, tokens, geometry.in_features, dtype)
     y = nan_y(tokens, geometry.slices, a_rows.shape[2])
-    kernels.sgmv_shrink(x, pool.W, seg_starts, a_rows, ranks, y, backend=backend)
+    W, d_seg, d_a, d_b, d_ranks, d_y = _on(device, pool.W, seg_starts, a_rows, b_rows, ranks, y)
+    kernels.sgmv_shrink(*_on(device, x), W, d_seg, d_a, d_ranks, d_y, backend=backend)
+    y = d_y.cpu()
     y_ref = torch.empty(y.shape, dtype=torch.float64)
     reference.sgmv_shrink(x, pool.W, seg_starts, a_rows, ranks, y_ref)
     check_shrink_result(y, y_ref, live, dtype, where)
@@ -94,8 +107,10 @@ def check_sgmv(gen, backend, geometry: Geometry, mix: str, segments: int, max_le
     y_in = expand_input(y_ref, live)
     scales, offsets = batch.scales(gen), geometry.slice_offsets()
     out0 = out_before(gen, tokens, geometry.out_total, dtype)
-    out = out0.clone()
-    kernels.sgmv_expand(y_in, pool.W, seg_starts, b_rows, ranks, scales, offsets, out, backend=backend)
+    out = out0.to(device, copy=True)
+    kernels.sgmv_expand(*_on(device, y_in), W, d_seg, d_b, d_ranks, *_on(device, scales, offsets), out,
+                        backend=backend)
+    out = out.cpu()
     expected = out0.double()
     reference.sgmv_expand(y_in, pool.W, seg_starts, b_rows, ranks, scales, offsets, expected)
     check_expand_result(out, expected, out0, touched_columns(token_ranks, geometry), dtype, where)

@@ -139,6 +139,18 @@ def test_bad_adapter_config_is_a_4xx_naming_the_field(instance, tiny_llama_adapt
     assert generate(instance, adapters[0].name)  # still serving
 
 
+def test_loader_errors_name_the_adapter_not_the_path(instance, tiny_llama_adapters, tmp_path):
+    """Errors found while reading the tensors (past the config checks) are scrubbed too."""
+    _, adapters = tiny_llama_adapters
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters[0], bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    r = load(instance, "broken", bad)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "'broken'" in message and "safetensors" in message and str(tmp_path) not in message
+
+
 def test_adapter_path_messages_reveal_nothing(instance, tmp_path):
     """Relative paths are refused; a missing directory and an existing non-adapter one get the
     same message; no message holds the server's working directory or the path."""

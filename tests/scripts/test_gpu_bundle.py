@@ -7,6 +7,8 @@ when pip can reach the package index, and the size check is skipped (with the re
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,22 +104,28 @@ def _pypi_reachable(tmp_path: Path) -> str | None:
     return None if proc.returncode == 0 else f"pip download failed: {proc.stderr.strip()[-300:]}"
 
 
-def test_bundle_is_complete_and_under_40_mib(tmp_path):
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """(folder, None) of a complete bundle -- the repo's .whl/ when present, else one built into a
+    temporary folder -- or (None, why not) when there is none and the index is unreachable."""
+    if gb.DEFAULT_DIR.is_dir():
+        return gb.DEFAULT_DIR, None
+    tmp = tmp_path_factory.mktemp("gpu-bundle")
+    why_not = _pypi_reachable(tmp / "probe")
+    if why_not:
+        return None, f"no {gb.DEFAULT_DIR.name}/ here and the package index is unreachable ({why_not})"
+    gb.build(tmp / "whl", gb.project_need(), timeout=300)
+    return tmp / "whl", None
+
+
+def test_bundle_is_complete_and_under_40_mib(bundle):
+    folder, why_not = bundle
+    if folder is None:
+        pytest.skip(why_not + "; the bundle's logic is tested above")
     device = gb.device_packages()
-    need = gb.project_need(device)
-    folder = gb.DEFAULT_DIR
-    if not folder.is_dir():
-        why_not = _pypi_reachable(tmp_path / "probe")
-        if why_not:
-            pytest.skip(f"no {folder.name}/ here and the package index is unreachable ({why_not}); the bundle's "
-                        "logic is tested above")
-        folder = tmp_path / "whl"
-        gb.build(folder, need, timeout=300)
-    assert gb.check_folder(folder, need, device) == []
-    total = sum(p.stat().st_size for p in folder.iterdir())
-    assert total < gb.SIZE_LIMIT_BYTES
-    manifest = (folder / gb.MANIFEST)
-    assert manifest.is_file(), "make gpu-bundle writes MANIFEST.json"
+    assert gb.check_folder(folder, gb.project_need(device), device) == []
+    assert sum(p.stat().st_size for p in folder.iterdir()) < gb.SIZE_LIMIT_BYTES
+    assert (folder / gb.MANIFEST).is_file(), "make gpu-bundle writes MANIFEST.json"
 
 
 def test_cli_need_lists_lightllm():
@@ -125,3 +133,34 @@ def test_cli_need_lists_lightllm():
                           text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "lightllm==0.0.1" in proc.stdout and "# not bundled: torch" in proc.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the GPU run is not a CI test")
+def test_gpu_check_dry_run_on_the_cpu(bundle, tmp_path):
+    """scripts/gpu_check.sh without CUDA: the bundle installs for CPython 3.12, every module
+    imports, `pytest -m cuda` collects and skips every test, the benchmark runs on tiny shapes;
+    exit 0, and the files under $OUT say so."""
+    folder, why_not = bundle
+    if folder is None:
+        pytest.skip(why_not)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_BUNDLE_DIR=str(folder),
+               GPU_SITE=str(tmp_path / "site"))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    assert "no CUDA device here" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cuda"] is False and summary["ok"] is True
+    assert summary["exit"] == {"install": 0, "imports": 0, "pytest": 0, "bench": 0}
+    assert json.loads((out / "imports.json").read_text())["failed"] == {}
+    bench = json.loads((out / "bench_gpu.json").read_text())
+    assert bench["emulated"] is True and bench["link"] == "emulated"
+    assert {"kernels", "steps", "coldstart", "sidecar"} <= set(bench)
+    assert set(bench["coldstart"]) == {"cached", "on-demand", "pipeline", "cpu-assist"}
+    # every kernel path computed what the per-adapter loop computes (fp32 on the CPU)
+    errors = [err for row in bench["kernels"] for err in row["rel_error_vs_loop"].values()]
+    assert errors and max(errors) < 1e-4, errors
+    assert bench["coldstart"]["cpu-assist"]["counters"]["loads_cold"] >= 1
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["bench_gpu.json", "check.log", "env.json", "imports.json", "pytest_cuda.xml", "summary.json"]

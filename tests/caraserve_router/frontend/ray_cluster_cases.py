@@ -55,7 +55,12 @@ def nodes():
     """Two Ray nodes of one CPU each: instances asking one CPU each must go one per node."""
     from ray.cluster_utils import Cluster
 
-    temp = tempfile.mkdtemp(prefix="rayt_", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Everything Ray writes goes under a private RAY_TMPDIR (cluster_utils writes its address file
+    # under the default temp dir whatever temp_dir says); short: Ray's socket paths have a limit.
+    base = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="rayt_", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = base
+    temp = os.path.join(base, "ray")
+    os.makedirs(temp, exist_ok=True)
     cluster = Cluster()
     try:
         cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20, temp_dir=temp, include_dashboard=False)
@@ -66,7 +71,7 @@ def nodes():
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,8 @@ def server(default_model_dir, adapter_dir, tmp_path_factory):
     srv = RunningServer("caraserve_router.api_server",
                         ["--model-dir", str(default_model_dir), "--adapters", str(adapter_dir),
                          "--policy", "round-robin", "--lora-mode", "pipeline", "--lora-pool-mb", "160",
+                         # the tests load adapters from their own tmp_path directories at run time
+                         "--adapter-roots", str(tmp_path_factory.getbasetemp()),
                          "--log-dir", str(logs)], logs / "server.log")
     with srv:
         yield srv

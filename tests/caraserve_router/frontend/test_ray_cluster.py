@@ -8,8 +8,10 @@ their own under `unshare -n` with only loopback up. Needs root (or user namespac
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,11 +35,15 @@ def test_ray_cluster_cases_in_a_private_network_namespace():
     pytest.importorskip("ray")
     if not _can_unshare():
         pytest.skip("`unshare -n` is not permitted here (needs root or user namespaces)")
-    env = {**os.environ, "CARASERVE_RAY_NETNS": "1", "PYTHONPATH": os.pathsep.join(
+    ray_tmp = tempfile.mkdtemp(prefix="rayt_", dir="/tmp")  # all of Ray's files, removed below
+    env = {**os.environ, "CARASERVE_RAY_NETNS": "1", "RAY_TMPDIR": ray_tmp, "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     inner = f"ip link set lo up && exec {sys.executable} -m pytest -x -q -p no:cacheprovider {CASES}"
-    proc = subprocess.run(["unshare", "-n", "bash", "-c", inner], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=BUDGET_S, start_new_session=True)
+    try:
+        proc = subprocess.run(["unshare", "-n", "bash", "-c", inner], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=BUDGET_S, start_new_session=True)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     report = proc.stdout[-12000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, report
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], report

@@ -104,7 +104,7 @@ def test_4096_adapters_register_in_seconds_and_three_serve_in_one_batch(adapters
     try:
         start = time.monotonic()
         for name in names:
-            engine.runtime.register(name, str(many / name))
+            engine.runtime.add(name, str(many / name))
         took = time.monotonic() - start
         stats = engine.runtime.residency_stats()
         assert stats["registered"] == 4096 and stats["mapped_on_host"] == 0 and stats["host_bytes"] == 0, \

@@ -175,3 +175,16 @@ def test_cluster_state_routes_events_and_moves():
     assert cluster.instance_of("b") == 0 and cluster.instances[1].load == 0
     cluster.fail("b")
     assert all(i.load == 0 for i in cluster.instances)
+
+
+def test_apply_stats_takes_the_typed_record():
+    from caraserve_router.contracts.stats import InstanceStats
+
+    raw = {"name": "i0", "healthy": True, "lora_mode": "pipeline", "kernel": "bgmv", "device": "cpu", "max_batch": 8,
+           "resident_adapters": [{"name": "a", "rank": 8}],
+           "running": [{"request_id": "r1", "adapter": "a", "rank": 8, "prompt_tokens": 5, "max_new_tokens": 9,
+                        "generated": 3}], "queued": []}
+    inst = InstanceState("i0")
+    report = inst.apply_stats(InstanceStats.from_dict(raw))
+    assert report.adopted == ["r1"] and inst.num_running == 1 and inst.max_batch == 8
+    assert inst.kernel == "bgmv" and inst.lora_mode == "pipeline" and inst.is_resident("a")
