@@ -112,7 +112,6 @@ class Dispatcher:
         if index is not None:
             return index
         if self.max_waiting and self.waiting >= self.max_waiting:
-            self.metrics.error("rate_limit_exceeded")
             raise DispatchError(f"{self.waiting} requests are already waiting for an instance; try again later",
                                 429, "rate_limit_exceeded", retry_after_s=self._retry_after_s())
         deadline = time.monotonic() + self.wait_timeout_s
