@@ -81,12 +81,21 @@ def pct(values, q):
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def probe_overhead(front_url: str, instance_url: str, count: int) -> dict:
-    """Added latency of the front end: paired (front end, direct) tiny requests, alternating order."""
+def instance_url(front_url: str) -> str:
+    """Instance 0's URL as the front end knows it now (it changes when an instance restarts)."""
+    import requests
+
+    return requests.get(front_url + "/stats", timeout=30).json()["instances"][0]["url"]
+
+
+def probe_overhead(front_url: str, count: int) -> dict:
+    """Added latency of the front end: paired (front end, direct) tiny requests, alternating order.
+    A pair that fails (an instance restarting) is dropped and counted, and instance 0's URL re-read."""
     import requests
 
     body_front = {"input_ids": [11, 12, 13, 14], "parameters": {"max_new_tokens": 1}}
     session = requests.Session()
+    direct_url = instance_url(front_url)
 
     def timed(url):
         t = time.perf_counter()
@@ -95,17 +104,25 @@ def probe_overhead(front_url: str, instance_url: str, count: int) -> dict:
         return (time.perf_counter() - t) * 1000.0
 
     for _ in range(3):  # warm both paths
-        timed(front_url), timed(instance_url)
-    added, front, direct = [], [], []
+        timed(front_url), timed(direct_url)
+    added, front, direct, failed = [], [], [], 0
     for i in range(count):
-        if i % 2:
-            d, f = timed(instance_url), timed(front_url)
-        else:
-            f, d = timed(front_url), timed(instance_url)
+        try:
+            if i % 2:
+                d, f = timed(direct_url), timed(front_url)
+            else:
+                f, d = timed(front_url), timed(direct_url)
+        except requests.RequestException as e:
+            failed += 1
+            print(f"probe {i} failed ({type(e).__name__}); instance 0 at {instance_url(front_url)}", flush=True)
+            time.sleep(2.0)
+            direct_url = instance_url(front_url)
+            continue
         front.append(f)
         direct.append(d)
         added.append(f - d)
-    return {"probes": count, "added_ms_p50": pct(added, 50), "added_ms_p90": pct(added, 90),
+    count = len(added)
+    return {"probes": count, "failed_pairs": failed, "added_ms_p50": pct(added, 50), "added_ms_p90": pct(added, 90),
             "added_ms_mean": statistics.fmean(added), "added_ms_stdev": statistics.stdev(added) if count > 1 else 0.0,
             "front_ms_p50": pct(front, 50), "direct_ms_p50": pct(direct, 50)}
 
@@ -135,17 +152,17 @@ def run_kind(kind: str, args, model_dir: str, adapters_dir: Path, workload, logs
     t0 = time.perf_counter()
     with RunningServer("caraserve_router.api_server", flags, logs / f"{kind}.log", startup_s=900) as srv:
         start_s = time.perf_counter() - t0
-        instances = requests.get(srv.url + "/stats", timeout=30).json()["instances"]
-        overhead = probe_overhead(srv.url, instances[0]["url"], args.probes)
+        overhead = probe_overhead(srv.url, args.probes)
         before = decisions(srv.url)
         cfg = ReplayConfig(url=srv.url, slo_tpot_ms=args.slo_tpot_ms, progress_s=0.0)
         result = asyncio.run(replay(workload.requests, cfg, log=lambda m: None))
         after = decisions(srv.url)
+        restarts = {h["name"]: h["restarts"] for h in requests.get(srv.url + "/stats", timeout=30).json()["instances"]}
     spread = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     summary = result["summary"]
     print(f"[{kind}] start {start_s:.1f}s, added p50 {overhead['added_ms_p50']:.2f} ms, "
           f"ok {summary['ok']}/{summary['requests']}, spread {spread}", flush=True)
-    return {"start_s": start_s, "overhead": overhead, "replay": summary, "spread": spread,
+    return {"start_s": start_s, "overhead": overhead, "replay": summary, "spread": spread, "restarts": restarts,
             "requests": result["requests"], "leftover_procs": srv.leftover_procs,
             "leftover_shm": sorted(srv.leftover_shm)}
 
@@ -194,6 +211,11 @@ def main(argv=None) -> int:
     try:
         return run(args, model_dir, ranks, work)
     finally:
+        # keep the server and instance logs beside the result, Ray's session files go
+        logs = args.out.parent / (args.out.stem + "_logs")
+        shutil.rmtree(logs, ignore_errors=True)
+        if (work / "logs").is_dir():
+            shutil.copytree(work / "logs", logs, ignore_dangling_symlinks=True, dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -234,6 +256,8 @@ def run(args, model_dir: str, ranks: tuple, work: Path) -> int:
             ("tokens/s", lambda r: r["replay"]["throughput_tokens_s"]),
             ("ok / requests", lambda r: f"{r['replay']['ok']}/{r['replay']['requests']}"),
             ("spread", lambda r: ",".join(f"{int(v)}" for _, v in sorted(r["spread"].items()))),
+            ("instance restarts", lambda r: sum(r["restarts"].values())),
+            ("failed probe pairs", lambda r: r["overhead"]["failed_pairs"]),
             ("start-up (s)", lambda r: r["start_s"])]
     for name, get in rows:
         cells = [get(runs[k]) for k in KINDS]

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 import kernels
 import lightllm_patches  # noqa: F401 - patches LightLLM before any of its modules is imported
-from caraserve_router.assets.model_prep import _expected_shapes, write_llama_config
+from caraserve_router.assets.llama_layout import expected_shapes, write_llama_config
 from caraserve_router.contracts.configs import LoRAConfig, SidecarConfig
 from caraserve_router.lora.shapes import MODULE_PARENT, ModelShapes
 from lightllm.models.llama.model import LlamaTpPartModel
@@ -52,7 +52,7 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 DRY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4, vocab_size=512)
 QKV = ("q_proj", "k_proj", "v_proj")
-MODES = ("on-demand", "pipeline", "cpu-assist")
+MODES = ("cpu-assist", "pipeline", "on-demand")  # CaraServe first: the budget may cut the last
 
 
 def log(message: str) -> None:
@@ -70,7 +70,7 @@ class RandomWeightLlama(CaraLlamaModel):
         self.weight_dict = {
             name: (torch.ones(shape, dtype=self.data_type, device=self.device) if name.endswith("norm.weight") else
                    0.02 * torch.randn(shape, generator=g, dtype=self.data_type, device=self.device))
-            for name, shape in _expected_shapes(self.config).items()}
+            for name, shape in expected_shapes(self.config).items()}
         LlamaTpPartModel._init_weights(self)  # upstream: build the weight objects, load the dict
         self.weight_dict = None
 

@@ -193,7 +193,7 @@ class Case:
         self.rows = [(batch.page_table[i, :r].long(), r) for i, r in enumerate(batch.ranks)]
 
     def mbgmv(self, layer: int, backend: str, plan: bool = True) -> None:
-        p, b = self.pool, self.batch
+        p = self.pool
         use = self.plan if plan else None
         kernels.mbgmv_shrink(self.x, p.W[layer], self.a_rows, self.ranks, self.y, plan=use, backend=backend)
         kernels.mbgmv_expand(self.y, p.W[layer], self.b_rows, self.ranks, self.scales, self.offsets, self.out,

@@ -222,7 +222,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-output", type=int, default=32, help="output tokens clipped to this (default 32)")
     p.add_argument("--mode", default="cpu-assist", help="--lora-mode of the instance (default cpu-assist)")
     p.add_argument("--host-cache-mb", type=float, default=1024.0, help="--lora-host-cache-mb (default 1024)")
-    p.add_argument("--pool-mb", type=float, default=0.0, help="--lora-pool-mb (default 0: auto)")
+    p.add_argument("--pool-mb", type=float, default=2048.0,
+                   help="--lora-pool-mb (default 2048; the CPU default of 256 MiB holds one rank-128 all-module "
+                   "adapter of this model, 149 MiB in fp32)")
     p.add_argument("--work-dir", type=Path, default=REPO / ".cache" / "bench" / "many",
                    help="adapters are made (once) under this directory")
     p.add_argument("--model-dir", type=Path, default=None, help="base model (default: the prepared SmolLM2-135M)")

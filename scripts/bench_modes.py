@@ -294,7 +294,8 @@ def main() -> int:
                   + (f"; errors: {run['errors']}" if run["errors"] else ""), flush=True)
     result = {"emulated": True, "emulated_link_mb_s": bandwidth, "engine_threads": args.engine_threads,
               "sidecar_workers": args.sidecar_workers, "prefill_chunk_tokens": args.prefill_chunk_tokens,
-              "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
+              "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "args": {**vars(args), "trace": Path(trace).name, "out": out.name, "model_dir": Path(model_dir).name},
               "calibration": cal, "capacity_req_s": 1000 / service_ms, "rate_req_s": rate,
               "workload": {**wl.summary(), "notes": wl.notes, "requests": len(wl.requests)},
               "modes": {m: summarize_mode(runs[m]) for m in modes}}

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 from caraserve_router.contracts.names import DecodeKernel, LoraMode, values
 from caraserve_router.scheduling.perf_model import PerfModel, PerfModelError
 from caraserve_router.scheduling.policies import POLICIES, PolicyConfig, PolicyError
-from caraserve_router.evaluation.simulator import SimConfig, SimulatorError, SweepSpec, run_sweep
+from caraserve_router.evaluation.sim_config import SimConfig, SimulatorError
+from caraserve_router.evaluation.sim_sweep import SweepSpec, run_sweep
 from caraserve_router.evaluation.workload import ARRIVALS, LENGTHS, POPULARITY, WorkloadConfig, WorkloadError
 
 DEFAULT_PERF_MODEL = REPO / "data" / "perf_models" / "paper_a100_llama2_7b.json"

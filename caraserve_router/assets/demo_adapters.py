@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from caraserve_router.assets import model_prep
+from caraserve_router.assets.file_ops import emit as emit_progress, file_lock, write_json
 
 __all__ = [
     "ALL_TARGETS",
@@ -59,7 +60,6 @@ DEFAULT_STRENGTH = 0.1
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
 MANIFEST_VERSION = 1
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 Log = Callable[[str], None]
 
@@ -319,12 +319,6 @@ def make_random_adapter(
 # Demo adapters for a base model
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _dir_size(d: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
 
@@ -353,7 +347,7 @@ def make_demo_adapters(
     adapter: name, rank, lora_alpha, scaling, use_rslora, targets, seed, strength, path
     (absolute here; relative to out_dir in the manifest), size_bytes, made (False if skipped).
     """
-    emit = log or (lambda m: model_prep._emit(None, m))
+    emit = log or (lambda m: emit_progress(None, m))
     ranks = parse_ranks(ranks)
     tlist = parse_targets(targets)
     if count <= 0:
@@ -369,7 +363,7 @@ def make_demo_adapters(
     out = out.absolute()
 
     # One writer per adapter directory at a time (e.g. several instances starting at once).
-    with model_prep._file_lock(out / LOCK_NAME):
+    with file_lock(out / LOCK_NAME):
         old: dict[str, dict] = {}
         try:
             m = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -428,7 +422,7 @@ def make_demo_adapters(
             e["size_bytes"] = _dir_size(out / e["name"])
 
         keep = ("name", "rank", "lora_alpha", "scaling", "use_rslora", "targets", "seed", "strength", "path", "size_bytes")
-        _write_json(out / MANIFEST_NAME, {
+        write_json(out / MANIFEST_NAME, {
             "format_version": MANIFEST_VERSION,
             "base_model": str(Path(model_dir).absolute()),
             "base_model_name": Path(model_dir).name,

@@ -35,205 +35,33 @@ the same tick, moving requests that are still in an instance's queue.
 
 Per request: TTFT (first token - arrival), TPOT ((finish - first token) / (output - 1)),
 E2E, and the paper artifact's per-token latency E2E / output tokens.
+
+This module holds the event loop (`Simulation`); beside it: `sim_config.py` (`SimConfig`),
+`sim_instance.py` (engine-side request and instance state, cold-start rules by mode),
+`sim_metrics.py` (`summarize_records`) and `sim_sweep.py` (grids of runs for
+`scripts/simulate.py`).
 """
 from __future__ import annotations
 
 import heapq
 import math
 import time
-from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from collections import deque
+from typing import Any, Sequence
 
-from caraserve_router.contracts.names import DecodeKernel, LoraMode, values
+from caraserve_router.evaluation.sim_config import SimConfig, SimulatorError
+from caraserve_router.evaluation.sim_instance import (PREFILL_WITH_COLD, DONE, PREFILLING, QUEUED, RUNNING,
+                                                      SimInstance, SimRequest)
+from caraserve_router.evaluation.sim_metrics import summarize_records
+from caraserve_router.evaluation.workload import Request, Workload
 from caraserve_router.scheduling.perf_model import PerfModel
 from caraserve_router.scheduling.policies import Policy, PolicyConfig, make_policy
-from caraserve_router.scheduling.scheduler_state import ClusterState, InstanceState, RequestInfo
-from caraserve_router.evaluation.workload import Request, Workload
+from caraserve_router.scheduling.scheduler_state import ClusterState, InstanceState
 
+__all__ = ["SimConfig", "SimulatorError", "Simulation", "simulate", "summarize_records"]
+
+# Event kinds on the heap.
 _STEP, _SYNC = 0, 1
-_QUEUED, _PREFILLING, _RUNNING, _DONE = 0, 1, 2, 3
-
-
-class SimulatorError(ValueError):
-    """Bad simulator configuration."""
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """Cluster and engine settings of one simulation run.
-
-    num_instances: instances in the cluster.
-    max_batch: running requests per instance (LightLLM running_max_req_size).
-    max_wait_steps: decode steps between tries to prefill new requests (router_max_wait_tokens).
-    max_prefill_tokens: prompt tokens per prefill batch (None: no limit; one prompt always fits).
-    lora_mode: a LoraMode (or its string), every instance.
-    kernel: the DecodeKernel (or its string).
-    adapter_capacity_ranks: device memory for adapters per instance, in rank units (None: no limit).
-    sync_interval_s: period of the router's stats reconciliation and of dlora's rebalance.
-    drain_limit_s: simulated time allowed after the last arrival; requests unfinished by
-        then count as SLO misses (None: run until every request finishes).
-    slo_tpot_ms: per-token latency SLO for attainment; slo_ttft_ms: optional TTFT SLO as well.
-    progress_s: wall seconds between progress lines (0: silent).
-    """
-
-    num_instances: int = 8
-    max_batch: int = 32
-    max_wait_steps: int = 10
-    max_prefill_tokens: int | None = None
-    lora_mode: LoraMode = LoraMode.CACHED
-    kernel: DecodeKernel = DecodeKernel.BGMV
-    adapter_capacity_ranks: int | None = None
-    sync_interval_s: float = 1.0
-    drain_limit_s: float | None = 600.0
-    slo_tpot_ms: float = 40.0
-    slo_ttft_ms: float | None = None
-    progress_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        for name in ("num_instances", "max_batch", "max_wait_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SimulatorError(f"SimConfig.{name} must be an integer >= 1, got {v!r}")
-        for name in ("max_prefill_tokens", "adapter_capacity_ranks"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise SimulatorError(f"SimConfig.{name} must be None or an integer >= 1, got {v!r}")
-        for name, enum_cls in (("lora_mode", LoraMode), ("kernel", DecodeKernel)):
-            try:  # accept the user-facing string too (frozen: set through object)
-                object.__setattr__(self, name, enum_cls(getattr(self, name)))
-            except ValueError:
-                raise SimulatorError(f"SimConfig.{name} must be one of {list(values(enum_cls))}, "
-                                     f"got {getattr(self, name)!r}") from None
-        for name in ("sync_interval_s", "slo_tpot_ms"):
-            if not getattr(self, name) > 0:
-                raise SimulatorError(f"SimConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("drain_limit_s", "slo_ttft_ms"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise SimulatorError(f"SimConfig.{name} must be None or > 0, got {v!r}")
-        if self.progress_s < 0:
-            raise SimulatorError("SimConfig.progress_s must be >= 0")
-
-
-class SimRequest:
-    __slots__ = ("req", "info", "state", "inst", "dispatch_t", "first_t", "finish_t")
-
-    def __init__(self, req: Request) -> None:
-        self.req = req
-        self.info = RequestInfo(req.index, req.adapter, req.rank, req.prompt_tokens, req.output_tokens)
-        self.state = _QUEUED
-        self.inst = -1
-        self.dispatch_t = self.first_t = self.finish_t = None
-
-
-class SimInstance:
-    """Engine-side state of one simulated instance."""
-
-    def __init__(self, index: int, cfg: SimConfig) -> None:
-        self.index = index
-        self.queue: deque[SimRequest] = deque()
-        self.running = 0
-        self.sum_r = 0
-        self.max_r = 0
-        self.rank_counts: dict[int, int] = {}
-        self.steps = 0
-        self.finish_heap: list = []
-        self.wait = 0
-        self.busy = False
-        self.step_batch: list[SimRequest] | None = None     # the prefill batch in flight, else None
-        self.assist_until = 0.0                              # cpu-assist: a load is still running
-        self.link_free = 0.0
-        self.cached = cfg.lora_mode.preloads
-        self.capacity = cfg.adapter_capacity_ranks
-        self.resident: OrderedDict[str, int] = OrderedDict()
-        self.resident_ranks = 0
-        self.pins: dict[str, int] = {}
-        self.cold_loads = 0
-        self.busy_s = 0.0
-
-    def add_running(self, rank: int) -> None:
-        self.running += 1
-        self.sum_r += rank
-        self.rank_counts[rank] = self.rank_counts.get(rank, 0) + 1
-        if rank > self.max_r:
-            self.max_r = rank
-
-    def remove_running(self, rank: int) -> None:
-        self.running -= 1
-        self.sum_r -= rank
-        left = self.rank_counts[rank] - 1
-        if left:
-            self.rank_counts[rank] = left
-        else:
-            del self.rank_counts[rank]
-            if rank == self.max_r:
-                self.max_r = max(self.rank_counts, default=0)
-
-    def touch(self, adapter: str, rank: int) -> bool:
-        """Use ``adapter`` in a prefill; True if it had to be loaded (cold)."""
-        self.pins[adapter] = self.pins.get(adapter, 0) + 1
-        if self.cached:
-            return False
-        if adapter in self.resident:
-            self.resident.move_to_end(adapter)
-            return False
-        self.resident[adapter] = rank
-        self.resident_ranks += rank
-        self.cold_loads += 1
-        self._evict(adapter)
-        return True
-
-    def _evict(self, keep: str) -> None:
-        if self.capacity is None:
-            return
-        for name in list(self.resident):
-            if self.resident_ranks <= self.capacity:
-                return
-            if name != keep and not self.pins.get(name):
-                self.resident_ranks -= self.resident.pop(name)
-
-    def unpin(self, adapter: str) -> None:
-        left = self.pins[adapter] - 1
-        if left:
-            self.pins[adapter] = left
-        else:
-            del self.pins[adapter]
-
-    def resident_stats(self) -> list[dict[str, Any]]:
-        return [{"name": a, "rank": r} for a, r in self.resident.items()]
-
-
-def _cold_cached(inst, t, prefill_ms, loads_ms, pm):
-    return prefill_ms
-
-
-def _cold_on_demand(inst, t, prefill_ms, loads_ms, pm):
-    load_end = max(t, inst.link_free) + loads_ms / 1000.0
-    inst.link_free = load_end
-    return (load_end - t) * 1000.0 + prefill_ms
-
-
-def _cold_pipeline(inst, t, prefill_ms, loads_ms, pm):
-    load_end = max(t, inst.link_free) + loads_ms / 1000.0
-    inst.link_free = load_end
-    return max(prefill_ms, (load_end - t) * 1000.0)
-
-
-def _cold_cpu_assist(inst, t, prefill_ms, loads_ms, pm):
-    load_end = max(t, inst.link_free) + loads_ms / 1000.0
-    inst.link_free = load_end
-    inst.assist_until = max(inst.assist_until, load_end)
-    return prefill_ms * (1.0 + pm.cpu_assist_overhead)
-
-
-# Duration (ms) of a prefill step with ``loads_ms`` > 0 of cold adapters, by LoRA mode.
-PREFILL_WITH_COLD: dict[LoraMode, Callable] = {
-    LoraMode.CACHED: _cold_cached,
-    LoraMode.ON_DEMAND: _cold_on_demand,
-    LoraMode.PIPELINE: _cold_pipeline,
-    LoraMode.CPU_ASSIST: _cold_cpu_assist,
-}
 
 
 class Simulation:
@@ -327,7 +155,7 @@ class Simulation:
             self._dispatch(sr, index, t)
 
     def _dispatch(self, sr: SimRequest, index: int, t: float) -> None:
-        sr.inst, sr.dispatch_t = index, t
+        sr.inst = index
         self.view.dispatch(index, sr.info, t)
         inst = self.insts[index]
         inst.queue.append(sr)
@@ -354,7 +182,7 @@ class Simulation:
 
     def _move(self, rid: int, src: int, dst: int, t: float) -> None:
         sr = self._by_id.get(rid)
-        if sr is None or sr.state != _QUEUED or sr.inst != src:
+        if sr is None or sr.state != QUEUED or sr.inst != src:
             return                      # already prefilling or gone: the move does not apply
         self.insts[src].queue.remove(sr)
         self.view.move(rid, dst)
@@ -401,7 +229,7 @@ class Simulation:
             if limit is not None and batch and tokens + p > limit:
                 break
             q.popleft()
-            sr.state = _PREFILLING
+            sr.state = PREFILLING
             batch.append(sr)
             tokens += p
             rank_tokens += p * sr.req.rank
@@ -445,7 +273,7 @@ class Simulation:
                 self._finish(inst, sr, t)
                 freed = True
                 continue
-            sr.state = _RUNNING
+            sr.state = RUNNING
             inst.add_running(sr.req.rank)
             heapq.heappush(inst.finish_heap, (inst.steps + sr.req.output_tokens - 1, sr.req.index, sr))
         if freed and self.router_queue:
@@ -453,7 +281,7 @@ class Simulation:
 
     def _finish(self, inst: SimInstance, sr: SimRequest, t: float) -> None:
         sr.finish_t = t
-        sr.state = _DONE
+        sr.state = DONE
         self._in_system -= 1
         self._by_id.pop(sr.req.index, None)
         self.view.finish(sr.req.index)
@@ -475,154 +303,9 @@ class Simulation:
         return out
 
 
-def _pct(sorted_vals: list[float], q: float) -> float | None:
-    if not sorted_vals:
-        return None
-    k = (len(sorted_vals) - 1) * q / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
-
-
-def _mean(vals: list[float]) -> float | None:
-    return sum(vals) / len(vals) if vals else None
-
-
-def summarize_records(records: Sequence[SimRequest], slo_tpot_ms: float, slo_ttft_ms: float | None) -> dict[str, Any]:
-    """Latency metrics of finished requests; SLO attainment counts unfinished requests as misses."""
-    ttft, tpot, e2e, ptl = [], [], [], []
-    ok = ok_ptl = 0
-    tokens = 0
-    first_arrival = min((r.req.arrival_s for r in records), default=0.0)
-    last_finish = first_arrival
-    for r in records:
-        if r.finish_t is None:
-            continue
-        a, out = r.req.arrival_s, r.req.output_tokens
-        t1 = (r.first_t - a) * 1000.0
-        e = (r.finish_t - a) * 1000.0
-        ttft.append(t1)
-        e2e.append(e)
-        ptl.append(e / out)
-        tokens += out
-        last_finish = max(last_finish, r.finish_t)
-        tp = (r.finish_t - r.first_t) * 1000.0 / (out - 1) if out > 1 else None
-        if tp is not None:
-            tpot.append(tp)
-        ttft_ok = slo_ttft_ms is None or t1 <= slo_ttft_ms
-        ok += ttft_ok and (tp is None or tp <= slo_tpot_ms)
-        ok_ptl += e / out <= slo_tpot_ms
-    n = len(records)
-    span = last_finish - first_arrival
-    s_ttft, s_tpot, s_e2e = sorted(ttft), sorted(tpot), sorted(e2e)
-    return {
-        "requests": n, "completed": len(e2e), "unfinished": n - len(e2e),
-        "slo_tpot_ms": slo_tpot_ms, "slo_ttft_ms": slo_ttft_ms,
-        "slo_attainment": ok / n if n else None,
-        "slo_attainment_per_token_e2e": ok_ptl / n if n else None,
-        "tpot_ms_mean": _mean(tpot), "tpot_ms_p50": _pct(s_tpot, 50), "tpot_ms_p90": _pct(s_tpot, 90),
-        "tpot_ms_p99": _pct(s_tpot, 99),
-        "ttft_ms_mean": _mean(ttft), "ttft_ms_p50": _pct(s_ttft, 50), "ttft_ms_p90": _pct(s_ttft, 90),
-        "ttft_ms_p99": _pct(s_ttft, 99),
-        "e2e_ms_mean": _mean(e2e), "e2e_ms_p50": _pct(s_e2e, 50), "e2e_ms_p90": _pct(s_e2e, 90),
-        "per_token_ms_mean": _mean(ptl),
-        "throughput_tokens_s": tokens / span if span > 0 else None,
-        "throughput_req_s": len(e2e) / span if span > 0 else None,
-    }
-
-
 def simulate(workload: Workload | Sequence[Request], perf_model: PerfModel, policy: str,
              sim_config: SimConfig | None = None, policy_config: PolicyConfig | None = None,
              label: str = "") -> tuple[dict[str, Any], Simulation]:
     """Run one simulation; returns (metrics, the Simulation with its per-request records)."""
     sim = Simulation(workload, perf_model, policy, sim_config, policy_config, label)
     return sim.run(), sim
-
-
-def tpot_samples(sim: Simulation) -> list[float]:
-    """Per-request TPOT (ms) of the finished requests with more than one output token."""
-    return [(r.finish_t - r.first_t) * 1000.0 / (r.req.output_tokens - 1) for r in sim.records
-            if r.finish_t is not None and r.req.output_tokens > 1]
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    d = asdict(cfg)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-# ---------------------------------------------------------------------- sweeps
-@dataclass(frozen=True)
-class SweepSpec:
-    """Grid of runs: every policy x rate x cluster size. ``rate_per_instance``: rates are per instance."""
-
-    policies: tuple[str, ...]
-    rates: tuple[float, ...]
-    instances: tuple[int, ...]
-    rate_per_instance: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.policies or not self.rates or not self.instances:
-            raise SimulatorError("a sweep needs at least one policy, one rate and one cluster size")
-        if any(r <= 0 for r in self.rates) or any(n < 1 for n in self.instances):
-            raise SimulatorError("rates must be > 0 and cluster sizes >= 1")
-
-
-# (header, width, decimals or None for text/int, metrics key)
-TABLE_COLUMNS = (("policy", -22, None, "policy"), ("n", 4, None, "num_instances"), ("rate", 7, 1, "rate"),
-                 ("SLO", 6, 3, "slo_attainment"), ("SLO e2e/tok", 11, 3, "slo_attainment_per_token_e2e"),
-                 ("TPOT", 6, 1, "tpot_ms_mean"), ("TPOT p90", 8, 1, "tpot_ms_p90"),
-                 ("TTFT p50", 8, 0, "ttft_ms_p50"), ("TTFT p90", 8, 0, "ttft_ms_p90"),
-                 ("E2E", 7, 0, "e2e_ms_mean"), ("tok/s", 8, 0, "throughput_tokens_s"),
-                 ("unfin", 5, None, "unfinished"), ("wall s", 6, 1, "wall_s"))
-
-
-def table_header() -> str:
-    return " ".join(f"{name:<{-w}}" if w < 0 else f"{name:>{w}}" for name, w, _, _ in TABLE_COLUMNS)
-
-
-def table_row(m: dict[str, Any]) -> str:
-    cells = []
-    for _, w, dec, key in TABLE_COLUMNS:
-        v = m.get(key)
-        text = "-" if v is None else (f"{v:.{dec}f}" if dec is not None else str(v))
-        cells.append(f"{text:<{-w}}" if w < 0 else f"{text:>{w}}")
-    return " ".join(cells)
-
-
-def run_sweep(spec: SweepSpec, workload_config, sim_config: SimConfig, policy_config: PolicyConfig,
-              perf_model: PerfModel, mean_output_len: float | None = None,
-              log: Callable[[str], None] = print, keep_tpot_samples: int = 2000) -> dict[str, Any]:
-    """Run the grid; returns {"runs": [...], "results": {policy: {"instances=N": {"rate=R": metrics}}},
-    "tpot_samples": {(policy, n, rate): sorted sample}} (samples are not JSON; drop them before saving)."""
-    from dataclasses import replace
-
-    from caraserve_router.evaluation.workload import generate
-
-    runs, results, samples = [], {}, {}
-    workloads: dict[float, Workload] = {}
-    total, k = len(spec.policies) * len(spec.rates) * len(spec.instances), 0
-    log(table_header())
-    for n in spec.instances:
-        for rate in spec.rates:
-            total_rate = rate * n if spec.rate_per_instance else rate
-            if total_rate not in workloads:
-                workloads[total_rate] = generate(replace(workload_config, rate=total_rate))
-                log(f"# {workloads[total_rate].describe()}")
-            w = workloads[total_rate]
-            mol = mean_output_len or (sum(r.output_tokens for r in w.requests) / max(1, len(w)))
-            pcfg = replace(policy_config, mean_output_len=mol, slo_tpot_ms=sim_config.slo_tpot_ms,
-                           max_batch=sim_config.max_batch)
-            scfg = replace(sim_config, num_instances=n)
-            for policy in spec.policies:
-                k += 1
-                label = f"{k}/{total} {policy} n={n} rate={total_rate:g}"
-                m, sim = simulate(w, perf_model, policy, scfg, pcfg, label=label)
-                m.update({"rate": total_rate, "offered_rate": w.summary().get("rate"),
-                          "mean_output_len_policy": mol})
-                runs.append(m)
-                results.setdefault(policy, {}).setdefault(f"instances={n}", {})[f"rate={total_rate:g}"] = m
-                tp = sorted(tpot_samples(sim))
-                step = max(1, len(tp) // keep_tpot_samples)
-                samples[(policy, n, total_rate)] = tp[::step]
-                log(table_row(m))
-    return {"runs": runs, "results": results, "tpot_samples": samples}

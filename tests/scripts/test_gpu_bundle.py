@@ -158,5 +158,9 @@ def test_gpu_check_dry_run_on_the_cpu(bundle, tmp_path):
     assert bench["emulated"] is True and bench["link"] == "emulated"
     assert {"kernels", "steps", "coldstart", "sidecar"} <= set(bench)
     assert set(bench["coldstart"]) == {"cached", "on-demand", "pipeline", "cpu-assist"}
+    # every kernel path computed what the per-adapter loop computes (fp32 on the CPU)
+    errors = [err for row in bench["kernels"] for err in row["rel_error_vs_loop"].values()]
+    assert errors and max(errors) < 1e-4, errors
+    assert bench["coldstart"]["cpu-assist"]["counters"]["loads_cold"] >= 1
     files = sorted(p.name for p in out.iterdir())
     assert files == ["bench_gpu.json", "check.log", "env.json", "imports.json", "pytest_cuda.xml", "summary.json"]

@@ -24,8 +24,7 @@ def tiny(tmp_path_factory):
 
 
 def start(tiny, tmp_path, policy, *extra):
-    model_dir, adapters = tiny
-    adapter_root = adapters[0].parent
+    model_dir = tiny[0]
     return RunningServer("caraserve_router.api_server", [
         "--model-dir", str(model_dir), "--instances", "2", "--policy", policy, "--lora-mode", "pipeline",
         "--lora-pool-mb", "4", "--lora-max-rank", "8", "--log-dir", str(tmp_path), "--stats-interval-s", "0.3",
