@@ -158,8 +158,10 @@ class Cluster:
                 self.launcher.start(h)
 
     async def wait_ready(self, timeout_s: float = 600.0) -> None:
-        deadline = time.time() + timeout_s
+        start = time.time()
+        deadline = start + timeout_s
         pending = set(range(len(self.handles)))
+        next_note = start + 10.0
         while pending:
             for i in list(pending):
                 h = self.handles[i]
@@ -171,6 +173,10 @@ class Cluster:
                     log.info("instance %d ready at %s", i, h.url)
             if pending and time.time() > deadline:
                 raise RuntimeError(f"instances {sorted(pending)} not ready after {timeout_s:.0f}s")
+            if pending and time.time() > next_note:  # progress: loading a model can take a while
+                log.info("still starting instance(s) %s (%.0f s; logs in %s)", sorted(pending), time.time() - start,
+                         os.path.dirname(self.handles[min(pending)].log_path or "") or "their hosts")
+                next_note = time.time() + 10.0
             if pending:
                 await asyncio.sleep(0.5)
 

@@ -20,6 +20,11 @@ from caraserve_router.scheduling.scheduler_state import ClusterState, RequestInf
 log = logging.getLogger("caraserve.dispatch")
 
 
+def _incarnation(handle) -> tuple:
+    """Changes when the instance was restarted or went down (and so may be back since)."""
+    return (getattr(handle, "restarts", 0), getattr(handle, "failures", 0))
+
+
 async def _cancelled(task: asyncio.Future) -> None:
     """Cancel `task` and wait until it has ended (a stream cannot be closed while a read of it
     is still pending)."""
@@ -112,7 +117,6 @@ class Dispatcher:
         if index is not None:
             return index
         if self.max_waiting and self.waiting >= self.max_waiting:
-            self.metrics.error("rate_limit_exceeded")
             raise DispatchError(f"{self.waiting} requests are already waiting for an instance; try again later",
                                 429, "rate_limit_exceeded", retry_after_s=self._retry_after_s())
         deadline = time.monotonic() + self.wait_timeout_s
@@ -142,9 +146,18 @@ class Dispatcher:
         per_batch = max(1, max((i.max_batch for i in self.state.instances), default=1))
         return int(min(60, max(1, self.waiting // per_batch + 1)))
 
-    def _pick(self, job: Job, excluded: set) -> Optional[int]:
+    def _hidden(self, excluded) -> list[int]:
+        """The excluded instances still to hide: an instance that just failed this request is
+        hidden until it has been restarted, or marked down and up again (with one instance,
+        a request that waits out its restart must then go back to it)."""
+        handles = self.cluster.handles
+        if isinstance(excluded, set):
+            return list(excluded)
+        return [i for i, mark in excluded.items() if _incarnation(handles[i]) == mark]
+
+    def _pick(self, job: Job, excluded) -> Optional[int]:
         instances = self.state.instances
-        saved = [(i, instances[i].healthy) for i in excluded]
+        saved = [(i, instances[i].healthy) for i in self._hidden(excluded)]
         for i, _ in saved:
             instances[i].healthy = False  # hide instances that just failed this request
         try:
@@ -153,8 +166,9 @@ class Dispatcher:
             for i, healthy in saved:
                 instances[i].healthy = healthy
 
-    def _no_room_reason(self, excluded: set) -> str:
-        healthy = [i for i, inst in enumerate(self.state.instances) if inst.healthy and i not in excluded]
+    def _no_room_reason(self, excluded) -> str:
+        hidden = self._hidden(excluded)
+        healthy = [i for i, inst in enumerate(self.state.instances) if inst.healthy and i not in hidden]
         if not healthy:
             return "no healthy instance is available"
         return f"no instance had room for the request within {self.wait_timeout_s:.0f}s"
@@ -206,8 +220,9 @@ class Dispatcher:
             self._forget(job)
             done = True
             log.warning("instance %d unreachable for %s (%s); re-routing", index, job.request_id, e)
+            mark = _incarnation(self.cluster.handles[index])  # before the check, which may restart it
             await self.cluster.check_once()
-            async for event in self._reroute(job, index):
+            async for event in self._reroute(job, {index: mark}):
                 yield event
         except InstanceError as e:
             raise DispatchError(str(e), e.status, e.body.get("error", {}).get("type", "server_error")) from e
@@ -217,8 +232,9 @@ class Dispatcher:
             if not done:
                 self._forget(job)
 
-    async def _reroute(self, job: Job, failed: int) -> AsyncIterator[dict]:
-        excluded = {failed}
+    async def _reroute(self, job: Job, excluded: dict) -> AsyncIterator[dict]:
+        """Place `job` again, away from the instance(s) that just failed it (`excluded`:
+        index -> its incarnation then; see `_hidden`)."""
         index = await self._choose(job, excluded)
         self.state.dispatch(index, job.info())
         self.metrics.decision(self.cluster.handles[index].name)

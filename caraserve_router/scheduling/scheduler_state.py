@@ -100,6 +100,9 @@ class InstanceState:
         self.queued: dict[Hashable, RequestInfo] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()
         self.steps = 0
+        # Requests the view learned from stats, not from a dispatch: no stream will ever finish
+        # them here, so they leave the view as soon as the instance stops reporting them.
+        self.adopted: set = set()
         self._reset_aggregates()
         for adapter, rank in resident:
             self.mark_resident(adapter, rank)
@@ -194,6 +197,7 @@ class InstanceState:
 
     def finished(self, request_id: Hashable) -> RequestInfo:
         """The request completed (or was aborted); remove it wherever it is."""
+        self.adopted.discard(request_id)
         req = self.running.pop(request_id, None)
         if req is not None:
             done = req.generated + self.steps - req._mark
@@ -283,11 +287,13 @@ class InstanceState:
             if not self.has_request(rid):
                 self.dispatched(req)
                 report.adopted.append(rid)
+                self.adopted.add(rid)
         for rid, req in run.items():
             reported_generated = req.generated
             if not self.has_request(rid):
                 self.dispatched(req)
                 report.adopted.append(rid)
+                self.adopted.add(rid)
             if rid in self.queued:
                 self.first_token(rid)
                 if rid not in report.adopted:
@@ -295,10 +301,9 @@ class InstanceState:
             self._set_generated(rid, reported_generated)
         reported = set(run) | set(que)
         report.missing = [rid for rid in list(self.running) + list(self.queued) if rid not in reported]
-        if drop_missing:
-            for rid in report.missing:
-                self.finished(rid)
-            report.dropped = list(report.missing)
+        report.dropped = [rid for rid in report.missing if drop_missing or rid in self.adopted]
+        for rid in report.dropped:
+            self.finished(rid)
 
     def _set_generated(self, rid: Hashable, generated: int) -> None:
         req = self.running[rid]
@@ -402,6 +407,8 @@ class ClusterState:
 
     def apply_stats(self, index: int, stats: InstanceStats | Mapping[str, Any],
                     drop_missing: bool = False) -> ReconcileReport:
+        if isinstance(stats, InstanceStats):
+            stats = stats.to_dict()
         inst = self.instances[index]
         for rid in _reported_ids(stats):
             other = self._where.get(rid)

@@ -184,7 +184,22 @@ def test_apply_stats_takes_the_typed_record():
            "resident_adapters": [{"name": "a", "rank": 8}],
            "running": [{"request_id": "r1", "adapter": "a", "rank": 8, "prompt_tokens": 5, "max_new_tokens": 9,
                         "generated": 3}], "queued": []}
-    inst = InstanceState("i0")
-    report = inst.apply_stats(InstanceStats.from_dict(raw))
+    cluster = ClusterState([InstanceState("i0")])
+    report = cluster.apply_stats(0, InstanceStats.from_dict(raw))
+    inst = cluster.instances[0]
     assert report.adopted == ["r1"] and inst.num_running == 1 and inst.max_batch == 8
     assert inst.kernel == "bgmv" and inst.lora_mode == "pipeline" and inst.is_resident("a")
+    assert cluster.instance_of("r1") == 0
+
+
+def test_adopted_requests_leave_when_the_instance_stops_reporting_them():
+    """A request the view only knows from stats (e.g. one the instance still aborts under its
+    own id) has no stream to finish it: it must not hold a slot forever."""
+    cluster = ClusterState([InstanceState("i0", max_batch=4)])
+    cluster.dispatch(0, RequestInfo("mine", None, 0, 5, 10))
+    row = {"adapter": None, "rank": 0, "prompt_tokens": 5, "max_new_tokens": 10, "generated": 1}
+    cluster.apply_stats(0, {"running": [{**row, "request_id": "mine"}, {**row, "request_id": 8}], "queued": []})
+    assert cluster.instances[0].load == 2
+    report = cluster.apply_stats(0, {"running": [], "queued": []})
+    assert report.dropped == [8] and report.missing == ["mine", 8]
+    assert cluster.instances[0].load == 1 and cluster.instance_of(8) is None  # ours stays until its stream ends
