@@ -17,6 +17,13 @@ from typing import Optional, Protocol, runtime_checkable
 
 # Adapter names: what a client puts in `model` / `adapter`; also part of metric labels.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$")
+# A name the resolver (`--lora-adapter-dir`) may look up: one directory name, nothing that walks.
+RESOLVABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def resolvable(name: str) -> bool:
+    """A plain directory name: no '/', no '..', not absolute."""
+    return bool(RESOLVABLE_NAME.match(name)) and ".." not in name
 
 
 def check_adapter_name(name) -> str:

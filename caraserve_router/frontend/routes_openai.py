@@ -36,6 +36,8 @@ def router(front) -> APIRouter:
         except KeyError:
             return fail(front, f"model {req.model!r} is neither the base model ({front.base_name}) nor a loaded "
                         "adapter", 404, "not_found")
+        except ValueError as e:
+            return fail(front, str(e), 400)
         try:
             stops = stop_list(req.stop)
             params = parameters(req, DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS)

@@ -10,6 +10,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Optional
 
+from caraserve_router.contracts.adapters import resolvable
 from caraserve_router.contracts.configs import InstanceConfig
 from caraserve_router.contracts.stats import InstanceStats
 from caraserve_router.frontend.config import FrontendConfig
@@ -258,12 +259,22 @@ class FrontEnd:
     # ---- requests -------------------------------------------------------------------------
 
     def resolve_model(self, model: Optional[str]) -> tuple[Optional[str], int]:
-        """(adapter, rank) for an API `model` value; raises KeyError if unknown."""
+        """(adapter, rank) for an API `model` value; raises KeyError if unknown, ValueError if it
+        cannot name an adapter the resolver may look up.
+
+        With a resolver directory (`--lora-adapter-dir`) an unregistered plain name goes to an
+        instance, which registers DIR/<name> on first use and answers 400 / 404 itself; its rank is
+        unknown here until then (0 for the policy)."""
         if model is None or model in self.base_names:
             return None, 0
-        if model not in self.registry:
+        if model in self.registry:
+            return model, self.registry.rank(model)
+        if self.template.lora.adapter_dir is None:
             raise KeyError(model)
-        return model, self.registry.rank(model)
+        if not resolvable(model):
+            raise ValueError(f"adapter name {model!r} is not a plain name (letters, digits, . _ -; no '..', "
+                             "no '/'): the resolver does not look it up")
+        return model, 0
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -40,7 +40,17 @@ def adapter_dir(default_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(default_model_dir, adapter_dir, tmp_path_factory):
+def resolver_dir(default_model_dir, tmp_path_factory):
+    """A directory the server was told only as its resolver (`--lora-adapter-dir`)."""
+    root = tmp_path_factory.mktemp("resolver")
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    make_random_adapter(base, root / "resolved-r8", rank=8, target_modules="attn", seed=300)
+    (root / "not-an-adapter").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, adapter_dir, resolver_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("lora-server")
     # 160 MiB holds 131 rank rows of SmolLM2: less than the 240 the eight adapters need.
     srv = RunningServer("caraserve_router.api_server",
@@ -48,6 +58,7 @@ def server(default_model_dir, adapter_dir, tmp_path_factory):
                          "--policy", "round-robin", "--lora-mode", "pipeline", "--lora-pool-mb", "160",
                          # the tests load adapters from their own tmp_path directories at run time
                          "--adapter-roots", str(tmp_path_factory.getbasetemp()),
+                         "--lora-adapter-dir", str(resolver_dir),
                          "--log-dir", str(logs)], logs / "server.log")
     with srv:
         yield srv
@@ -152,3 +163,26 @@ def test_bad_adapters_are_refused(server, adapter_dir, tmp_path, case):
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"]["message"]
     assert generate(server.url, "attn-r8", PROMPTS[0])  # still serving
+
+
+def test_resolver_registers_on_first_use_and_refuses_walks(server, default_model_dir, resolver_dir):
+    """An adapter only the resolver directory holds is registered by its first request and serves
+    PEFT's tokens; names that walk out of the directory, missing names and a directory that is
+    no adapter are 4xx answers, and the server keeps serving."""
+    prompt = PROMPTS[0]
+    assert generate(server.url, "resolved-r8", prompt) == peft_greedy(default_model_dir, resolver_dir / "resolved-r8",
+                                                                       prompt)
+    # the same files registered by the admin route give the same tokens on every prompt
+    r = requests.post(server.url + "/v1/load_lora_adapter",
+                      json={"lora_name": "resolved-copy", "lora_path": str(resolver_dir / "resolved-r8")}, timeout=300)
+    assert r.status_code == 200, r.text
+    for other in PROMPTS[1:4]:
+        assert generate(server.url, "resolved-r8", other) == generate(server.url, "resolved-copy", other), other
+    for name, status in (("../resolver/resolved-r8", 400), ("/etc", 400), ("a/b", 400), ("..", 400),
+                         ("missing-adapter", 404), ("not-an-adapter", 400)):
+        r = requests.post(server.url + "/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 2},
+                          timeout=120)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert r.json()["error"]["code"] == status
+        assert str(resolver_dir) not in r.text, "no server path in the message"
+    assert generate(server.url, "resolved-r8", prompt) == generate(server.url, "resolved-r8", prompt)
