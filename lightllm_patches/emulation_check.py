@@ -76,7 +76,6 @@ def calibrate(model_dir: str, adapter_dir: Path, prompt_len: int, engine_threads
                 rt.sidecar.disarm()
         finally:
             rt.detach_request(req.r_id)
-        page_bytes = rt.pool.page_bytes
     finally:
         engine.close()
     base, device_lora, cpu_lora = (statistics.median(v) for v in (base_runs, device_runs, cpu_runs))
@@ -85,5 +84,4 @@ def calibrate(model_dir: str, adapter_dir: Path, prompt_len: int, engine_threads
             "device_lora_ms": device_lora, "device_lora_ms_runs": device_runs,
             "lora_share_of_prefill": device_lora / (base + device_lora),
             "sidecar_lora_ms": cpu_lora, "sidecar_lora_ms_runs": cpu_runs,
-            "cpu_vs_device_lora_time_ratio": cpu_lora / device_lora, "targets": groups,
-            "pool_page_bytes": page_bytes}
+            "cpu_vs_device_lora_time_ratio": cpu_lora / device_lora, "targets": groups}

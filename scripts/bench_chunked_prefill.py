@@ -135,7 +135,7 @@ def main() -> int:
               f"decode step {row['decode_step_ms_mean']:.0f} ms, long prompt TTFT {row['long_prompt_ttft_ms']:.0f} ms",
               flush=True)
     result = {"device": "cpu", "threads": args.threads, "model_dir": Path(model_dir).name, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "args": vars(args), "decode_cost": cost, "stall_by_chunk": table}
+              "args": {**vars(args), "out": out.name, "model_dir": Path(model_dir).name}, "decode_cost": cost, "stall_by_chunk": table}
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

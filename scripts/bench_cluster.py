@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NETNS_ENV = "CARASERVE_BENCH_NETNS"
 KINDS = ("local", "ray")
+PATH_ARGS = ("out", "model_dir", "perf_model", "trace", "lengths")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +236,8 @@ def run(args, model_dir: str, ranks: tuple, work: Path) -> int:
     result = {
         "what": "--cluster local vs --cluster ray, same replayed workload, run side by side in one process",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # file names only: no paths of the machine in the result
+        "config": {k: (os.path.basename(str(v)) if k in PATH_ARGS and v else v) for k, v in vars(args).items()},
         "workload_notes": list(workload.notes),
         "runs": runs,
         "ray_minus_local": {

@@ -263,8 +263,8 @@ def main() -> int:
 
     cal = calibrate(model_dir, Path(r64["path"]), prompt_mean, args.engine_threads, args.sidecar_workers,
                     args.calibration_rounds, shm_prefix="csbench_modes")
-    if args.pool_mb == 0:  # every adapter fits (cached mode preloads them all); a page spans every group
-        args.pool_mb = int(sum(a["rank"] for a in made) * cal["pool_page_bytes"] / 2**20 * 1.05) + 16
+    if args.pool_mb == 0:  # every adapter fits (cached mode preloads them all); the pool holds each at its size
+        args.pool_mb = int(total_mb * 1.15) + 64
     print(f"{len(made)} adapters (ranks {ranks}, targets {args.targets}), {total_mb:.0f} MiB of files; "
           f"pool {args.pool_mb} MiB", flush=True)
     service_ms = cal["prefill_ms_base"] + output_mean * cal["decode_step_ms_batch8"] / 8

@@ -72,7 +72,7 @@ async def add_instances(front, count: int) -> list[dict]:
         cfg = handle.config
         # Unhealthy until its first good health check (then the front end restores the
         # run-time adapters on it and marks it healthy).
-        front.dispatcher.state.add_instance(InstanceState(
+        front.dispatcher.state.instances.append(InstanceState(
             handle.name, max_batch=cfg.running_max_req_size, lora_mode=cfg.lora.mode, kernel=cfg.lora.decode_kernel,
             healthy=False))
         front.cluster.clients.append(client)
