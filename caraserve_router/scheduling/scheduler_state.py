@@ -376,6 +376,11 @@ class ClusterState:
     def __len__(self) -> int:
         return len(self.instances)
 
+    def add_instance(self, inst: InstanceState) -> int:
+        """A new instance joins at the next index (indices are never reused)."""
+        self.instances.append(inst)
+        return len(self.instances) - 1
+
     def instance_of(self, request_id: Hashable) -> int | None:
         return self._where.get(request_id)
 
