@@ -1,35 +1,10 @@
 """Kernel tests draw fresh random batches every run; a failing test reports its seed."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-# Set to a reported seed to replay a failure.
-FIXED_SEED: int | None = None
-
-
-@pytest.fixture
-def seed(request) -> int:
-    value = FIXED_SEED if FIXED_SEED is not None else random.SystemRandom().randrange(2**31)
-    request.node.kernel_seed = value
-    return value
-
-
-@pytest.fixture
-def gen(seed) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    seed = getattr(item, "kernel_seed", None)
-    if report.failed and seed is not None:
-        report.sections.append(("kernel test seed", f"seed={seed}: set FIXED_SEED = {seed} in "
-                                                    "tests/kernels/conftest.py to replay"))
+from tests.seeded import gen, pytest_runtest_makereport, seed  # noqa: F401  (fixtures and the report hook)
 
 
 @pytest.fixture(autouse=True)
