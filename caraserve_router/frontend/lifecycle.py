@@ -47,7 +47,7 @@ async def serve(front: FrontEnd) -> None:
     except asyncio.CancelledError:
         log.warning("start-up interrupted")
     finally:
-        shutdown.begin("stopping")
+        shutdown.begin("stopping", interrupt_start=False)
         await front.stop(grace_s=max(1.0, shutdown.remaining_s() - 2.0))
 
 

@@ -62,8 +62,10 @@ class Shutdown:
             return
         self.begin(f"{signal.Signals(sig).name}")
 
-    def begin(self, why: str) -> None:
-        """Start the bounded shutdown (idempotent)."""
+    def begin(self, why: str, interrupt_start: bool = True) -> None:
+        """Start the bounded shutdown (idempotent). A signal during start-up interrupts it; the
+        serve loop's own `finally` (`interrupt_start=False`) must not cancel the task it runs in,
+        or a start-up error would surface as a CancelledError instead of its message."""
         if self.started_at is not None:
             return
         self.started_at = time.monotonic()
@@ -73,7 +75,7 @@ class Shutdown:
         watchdog.daemon = True
         watchdog.start()
         self.server.should_exit = True
-        if not self.server.started and self.main_task is not None:
+        if interrupt_start and not self.server.started and self.main_task is not None:
             self.main_task.cancel()  # still starting (instances, model): stop waiting for them
         self.loop.call_later(self.drain_s, lambda: asyncio.ensure_future(self.front.abort_all(SHUTTING_DOWN)))
 
