@@ -4,7 +4,6 @@ adapter paths confined to their roots, disconnects that cancel work, latency met
 OpenAI Python client, and a perf model reused from the cache."""
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import os
 import shutil

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import signal
 import subprocess
 import time
