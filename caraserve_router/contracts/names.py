@@ -27,11 +27,6 @@ class LoraMode(str, enum.Enum):
         """The instance runs CPU LoRA worker processes."""
         return self is LoraMode.CPU_ASSIST
 
-    @property
-    def layerwise(self) -> bool:
-        """A cold adapter's layers become usable one by one as they land."""
-        return self in (LoraMode.PIPELINE, LoraMode.CPU_ASSIST)
-
     def __str__(self) -> str:
         return self.value
 
