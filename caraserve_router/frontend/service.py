@@ -245,7 +245,9 @@ class FrontEnd:
             for i, client in enumerate(self.cluster.clients):
                 handle = self.cluster.handles[i]
                 stats = {}
-                if handle.healthy:
+                # A removed instance drains without new requests: its stats ("healthy": true)
+                # must not bring it back into the policy's view.
+                if handle.healthy and not handle.removed:
                     try:
                         stats = await client.stats()
                         self.dispatcher.state.apply_stats(i, InstanceStats.from_dict(stats))
