@@ -65,6 +65,43 @@ def stop_processes(procs: list, grace_s: float = 3.0) -> None:
             proc.join(5)
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`, read from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except OSError:  # it ended while we looked
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
+
+
+def kill_groups(pgids, wait_s: float = 5.0) -> list[int]:
+    """SIGKILL every process of each group, then wait (at most `wait_s` in all) until they are
+    gone: a killed process with a large address space (torch) takes a moment to exit, and
+    whoever stops an instance must not return, or exit, while its processes still run.
+    Returns the pids still alive at the deadline."""
+    pgids = [g for g in pgids if g]
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [pid for pgid in pgids for pid in group_members(pgid)]
+        if not left or time.monotonic() >= deadline:
+            if left:
+                log.warning("processes %s still alive %.0f s after SIGKILL", left, wait_s)
+            return left
+        time.sleep(0.05)
+
+
 def remove_shm(prefix: str) -> list[str]:
     """Unlink every /dev/shm entry whose name starts with `prefix`; returns what was removed."""
     removed = []

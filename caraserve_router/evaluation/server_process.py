@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from caraserve_router.contracts.processes import free_ports
+from caraserve_router.contracts.processes import free_ports, group_members
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,8 +28,8 @@ def shm_entries(prefix: str = "caraserve") -> set:
 
 
 def group_alive(pgid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,pgid="], capture_output=True, text=True).stdout
-    return [int(p) for p, g in (line.split() for line in out.splitlines()) if int(g) == pgid]
+    """Live processes of group `pgid` (zombies have ended: they only wait for their reaper)."""
+    return group_members(pgid)
 
 
 def groups_of(marker: str) -> set[int]:

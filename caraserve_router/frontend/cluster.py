@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig, to_cli
-from caraserve_router.contracts.processes import free_ports, remove_shm
+from caraserve_router.contracts.processes import free_ports, kill_groups, remove_shm
 
 from caraserve_router.frontend.gpu_assignment import gpu_env
 from caraserve_router.frontend.instance_client import InstanceClient
@@ -102,25 +102,20 @@ class LocalLauncher:
             proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of its group still alive
-        except ProcessLookupError:
-            pass
+        kill_groups([proc.pid])  # anything of its group still alive; returns once it is gone
         proc.wait()
         remove_shm(handle.config.shm_prefix)
         handle.proc = None
         handle.healthy = False
 
     @staticmethod
-    def kill(handle: InstanceHandle) -> None:
-        """SIGKILL the instance's whole process group and remove its shared memory, now."""
-        if handle.proc is not None:
-            try:
-                os.killpg(handle.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if handle.config is not None and handle.config.shm_prefix:
-            remove_shm(handle.config.shm_prefix)
+    def kill(handles: list[InstanceHandle], wait_s: float = 2.0) -> None:
+        """SIGKILL the instances' whole process groups at once, wait (at most `wait_s`) until
+        they are gone, and remove their shared memory."""
+        kill_groups([h.proc.pid for h in handles if h.proc is not None], wait_s)
+        for h in handles:
+            if h.config is not None and h.config.shm_prefix:
+                remove_shm(h.config.shm_prefix)
 
     @staticmethod
     def alive(handle: InstanceHandle) -> bool:
@@ -186,6 +181,8 @@ class Cluster:
                 continue
             dead = h.local and not self.launcher.alive(h)
             ok = not dead and await self.clients[i].health(timeout_s=5.0)
+            if h.removed:  # removed while the probe was in flight: leave it to the removal
+                continue
             if h.healthy and not ok:
                 h.healthy = False
                 h.failures += 1
@@ -231,9 +228,7 @@ class Cluster:
 
     def kill(self) -> None:
         """End every local instance at once (a second signal, or the shutdown deadline)."""
-        for h in self.handles:
-            if h.local:
-                self.launcher.kill(h)
+        self.launcher.kill([h for h in self.handles if h.local])
 
 
 def _tail(path: Optional[str], lines: int = 30) -> str:

@@ -32,7 +32,7 @@ from collections import deque
 from typing import Optional
 
 from caraserve_router.contracts.configs import InstanceConfig, to_cli
-from caraserve_router.contracts.processes import remove_shm
+from caraserve_router.contracts.processes import kill_groups, remove_shm
 
 log = logging.getLogger("caraserve.ray_actor")
 
@@ -163,10 +163,7 @@ class InstanceActor:
 
     def _clean(self) -> None:
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of its group is left
-            except ProcessLookupError:
-                pass
+            kill_groups([self.proc.pid])  # whatever of its group is left, and wait until it is gone
         remove_shm(self.config.shm_prefix)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 

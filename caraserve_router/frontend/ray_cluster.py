@@ -231,12 +231,15 @@ class RayLauncher:
         handle.healthy = False
 
     @staticmethod
-    def kill(handle: RayInstanceHandle) -> None:
-        """Kill the actor now (any thread); its instance gets SIGTERM from the kernel
-        (PR_SET_PDEATHSIG) and cleans up after itself."""
+    def kill(handles: list[RayInstanceHandle], wait_s: float = 2.0) -> None:
+        """Kill the actors now (any thread); each instance gets SIGTERM from the kernel
+        (PR_SET_PDEATHSIG) and cleans up after itself. (`wait_s`: the local launcher's signature;
+        Ray's processes may be on other hosts, so there is nothing here to wait for.)"""
         import ray
 
-        if handle.actor is not None:
+        for handle in handles:
+            if handle.actor is None:
+                continue
             try:
                 ray.kill(handle.actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone, or Ray is shutting down

@@ -229,6 +229,10 @@ class FrontEnd:
         asyncio.get_running_loop().create_task(self._restore(index))
 
     async def _mark(self, index: int, healthy: bool) -> None:
+        # A health check or restore still in flight when the instance was removed must not
+        # bring it back into the policy's view.
+        if healthy and self.cluster.handles[index].removed:
+            return
         self.dispatcher.state.instances[index].healthy = healthy
         await self.dispatcher.notify_capacity()
 
@@ -250,7 +254,8 @@ class FrontEnd:
                 if handle.healthy and not handle.removed:
                     try:
                         stats = await client.stats()
-                        self.dispatcher.state.apply_stats(i, InstanceStats.from_dict(stats))
+                        if not handle.removed:  # it may have been removed during the await
+                            self.dispatcher.state.apply_stats(i, InstanceStats.from_dict(stats))
                     except Exception as e:  # noqa: BLE001 - one bad poll must not stop the loop
                         log.debug("stats of instance %d: %s", i, e)
                 self.stats[i] = stats
