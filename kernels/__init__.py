@@ -25,9 +25,10 @@ Dtypes: x / W / out share float16, bfloat16 (meant for the GPU path; the CPU pat
 it) or float32; y and scales are float32; a_rows, b_rows, ranks, seg_starts, slice_offsets
 are int32. All contiguous, all on one device.
 
-Decode on the CPU: build `plan = plan_rows(a_rows, b_rows, ranks)` once per forward step and
-module group and pass `plan=` to every mbgmv call of that group; see kernels/plan.py. Other
-paths ignore it.
+A decode step's LoRA over all layers: `step = prepare_decode(...)` once per forward step and
+module group, then `step(x, W[layer], out)` per layer (kernels/decode_step.py): the arguments
+are checked and the CPU's index plan built once, and the CPU path fuses shrink and expand.
+The single ops also take a CPU `plan = plan_rows(a_rows, b_rows, ranks)` (kernels/plan.py).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import torch
 from . import _checks as check
 from ._checks import DATA_DTYPES, KernelArgumentError
 from ._registry import lookup
+from .decode_step import DecodeStep, prepare_decode
 from .plan import RowPlan, pad_to_max_rank, plan_rows
 
 I32 = torch.int32
@@ -43,7 +45,7 @@ F32 = torch.float32
 
 __all__ = [
     "sgmv_shrink", "sgmv_expand", "mbgmv_shrink", "mbgmv_expand", "plan_rows", "pad_to_max_rank", "RowPlan",
-    "KernelArgumentError",
+    "KernelArgumentError", "prepare_decode", "DecodeStep",
 ]
 
 

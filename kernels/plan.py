@@ -49,6 +49,8 @@ class DenseGroup:
     rows: torch.Tensor            # int64 [n]: batch rows of this adapter
     units: torch.Tensor           # int64 [m]: first unit of each live lora_A row (live (s, j) order)
     dest: torch.Tensor            # int64 [n * m]: positions in y.view(-1) of the product [n, m]
+    first: int = -1               # >= 0: the m rows are rows first.. of the pool viewed as [*, IN]
+                                  # (one run: read as a view, no gather)
 
 
 @dataclass
@@ -162,7 +164,7 @@ class RowPlan:
         starts = self.a_rows * unit
         if not compact and not bool((starts[self.live] % in_features == 0).all()):
             compact = True                                       # rows not aligned: no in-place view
-        groups = () if compact else self._dense_groups()
+        groups = () if compact else self._dense_groups(unit, in_features)
         sampled_rows = torch.ones(n, dtype=torch.bool)
         for g in groups:
             sampled_rows[g.rows] = False
@@ -186,20 +188,25 @@ class RowPlan:
         crow[1:] = torch.bincount(i, minlength=n).cumsum(0)
         return ShrinkIndex(n, gathered, crow, col, dest, groups, repeat)
 
-    def _dense_groups(self) -> tuple[DenseGroup, ...]:
-        if self.num_rows < self.dense_min_rows:
-            return ()
+    def _dense_groups(self, unit: int, in_features: int) -> tuple[DenseGroup, ...]:
+        """Adapters used by >= dense_min_rows rows, or the batch's only adapter (then one matmul
+        replaces the sampled matmul and its sparse set-up whatever the row count)."""
         s_count, r = self.num_slices, self.max_rank
         masked = torch.where(self.live, self.a_rows, -1).view(self.num_rows, -1)
         key = torch.cat([masked, self.ranks], 1)                               # same key: same adapter
         _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
-        big = (counts[inverse] >= self.dense_min_rows) & (self.ranks.max(1).values > 0)
+        has = self.ranks.max(1).values > 0
+        single = len(inverse[has].unique()) == 1
+        big = ((counts[inverse] >= self.dense_min_rows) | single) & has
         groups = []
         for u in inverse[big].unique().tolist():
             rows = (inverse == u).nonzero().flatten()
             s, j = self.live[rows[0]].nonzero(as_tuple=True)                  # live (s, j) of the adapter
             dest = (rows[:, None] * (s_count * r) + (s * r + j)[None, :]).flatten()
-            groups.append(DenseGroup(rows, self.a_rows[rows[0], s, j], dest))
+            units = self.a_rows[rows[0], s, j]
+            view_rows = units * unit // in_features                            # aligned (checked by caller)
+            one_run = bool((view_rows == view_rows[0] + torch.arange(len(units))).all())
+            groups.append(DenseGroup(rows, units, dest, int(view_rows[0]) if one_run else -1))
         return tuple(groups)
 
     def _build_expand(self, unit: int, offsets: tuple[int, ...]) -> ExpandIndex:

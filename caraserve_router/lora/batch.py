@@ -30,18 +30,22 @@ log = logging.getLogger("caraserve.lora")
 
 class LoraBatch:
     def __init__(self, runtime, entries: list, is_prefill: bool, seg_lens: Optional[list], mode: Mode,
-                 sidecar=None):
+                 sidecar=None, previous: Optional["LoraBatch"] = None):
         self.runtime = runtime
         self.pool = runtime.pool
         self.entries = entries  # PoolEntry or None per row
         self.is_prefill = is_prefill
         self.device = self.pool.device
         self.names = [e.name if e is not None else None for e in entries]
-        self._build_descriptors(seg_lens)
         self._loading = [e for e in {e.name: e for e in entries if e is not None}.values()
                          if not e.residency.all_ready()]
+        if self._same_decode_rows(previous):
+            self._reuse(previous)
+        else:
+            self._skip_cache: dict[tuple, tuple] = {}
+            self._steps: dict[tuple, kernels.DecodeStep] = {}  # (group, skip) -> prepared decode op
+            self._build_descriptors(seg_lens)
         self._decisions: dict[int, LayerDecision] = {}  # layer -> the mode's decision, once per layer
-        self._skip_cache: dict[tuple, tuple] = {}
         self._mode = mode
         self._sidecar = sidecar
         self._tickets: dict[tuple, object] = {}  # (layer, group) -> sidecar job posted in begin()
@@ -70,7 +74,20 @@ class LoraBatch:
             self.row_starts = list(range(n + 1))
         # Punica's bgmv: decode descriptors padded to the batch's max rank (kernels.pad_to_max_rank)
         self.use_bgmv = not self.is_prefill and self.runtime.decode_kernel.pads_to_max_rank
-        self._plans: dict[tuple, object] = {}
+
+    def _same_decode_rows(self, previous: Optional["LoraBatch"]) -> bool:
+        """Decode steps repeat one batch for many steps: when this step's rows are the previous
+        decode step's, pool entries included (a re-placed adapter is a new entry), and nothing
+        is loading, its descriptors and prepared ops are this step's too."""
+        return (previous is not None and not self.is_prefill and not previous.is_prefill
+                and not self._loading and not previous._loading
+                and len(previous.entries) == len(self.entries)
+                and all(a is b for a, b in zip(previous.entries, self.entries)))
+
+    def _reuse(self, previous: "LoraBatch") -> None:
+        for name in ("a_rows", "b_rows", "ranks", "any_rank", "scales", "row_starts", "use_bgmv", "_skip_cache",
+                     "_steps"):
+            setattr(self, name, getattr(previous, name))
 
     # ---- residency ----------------------------------------------------------------------
 
@@ -159,31 +176,29 @@ class LoraBatch:
         """
         if not self.any_rank[group]:
             return False
-        skip = self._resolve(layer, group, x, out)
-        a_rows, b_rows, ranks = self._masked(group, skip)
+        skip = self._resolve(layer, group, x, out) if self._loading else ()
         w = self.pool.layer_pool(layer)  # [U, UNIT]
-        gs = self.runtime.shapes.group(group)
-        offsets = self.runtime.slice_offsets[group]
-        y = torch.empty((x.shape[0], gs.num_slices, a_rows.shape[2]), dtype=torch.float32,
+        if not self.is_prefill:
+            self._decode_step(group, skip, w, x.shape[1])(x, w, out)
+            return True
+        a_rows, b_rows, ranks = self._masked(group, skip)
+        y = torch.empty((x.shape[0], a_rows.shape[1], a_rows.shape[2]), dtype=torch.float32,
                         device=x.device)  # y: [T, S, R]
-        scales = self.scales[group]
-        if self.is_prefill:
-            kernels.sgmv_shrink(x, w, self.seg_starts, a_rows, ranks, y)
-            kernels.sgmv_expand(y, w, self.seg_starts, b_rows, ranks, scales, offsets, out)
-        else:
-            plan = self._plan(group, skip, lambda: kernels.plan_rows(a_rows, b_rows, ranks))
-            kernels.mbgmv_shrink(x, w, a_rows, ranks, y, plan=plan)
-            kernels.mbgmv_expand(y, w, b_rows, ranks, scales, offsets, out, plan=plan)
+        kernels.sgmv_shrink(x, w, self.seg_starts, a_rows, ranks, y)
+        kernels.sgmv_expand(y, w, self.seg_starts, b_rows, ranks, self.scales[group], self.runtime.slice_offsets[group],
+                            out)
         return True
 
-    def _plan(self, group: str, skip: tuple, build):
-        """The CPU fast path's per-step index plan of a group (built once, reused by every layer)."""
-        if self.device.type != "cpu":
-            return None
+    def _decode_step(self, group: str, skip: tuple, w: torch.Tensor, in_features: int):
+        """The group's prepared decode op (kernels.prepare_decode): built at the step's first
+        layer, reused by every other (the descriptors are the same for all layers)."""
         key = (group, skip)
-        if key not in self._plans:
-            self._plans[key] = build()
-        return self._plans[key]
+        step = self._steps.get(key)
+        if step is None:
+            a_rows, b_rows, ranks = self._masked(group, skip)
+            step = self._steps[key] = kernels.prepare_decode(
+                a_rows, b_rows, ranks, self.scales[group], self.runtime.slice_offsets[group], w, in_features)
+        return step
 
     def _masked(self, group: str, skip: tuple):
         """(a_rows, b_rows, ranks) of `group` with the rows of `skip` adapters zeroed (already

@@ -64,6 +64,7 @@ class LoraRuntime:
         self.request_adapter: dict[int, str] = {}  # request id -> storage key
         # Since start: loads, warm/cold requests, and every step's counters (LoraBatch.counters).
         self.counters = collections.Counter()
+        self._last_batch: Optional[LoraBatch] = None  # the next decode step may reuse its prepared ops
         log.info("LoRA pool: %.1f MiB (%d units of %d elements per layer), mode %s, decode %s",
                  self.pool.bytes_total / 2**20, self.pool.num_units, self.pool.unit, self.kind, self.decode_kernel)
 
@@ -264,7 +265,9 @@ class LoraRuntime:
         seg_lens = None
         if kwargs["is_prefill"]:
             seg_lens = (kwargs["b_seq_len"] - kwargs["b_ready_cache_len"]).tolist()
-        batch = LoraBatch(self, entries, kwargs["is_prefill"], seg_lens, self.mode, self.sidecar)
+        batch = LoraBatch(self, entries, kwargs["is_prefill"], seg_lens, self.mode, self.sidecar,
+                          previous=self._last_batch)
+        self._last_batch = batch
         batch.start()
         return batch
 

@@ -119,3 +119,30 @@ def check_sgmv(gen, backend, geometry: Geometry, mix: str, segments: int, max_le
 def geometry(groups: dict, name: str) -> Geometry:
     in_features, outs = groups[name]
     return Geometry(in_features, outs)
+
+
+def check_decode_step(gen, backend, geometry: Geometry, mix: str, rows: int, max_rank: int, dtype,
+                      contiguous: bool, layers: int = 3, padded: bool = False, msg: str = "", device="cpu"):
+    """kernels.prepare_decode once, then one call per layer (fresh pool values each): out must
+    equal out_before + the float64 reference's shrink-then-expand, untouched elements bit-equal."""
+    batch = make_batch(gen, geometry, mix, rows, max_rank)
+    pool = make_pool(gen, batch, dtype, contiguous)
+    a_rows, b_rows, ranks = batch.rows(pool, "A"), batch.rows(pool, "B"), batch.ranks()
+    if padded:
+        a_rows, b_rows, ranks = kernels.pad_to_max_rank(a_rows, b_rows, ranks, pool.zero_unit)
+    scales, offsets = batch.scales(gen), geometry.slice_offsets()
+    W, d_a, d_b, d_ranks, d_scales, d_offsets = _on(device, pool.W, a_rows, b_rows, ranks, scales, offsets)
+    step = kernels.prepare_decode(d_a, d_b, d_ranks, d_scales, d_offsets, W, geometry.in_features, backend=backend)
+    for layer in range(layers):
+        if layer:
+            pool = fill_pool(gen, batch, pool)
+        where = f"{msg} decode step{' padded' if padded else ''} {backend} layer {layer} ranks {ranks.tolist()}"
+        x = inputs(gen, rows, geometry.in_features, dtype)
+        out0 = out_before(gen, rows, geometry.out_total, dtype)
+        out = out0.to(device, copy=True)
+        step(*_on(device, x, pool.W), out)
+        y_ref = torch.empty(a_rows.shape, dtype=torch.float64)
+        reference.mbgmv_shrink(x, pool.W, a_rows, ranks, y_ref)
+        expected = out0.double()
+        reference.mbgmv_expand(y_ref, pool.W, b_rows, ranks, scales, offsets, expected)
+        check_expand_result(out.cpu(), expected, out0, touched_columns(ranks, geometry), dtype, where)

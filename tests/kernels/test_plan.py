@@ -50,9 +50,23 @@ def test_unaligned_rows_are_gathered_once():
 
 def test_repeated_rows_are_sampled_once():
     """Padded descriptors name the zero row for several (s, j) of one row."""
-    a_rows = rows_table([[[6, 0], [0, 0]]], 2)
-    index = plan_rows(a_rows, a_rows, torch.tensor([[2, 2]], dtype=I32)).shrink_index(4, 8, False)
-    assert index.col.tolist() == [0, 3] and index.repeat.tolist() == [1, 0, 0, 0]
+    a_rows = rows_table([[[6, 0], [0, 0]], [[2]]], 2)   # a second adapter: not the one-adapter dense case
+    ranks = torch.tensor([[2, 2], [1, 0]], dtype=I32)
+    index = plan_rows(a_rows, a_rows, ranks).shrink_index(4, 8, False)
+    assert index.col.tolist() == [0, 3, 1] and index.repeat.tolist() == [1, 0, 0, 0, 2]
+
+
+def test_the_batch_only_adapter_is_one_matmul_over_a_view_of_its_run():
+    # one adapter, 2 rows (< dense_min_rows): still a dense group; its lora_A rows at units
+    # 10, 12, 14 are rows 5, 6, 7 of the pool viewed as [*, 8]: one run, read as a view
+    a_rows = rows_table([[[10, 12], [14]], [[10, 12], [14]]], 2)
+    ranks = torch.tensor([[2, 1], [2, 1]], dtype=I32)
+    index = plan_rows(a_rows, a_rows, ranks).shrink_index(4, 8, False)
+    group, = index.groups
+    assert group.rows.tolist() == [0, 1] and group.first == 5 and index.col.numel() == 0
+    gaps = rows_table([[[10, 16], [14]]], 2)                             # rows 5, 8, 7: no run, gathered
+    group, = plan_rows(gaps, gaps, ranks[:1]).shrink_index(4, 8, False).groups
+    assert group.first == -1 and group.units.tolist() == [10, 16, 14]
 
 
 def test_expand_index_chunks_by_gcd_of_slice_offsets_and_unit():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.kernels.batches import MIXES, MODEL_GROUPS, SMALL_GROUPS
-from tests.kernels.checks import check_mbgmv, geometry
+from tests.kernels.checks import check_decode_step, check_mbgmv, geometry
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/triton_ops/test_interpreter.py"
 
@@ -54,3 +54,9 @@ def test_mbgmv_model_qkv_shapes(gen, dtype):
 
 def test_bgmv_model_qkv_shapes(gen):
     check_mbgmv(gen, "triton", geometry(MODEL_GROUPS, "qkv"), "zipf", 4, 40, torch.float16, False, padded=True)
+
+
+@pytest.mark.parametrize("mix", ["single", "zipf"])
+def test_prepared_decode_step(gen, mix):
+    """kernels.prepare_decode on the Triton backend: checked once, the two kernels per layer."""
+    check_decode_step(gen, "triton", geometry(SMALL_GROUPS, "qkv"), mix, ROWS[mix], 40, torch.float32, False, layers=2)
