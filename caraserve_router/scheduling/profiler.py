@@ -74,6 +74,16 @@ def _rank_mixes(adapters: dict[str, int], batch: int, rng: random.Random) -> lis
     return mixes
 
 
+def _prefill_point(samples: list) -> Optional[dict]:
+    """One prompt's prefill from the steps of that request alone: its tokens, rank and forward
+    time summed over its chunk steps (None if no step of one request was recorded)."""
+    steps = [s for s in samples if s["kind"] in ("prefill", "mixed") and s["batch"] == 1]
+    if not steps:
+        return None
+    return {"tokens": sum(s["tokens"] for s in steps), "rank": steps[0]["ranks"][0],
+            "forward_ms": sum(s["ms"] for s in steps), "steps": len(steps)}
+
+
 def _back_to_back(samples: list[dict], batch: int) -> list[tuple[float, float]]:
     """(forward ms, cycle ms) of each decode step of `batch` rows that directly followed another
     one: the cycle (end of the previous step to the end of this one) adds the router loop, input
@@ -98,10 +108,12 @@ async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid
         for adapter in ranks_for_prefill:
             for _ in range(grid.repeats):
                 await _run(client, _body(adapter, _prompt(rng, tokens), 1))
+                # One request at a time: its steps are its prefill, one step or (chunked prefill,
+                # a prompt longer than a chunk) several "mixed" steps of its chunks only.
+                point = _prefill_point(await client.samples(clear=True))
+                if point is not None:
+                    prefill.append(point)
         progress(f"  prefill {tokens} tokens done")
-    for s in await client.samples(clear=True):
-        if s["kind"] == "prefill" and s["batch"] == 1:
-            prefill.append({"tokens": s["tokens"], "rank": s["ranks"][0], "forward_ms": s["ms"]})
     overheads = []
     for batch in grid.batch_sizes:
         for mix in _rank_mixes(adapters, batch, rng):
@@ -122,7 +134,7 @@ async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid
         progress(f"  decode batch {batch} done")
     step_overhead_ms = statistics.median(overheads) if overheads else 0.0
     for p in prefill:
-        p["ms"] = p["forward_ms"] + step_overhead_ms
+        p["ms"] = p["forward_ms"] + step_overhead_ms * p.pop("steps")
     lora = stats.get("lora") or {}
     profile = {
         "metadata": {"source": "profiled", "machine": platform.node() or "unknown", "device": stats.get("device", ""),

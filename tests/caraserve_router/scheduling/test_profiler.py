@@ -15,7 +15,7 @@ ADAPTERS = {"a8": 8, "b8": 8, "c32": 32}
 
 
 def forward_ms(kind: str, batch: int, tokens: int, ranks: list[int]) -> float:
-    if kind == "prefill":
+    if kind in ("prefill", "mixed"):  # a chunk step of one prompt costs as a prefill of its tokens
         return 20.0 + 0.5 * tokens + (10.0 if ranks[0] else 0.0)
     return 30.0 + 2.0 * batch + 0.1 * sum(ranks) + (8.0 if max(ranks) else 0.0)
 
@@ -24,7 +24,8 @@ class FakeInstance:
     """Requests sent together form one batch: a prefill per request, then decode steps, one
     after the other on a clock where each step costs its forward time plus OVERHEAD_MS."""
 
-    def __init__(self):
+    def __init__(self, chunk: int = 0):
+        self.chunk = chunk  # chunked prefill: a longer prompt runs as "mixed" steps of its chunks
         self.clock = 1000.0
         self.pending: list[dict] = []
         self.samples_out: list[dict] = []
@@ -49,7 +50,12 @@ class FakeInstance:
     def _run_batch(self, bodies):
         ranks = [ADAPTERS.get(b["adapter"], 0) for b in bodies]
         for b, r in zip(bodies, ranks):
-            self._step("prefill", [r], len(b["input_ids"]))
+            tokens = len(b["input_ids"])
+            if self.chunk and tokens > self.chunk:
+                for start in range(0, tokens, self.chunk):
+                    self._step("mixed", [r], min(self.chunk, tokens - start))
+            else:
+                self._step("prefill", [r], tokens)
         self.clock += 0.5  # idle before the decode steps: must not count as overhead
         for _ in range(bodies[0]["parameters"]["max_new_tokens"] - 1):
             self._step("decode", ranks, len(bodies))
@@ -81,6 +87,17 @@ def test_prefill_points_add_the_measured_step_overhead(profile):
     for p in profile["prefill"]:
         expected = forward_ms("prefill", 1, p["tokens"], [p["rank"]])
         assert p["ms"] == pytest.approx(expected + OVERHEAD_MS)
+
+
+def test_a_chunked_prompt_is_one_prefill_point_of_all_its_chunk_steps():
+    grid = ProfileGrid(prefill_tokens=(16, 64, 128), batch_sizes=(1, 2), decode_steps=6, repeats=2)
+    profile = asyncio.run(collect_profile(FakeInstance(chunk=48), ADAPTERS, grid, progress=lambda m: None))
+    assert sorted({p["tokens"] for p in profile["prefill"]}) == [16, 64, 128]
+    for p in profile["prefill"]:
+        chunks = [min(48, p["tokens"] - s) for s in range(0, p["tokens"], 48)]
+        expected = sum(forward_ms("prefill", 1, c, [p["rank"]]) for c in chunks)
+        assert p["forward_ms"] == pytest.approx(expected)
+        assert p["ms"] == pytest.approx(expected + OVERHEAD_MS * len(chunks))
 
 
 def test_the_fitted_model_predicts_what_a_client_sees(profile):
