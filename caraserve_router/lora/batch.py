@@ -68,12 +68,16 @@ class LoraBatch:
             starts = [0]
             for length in seg_lens:
                 starts.append(starts[-1] + length)
-            self.seg_starts = torch.tensor(starts, dtype=torch.int32, device=self.device)  # [N + 1]
             self.row_starts = starts
+            # A chunked-prefill step puts its decode rows first (one token each): they take the
+            # decode kernel, the prompt chunks after them sgmv (a loop over segments on the CPU).
+            self.decode_rows = next((i for i, length in enumerate(seg_lens) if length != 1), n)
+            k = self.decode_rows
+            self.seg_starts = torch.tensor([t - k for t in starts[k:]], dtype=torch.int32,
+                                           device=self.device)  # [N - k + 1], of the rows after the decode rows
         else:
             self.row_starts = list(range(n + 1))
-        # Punica's bgmv: decode descriptors padded to the batch's max rank (kernels.pad_to_max_rank)
-        self.use_bgmv = not self.is_prefill and self.runtime.decode_kernel.pads_to_max_rank
+            self.decode_rows = n
 
     def _same_decode_rows(self, previous: Optional["LoraBatch"]) -> bool:
         """Decode steps repeat one batch for many steps: when this step's rows are the previous
@@ -85,7 +89,7 @@ class LoraBatch:
                 and all(a is b for a, b in zip(previous.entries, self.entries)))
 
     def _reuse(self, previous: "LoraBatch") -> None:
-        for name in ("a_rows", "b_rows", "ranks", "any_rank", "scales", "row_starts", "use_bgmv", "_skip_cache",
+        for name in ("a_rows", "b_rows", "ranks", "any_rank", "scales", "row_starts", "decode_rows", "_skip_cache",
                      "_steps"):
             setattr(self, name, getattr(previous, name))
 
@@ -178,36 +182,39 @@ class LoraBatch:
             return False
         skip = self._resolve(layer, group, x, out) if self._loading else ()
         w = self.pool.layer_pool(layer)  # [U, UNIT]
-        if not self.is_prefill:
-            self._decode_step(group, skip, w, x.shape[1])(x, w, out)
-            return True
-        a_rows, b_rows, ranks = self._masked(group, skip)
-        y = torch.empty((x.shape[0], a_rows.shape[1], a_rows.shape[2]), dtype=torch.float32,
-                        device=x.device)  # y: [T, S, R]
-        kernels.sgmv_shrink(x, w, self.seg_starts, a_rows, ranks, y)
-        kernels.sgmv_expand(y, w, self.seg_starts, b_rows, ranks, self.scales[group], self.runtime.slice_offsets[group],
-                            out)
+        k = self.decode_rows
+        if k:  # decode rows: x[:k] and out[:k] are the leading rows (contiguous views)
+            self._decode_step(group, skip, w, x.shape[1])(x[:k], w, out[:k])
+        if k < len(self.entries):  # prompt segments (prefill, or the chunks of a mixed step)
+            a_rows, b_rows, ranks = (t[k:] for t in self._masked(group, skip))
+            x, out = x[k:], out[k:]
+            y = torch.empty((x.shape[0], a_rows.shape[1], a_rows.shape[2]), dtype=torch.float32,
+                            device=x.device)  # y: [T - k, S, R]
+            kernels.sgmv_shrink(x, w, self.seg_starts, a_rows, ranks, y)
+            kernels.sgmv_expand(y, w, self.seg_starts, b_rows, ranks, self.scales[group][k:],
+                                self.runtime.slice_offsets[group], out)
         return True
 
     def _decode_step(self, group: str, skip: tuple, w: torch.Tensor, in_features: int):
-        """The group's prepared decode op (kernels.prepare_decode): built at the step's first
-        layer, reused by every other (the descriptors are the same for all layers)."""
+        """The group's prepared decode op for the decode rows (kernels.prepare_decode): built at
+        the step's first layer, reused by every other (the descriptors are the same for all
+        layers); Punica's bgmv pads them to the max rank (kernels.pad_to_max_rank)."""
         key = (group, skip)
         step = self._steps.get(key)
         if step is None:
-            a_rows, b_rows, ranks = self._masked(group, skip)
+            k = self.decode_rows
+            descriptors = tuple(t[:k] for t in self._masked(group, skip))
+            if self.runtime.decode_kernel.pads_to_max_rank:
+                descriptors = kernels.pad_to_max_rank(*descriptors, zero_unit=0)
             step = self._steps[key] = kernels.prepare_decode(
-                a_rows, b_rows, ranks, self.scales[group], self.runtime.slice_offsets[group], w, in_features)
+                *descriptors, self.scales[group][:k], self.runtime.slice_offsets[group], w, in_features)
         return step
 
     def _masked(self, group: str, skip: tuple):
         """(a_rows, b_rows, ranks) of `group` with the rows of `skip` adapters zeroed (already
-        handled), padded to the batch's max rank for bgmv."""
+        handled)."""
         key = (group, skip)
         if key not in self._skip_cache:
             rows = torch.tensor([name in skip for name in self.names], device=self.device) if skip else None
-            descriptors = (self.a_rows[group], self.b_rows[group], mask_rows(self.ranks[group], rows))
-            if self.use_bgmv:
-                descriptors = kernels.pad_to_max_rank(*descriptors, zero_unit=0)
-            self._skip_cache[key] = descriptors
+            self._skip_cache[key] = (self.a_rows[group], self.b_rows[group], mask_rows(self.ranks[group], rows))
         return self._skip_cache[key]
