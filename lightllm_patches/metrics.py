@@ -41,6 +41,21 @@ class InstanceMetrics:
         self.loads = Gauge("caraserve_instance_adapter_loads", "Adapter loads by kind since start (link: "
                            "'emulated' or 'cuda')", ("instance", "kind", "link"), registry=self.registry)
         self.link = "emulated" if emulated_link else "cuda"
+        # Residency of adapters (LoraRuntime.residency_stats): where they are, their bytes, churn.
+        self.adapters = Gauge("caraserve_instance_adapters", "Adapters by place: registered, mapped on host, "
+                              "resident on device", ("instance", "place"), registry=self.registry)
+        self.adapter_bytes = Gauge("caraserve_instance_adapter_bytes", "Adapter bytes by place (host, device) and "
+                                   "their budgets (host_budget, device_budget)", ("instance", "place"),
+                                   registry=self.registry)
+        self.evictions = Gauge("caraserve_instance_adapter_evictions", "Adapter evictions since start by place "
+                               "(host cache, device pool)", ("instance", "place"), registry=self.registry)
+        self.hit_rate = Gauge("caraserve_instance_adapter_device_hit_rate", "Share of adapter requests that found "
+                              "their adapter resident on the device", ("instance",), registry=self.registry)
+        self.load_seconds = Gauge("caraserve_instance_adapter_load_seconds", "Seconds spent loading adapters "
+                                  "host -> device since start (link: 'emulated' or 'cuda')", ("instance", "link"),
+                                  registry=self.registry)
+        self.load_bytes = Gauge("caraserve_instance_adapter_load_bytes", "Bytes moved host -> device by adapter "
+                                "loads since start", ("instance", "link"), registry=self.registry)
         self.vllm = VllmMetrics(self.registry, model_name, max_lora_rank)  # what cluster routers read
 
     def observe_request(self, adapter, outcome, e2e: float, ttft=None, tpot=None) -> None:
@@ -68,7 +83,24 @@ class InstanceMetrics:
             self.gauges[name].labels(self.instance).set(value)
         for kind, count in lora.get("loads", {}).items():
             self.loads.labels(self.instance, kind, self.link).set(count)
+        self._residency(lora.get("residency") or {})
         self.vllm.update(stats)
+
+    def _residency(self, r: dict) -> None:
+        if not r:
+            return
+        i = self.instance
+        for place, key in (("registered", "registered"), ("host", "mapped_on_host"), ("device", "resident_on_device")):
+            self.adapters.labels(i, place).set(r.get(key, 0))
+        for place, key in (("host", "host_bytes"), ("host_budget", "host_budget_bytes"), ("device", "device_bytes"),
+                           ("device_budget", "device_budget_bytes")):
+            self.adapter_bytes.labels(i, place).set(r.get(key) or 0)
+        self.evictions.labels(i, "host").set(r.get("host_evictions", 0))
+        self.evictions.labels(i, "device").set(r.get("device_evictions", 0))
+        if r.get("device_hit_rate") is not None:
+            self.hit_rate.labels(i).set(r["device_hit_rate"])
+        self.load_seconds.labels(i, self.link).set(r.get("load_s", 0.0))
+        self.load_bytes.labels(i, self.link).set(r.get("device_load_bytes", 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,9 +14,10 @@ from typing import Any, Optional
 from caraserve_router.contracts.names import DecodeKernel, LoraMode, values
 
 
-def option(default: Any, help: str, choices: Optional[tuple] = None, **kw) -> Any:
-    """A dataclass field with its CLI help (and optional choices)."""
-    meta = {"help": help, "choices": choices}
+def option(default: Any, help: str, choices: Optional[tuple] = None, aliases: tuple = (), **kw) -> Any:
+    """A dataclass field with its CLI help (and optional choices, and other flag names, taken
+    as written: no prefix)."""
+    meta = {"help": help, "choices": choices, "aliases": aliases}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: 
         else:
             kwargs["default"] = default
             kwargs["type"] = _field_type(f, default)
-        group.add_argument(_flag(f.name, prefix), **kwargs)
+        group.add_argument(_flag(f.name, prefix), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def _field_type(f, default):
@@ -107,7 +108,8 @@ class LoRAConfig:
                                   "memory the CPU sidecar reads); idle adapters past it are unmapped, LRU, "
                                   "and read again from their files when next used (0 = unbounded)")
     adapter_dir: Optional[str] = option(None, "Resolver: a request naming an unregistered adapter NAME "
-                                        "registers DIR/NAME on first use (NAME: a plain directory name)")
+                                        "registers DIR/NAME on first use (NAME: a plain directory name)",
+                                        aliases=("--adapter-dir",))
     max_rank: int = option(64, "Largest adapter rank accepted")
     decode_kernel: str = option("mbgmv", "Decode kernel: mbgmv (heterogeneous ranks, no padding) or "
                                 "bgmv (Punica: padded to the batch's max rank)",

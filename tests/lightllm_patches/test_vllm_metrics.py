@@ -53,3 +53,24 @@ def test_vllm_names_labels_and_values():
         {"max_lora": "6", "running_lora_adapters": "", "waiting_lora_adapters": "", "resident_lora_adapters": ""}]
     assert got["vllm:kv_cache_usage_perc"] == [(model, 0.0)]
     assert "caraserve_instance_adapter_resident" not in got
+
+
+def test_residency_series():
+    m = InstanceMetrics("i0", emulated_link=True)
+    residency = {"registered": 4096, "mapped_on_host": 12, "resident_on_device": 5, "host_bytes": 3_000_000,
+                 "host_budget_bytes": 8_000_000, "device_bytes": 1_500_000, "device_budget_bytes": 4_000_000,
+                 "host_evictions": 7, "device_evictions": 3, "device_hit_rate": 0.75, "load_s": 1.25,
+                 "device_load_bytes": 9_000_000}
+    m.update_from_stats({"running": [], "queued": [], "lora": {"pages_total": 10, "resident": [], "loads": {},
+                                                               "residency": residency}})
+    got = {name: {tuple(sorted(labels.items())): value for labels, value in samples}
+           for name, samples in scrape(m).items()}
+    place = lambda p: (("instance", "i0"), ("place", p))  # noqa: E731
+    assert got["caraserve_instance_adapters"] == {place("registered"): 4096, place("host"): 12, place("device"): 5}
+    assert got["caraserve_instance_adapter_bytes"] == {place("host"): 3e6, place("host_budget"): 8e6,
+                                                       place("device"): 1.5e6, place("device_budget"): 4e6}
+    assert got["caraserve_instance_adapter_evictions"] == {place("host"): 7, place("device"): 3}
+    assert got["caraserve_instance_adapter_device_hit_rate"] == {(("instance", "i0"),): 0.75}
+    link = (("instance", "i0"), ("link", "emulated"))
+    assert got["caraserve_instance_adapter_load_seconds"] == {link: 1.25}
+    assert got["caraserve_instance_adapter_load_bytes"] == {link: 9e6}

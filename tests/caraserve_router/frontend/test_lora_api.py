@@ -58,7 +58,7 @@ def server(default_model_dir, adapter_dir, resolver_dir, tmp_path_factory):
                          "--policy", "round-robin", "--lora-mode", "pipeline", "--lora-pool-mb", "160",
                          # the tests load adapters from their own tmp_path directories at run time
                          "--adapter-roots", str(tmp_path_factory.getbasetemp()),
-                         "--lora-adapter-dir", str(resolver_dir),
+                         "--adapter-dir", str(resolver_dir),
                          "--log-dir", str(logs)], logs / "server.log")
     with srv:
         yield srv
