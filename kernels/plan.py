@@ -89,12 +89,17 @@ class ExpandIndex:
 
 
 def gather_rows(W: torch.Tensor, units: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows of `width` elements of W [U, UNIT] starting at `units` (int64 [m]) -> [m, width]:
-    a row gather of W.view(-1, width) when the rows are aligned to `width`, else an element gather."""
+    """Rows of `width` elements of W [U, UNIT] starting at `units` (int64 [m]) -> [m, width]
+    (read only: may be a view of W): a view when the rows are one aligned run (the pool lays an
+    adapter's rows of a slice out so), a row gather of W.view(-1, width) when they are aligned
+    to `width`, else an element gather."""
     unit = W.shape[1]
     starts = units * unit
     if width and bool((starts % width == 0).all()):
-        return _row_view(W, width).index_select(0, starts // width)
+        rows = starts // width
+        if len(rows) and bool((rows == rows[0] + torch.arange(len(rows))).all()):
+            return _row_view(W, width).narrow(0, int(rows[0]), len(rows))
+        return _row_view(W, width).index_select(0, rows)
     idx = starts[:, None] + torch.arange(width)
     return W.view(-1).index_select(0, idx.view(-1)).view(len(units), width)
 

@@ -64,5 +64,10 @@ def sgmv_expand(y, W, seg_starts, b_rows, ranks, scales, slice_offsets, out, pla
                 continue  # untouched
             width = offsets[s + 1] - offsets[s]
             b = gather_rows(W, _units(b_rows[i, s, :r], W, width), width)       # [r, n_s]
-            delta = y[tokens, s, :r] @ b.to(y.dtype)                              # [L, n_s]
-            out[tokens, offsets[s] : offsets[s + 1]].add_(delta, alpha=scale_rows[i][s])
+            target = out[tokens, offsets[s] : offsets[s + 1]]                     # [L, n_s], row stride OUT_TOTAL
+            if target.dtype == y.dtype:
+                # one GEMM accumulating in place: the strided view is BLAS-addressable (no delta
+                # tensor, no second pass over out)
+                target.addmm_(y[tokens, s, :r], b.to(y.dtype), alpha=scale_rows[i][s])
+            else:
+                target.add_(y[tokens, s, :r] @ b.to(y.dtype), alpha=scale_rows[i][s])
