@@ -28,7 +28,8 @@ are int32. All contiguous, all on one device.
 A decode step's LoRA over all layers: `step = prepare_decode(...)` once per forward step and
 module group, then `step(x, W[layer], out)` per layer (kernels/decode_step.py): the arguments
 are checked and the CPU's index plan built once, and the CPU path fuses shrink and expand.
-The single ops also take a CPU `plan = plan_rows(a_rows, b_rows, ranks)` (kernels/plan.py).
+Prefill likewise: `prepare_prefill(seg_starts, ...)` (kernels/prefill_step.py). The single
+ops also take a CPU `plan = plan_rows(a_rows, b_rows, ranks)` (kernels/plan.py).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from . import _checks as check
 from ._checks import DATA_DTYPES, KernelArgumentError
 from ._registry import lookup
 from .decode_step import DecodeStep, prepare_decode
+from .prefill_step import PrefillStep, prepare_prefill
 from .plan import RowPlan, pad_to_max_rank, plan_rows
 
 I32 = torch.int32
@@ -45,7 +47,7 @@ F32 = torch.float32
 
 __all__ = [
     "sgmv_shrink", "sgmv_expand", "mbgmv_shrink", "mbgmv_expand", "plan_rows", "pad_to_max_rank", "RowPlan",
-    "KernelArgumentError", "prepare_decode", "DecodeStep",
+    "KernelArgumentError", "prepare_decode", "DecodeStep", "prepare_prefill", "PrefillStep",
 ]
 
 

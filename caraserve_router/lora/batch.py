@@ -43,7 +43,7 @@ class LoraBatch:
             self._reuse(previous)
         else:
             self._skip_cache: dict[tuple, tuple] = {}
-            self._steps: dict[tuple, kernels.DecodeStep] = {}  # (group, skip) -> prepared decode op
+            self._steps: dict[tuple, object] = {}  # (group, skip) -> prepared decode op, ("prefill", ...) sgmv op
             self._build_descriptors(seg_lens)
         self._decisions: dict[int, LayerDecision] = {}  # layer -> the mode's decision, once per layer
         self._mode = mode
@@ -186,14 +186,20 @@ class LoraBatch:
         if k:  # decode rows: x[:k] and out[:k] are the leading rows (contiguous views)
             self._decode_step(group, skip, w, x.shape[1])(x[:k], w, out[:k])
         if k < len(self.entries):  # prompt segments (prefill, or the chunks of a mixed step)
-            a_rows, b_rows, ranks = (t[k:] for t in self._masked(group, skip))
-            x, out = x[k:], out[k:]
-            y = torch.empty((x.shape[0], a_rows.shape[1], a_rows.shape[2]), dtype=torch.float32,
-                            device=x.device)  # y: [T - k, S, R]
-            kernels.sgmv_shrink(x, w, self.seg_starts, a_rows, ranks, y)
-            kernels.sgmv_expand(y, w, self.seg_starts, b_rows, ranks, self.scales[group][k:],
-                                self.runtime.slice_offsets[group], out)
+            self._prefill_step(group, skip, w, x.shape[1])(x[k:], w, out[k:])
         return True
+
+    def _prefill_step(self, group: str, skip: tuple, w: torch.Tensor, in_features: int):
+        """The group's prepared sgmv op for the prompt segments (kernels.prepare_prefill), built
+        at the step's first layer and reused by every other."""
+        key = ("prefill", group, skip)
+        step = self._steps.get(key)
+        if step is None:
+            k = self.decode_rows
+            step = self._steps[key] = kernels.prepare_prefill(
+                self.seg_starts, *(t[k:] for t in self._masked(group, skip)), self.scales[group][k:],
+                self.runtime.slice_offsets[group], w, in_features)
+        return step
 
     def _decode_step(self, group: str, skip: tuple, w: torch.Tensor, in_features: int):
         """The group's prepared decode op for the decode rows (kernels.prepare_decode): built at

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import fail
-from ..plan import gather_rows
+from ..plan import _row_view, gather_rows
 
 COMPUTE: dict[torch.dtype, torch.dtype] = {
     torch.float16: torch.float32,
@@ -71,3 +71,65 @@ def sgmv_expand(y, W, seg_starts, b_rows, ranks, scales, slice_offsets, out, pla
                 target.addmm_(y[tokens, s, :r], b.to(y.dtype), alpha=scale_rows[i][s])
             else:
                 target.add_(y[tokens, s, :r] @ b.to(y.dtype), alpha=scale_rows[i][s])
+
+
+class PreparedPrefill:
+    """CPU backend of kernels.PrefillStep: what sgmv works out per segment (live slices, row
+    units, whether they are one run of the pool) is worked out once per step; a call is, per
+    segment with an adapter, one matmul for its lora_A rows (a view of the pool when they are
+    one run) and one in-place GEMM per slice into `out` (no `y`)."""
+
+    def __init__(self, seg_starts, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features: int):
+        offsets = slice_offsets.tolist()
+        if offsets[0] != 0 or offsets != sorted(offsets):
+            fail("prepare_prefill", f"slice_offsets {offsets} must rise from 0")
+        self.in_features, self.compute = in_features, COMPUTE[W.dtype]
+        scale_rows = scales.tolist()
+        self.segments = []  # (tokens, A rows, [(slice columns, product columns, B rows, scale)])
+        for i, tokens, slice_ranks in _segments(seg_starts, ranks):
+            live = [(s, r) for s, r in enumerate(slice_ranks) if r > 0]
+            a_units = torch.cat([_units(a_rows[i, s, :r], W, in_features) for s, r in live])
+            expand, pos = [], 0
+            for s, r in live:
+                width = offsets[s + 1] - offsets[s]
+                expand.append((slice(offsets[s], offsets[s + 1]), slice(pos, pos + r),
+                               _Rows(W, _units(b_rows[i, s, :r], W, width), width), scale_rows[i][s]))
+                pos += r
+            self.segments.append((tokens, _Rows(W, a_units, in_features), expand))
+
+    def __call__(self, x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> None:
+        for tokens, a_rows, expand in self.segments:
+            xs = x[tokens].to(self.compute)                                      # [L, IN]
+            product = xs @ a_rows.read(W).to(self.compute).t()                  # [L, sum r]
+            for cols, part, b_rows, scale in expand:
+                b = b_rows.read(W).to(self.compute)                             # [r, n_s]
+                target = out[tokens, cols]                                      # strided view of out
+                if target.dtype == self.compute:
+                    target.addmm_(product[:, part], b, alpha=scale)
+                else:
+                    target.add_((product[:, part] @ b).to(target.dtype), alpha=scale)
+
+
+class _Rows:
+    """Rows of `width` elements of a layer's pool, read the same way from every layer: a view
+    (one aligned run), a row gather (aligned) or an element gather, decided once."""
+
+    def __init__(self, W: torch.Tensor, units: torch.Tensor, width: int):
+        starts = units * W.shape[1]
+        self.width, self.first, self.count = width, -1, len(units)
+        self.rows = self.index = None
+        if bool((starts % width == 0).all()):
+            rows = starts // width
+            if bool((rows == rows[0] + torch.arange(len(rows))).all()):
+                self.first = int(rows[0])
+            else:
+                self.rows = rows
+        else:
+            self.index = (starts[:, None] + torch.arange(width)).view(-1)
+
+    def read(self, W: torch.Tensor) -> torch.Tensor:                          # [count, width], read only
+        if self.first >= 0:
+            return _row_view(W, self.width).narrow(0, self.first, self.count)
+        if self.rows is not None:
+            return _row_view(W, self.width).index_select(0, self.rows)
+        return W.view(-1).index_select(0, self.index).view(self.count, self.width)

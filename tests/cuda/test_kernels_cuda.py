@@ -15,7 +15,7 @@ import torch
 import kernels
 from tests.cuda.common import CUDA_TESTS, compiled_triton, cuda_device
 from tests.kernels.batches import Geometry
-from tests.kernels.checks import check_decode_step, check_mbgmv, check_sgmv
+from tests.kernels.checks import check_decode_step, check_mbgmv, check_prefill_step, check_sgmv
 
 pytestmark = CUDA_TESTS
 
@@ -71,6 +71,12 @@ def test_prepared_decode_step_llama7b(gen):
     """kernels.prepare_decode on CUDA (the engine's decode path): prepared once, run per layer."""
     check_decode_step(gen, None, LLAMA7B["qkv"], "zipf", 16, 64, torch.float16, contiguous=False, layers=2,
                       device=cuda_device())
+
+
+def test_prepared_prefill_step_llama7b(gen):
+    """kernels.prepare_prefill on CUDA (the engine's prefill path): prepared once, run per layer."""
+    check_prefill_step(gen, None, LLAMA7B["qkv"], "zipf", 4, 96, 64, torch.float16, contiguous=False, layers=2,
+                       device=cuda_device())
 
 
 def test_kernels_reject_mixed_devices():

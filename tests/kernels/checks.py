@@ -146,3 +146,31 @@ def check_decode_step(gen, backend, geometry: Geometry, mix: str, rows: int, max
         expected = out0.double()
         reference.mbgmv_expand(y_ref, pool.W, b_rows, ranks, scales, offsets, expected)
         check_expand_result(out.cpu(), expected, out0, touched_columns(ranks, geometry), dtype, where)
+
+
+def check_prefill_step(gen, backend, geometry: Geometry, mix: str, segments: int, max_len: int, max_rank: int,
+                       dtype, contiguous: bool, layers: int = 3, msg: str = "", device="cpu"):
+    """kernels.prepare_prefill once, then one call per layer (fresh pool values each): out must
+    equal out_before + the float64 reference's sgmv shrink-then-expand, untouched elements bit-equal."""
+    batch = make_batch(gen, geometry, mix, segments, max_rank)
+    pool = make_pool(gen, batch, dtype, contiguous)
+    a_rows, b_rows, ranks = batch.rows(pool, "A"), batch.rows(pool, "B"), batch.ranks()
+    seg_starts = segment_starts(gen, segments, max_len)
+    tokens = int(seg_starts[-1])
+    token_ranks = ranks.repeat_interleave(seg_starts.diff().long(), dim=0)        # [T, S]
+    scales, offsets = batch.scales(gen), geometry.slice_offsets()
+    W, *prepared = _on(device, pool.W, seg_starts, a_rows, b_rows, ranks, scales, offsets)
+    step = kernels.prepare_prefill(*prepared, W, geometry.in_features, backend=backend)
+    for layer in range(layers):
+        if layer:
+            pool = fill_pool(gen, batch, pool)
+        where = f"{msg} prefill step {backend} layer {layer} seg_starts {seg_starts.tolist()} ranks {ranks.tolist()}"
+        x = inputs(gen, tokens, geometry.in_features, dtype)
+        out0 = out_before(gen, tokens, geometry.out_total, dtype)
+        out = out0.to(device, copy=True)
+        step(*_on(device, x, pool.W), out)
+        y_ref = torch.empty((tokens, geometry.slices, a_rows.shape[2]), dtype=torch.float64)
+        reference.sgmv_shrink(x, pool.W, seg_starts, a_rows, ranks, y_ref)
+        expected = out0.double()
+        reference.sgmv_expand(y_ref, pool.W, seg_starts, b_rows, ranks, scales, offsets, expected)
+        check_expand_result(out.cpu(), expected, out0, touched_columns(token_ranks, geometry), dtype, where)

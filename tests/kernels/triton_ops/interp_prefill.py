@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.kernels.batches import MIXES, MODEL_GROUPS, SMALL_GROUPS
-from tests.kernels.checks import check_sgmv, geometry
+from tests.kernels.checks import check_prefill_step, check_sgmv, geometry
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/triton_ops/test_interpreter.py"
 
@@ -37,3 +37,8 @@ def test_sgmv_segments_longer_than_a_token_block(gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_sgmv_model_qkv_shapes(gen, dtype):
     check_sgmv(gen, "triton", geometry(MODEL_GROUPS, "qkv"), "uniform", 3, 16, 40, dtype, False)
+
+
+def test_prepared_prefill_step(gen):
+    """kernels.prepare_prefill on the Triton backend: checked once, the two kernels per layer."""
+    check_prefill_step(gen, "triton", geometry(SMALL_GROUPS, "qkv"), "zipf", 4, 12, 40, torch.float32, False, layers=2)
