@@ -45,3 +45,18 @@ def rank_room(op: str, rank: int, slot_rank: int) -> None:
     """bgmv: the batch's max rank R fits in a slot of RS pages."""
     if rank > slot_rank:
         fail(op, f"y's rank dimension {rank} exceeds the slot size {slot_rank} of the stacked pool")
+
+
+def prepared_call(op: str, prepared, rows: int, x, W, out) -> None:
+    """A prepared op's per-call check: x [rows, IN], W and out [rows, OUT_TOTAL] have the shapes,
+    dtype and device it was prepared for (attribute tests only)."""
+    dtype, device = prepared.dtype, prepared.device
+    if x.shape != (rows, prepared.in_features) or x.dtype != dtype or not x.is_contiguous():
+        fail(op, f"x must be a contiguous {dtype} [{rows}, {prepared.in_features}], got {x.dtype} {list(x.shape)}")
+    if W.shape != prepared.w_shape or W.dtype != dtype:
+        fail(op, f"W must be {dtype} {list(prepared.w_shape)} (as prepared), got {W.dtype} {list(W.shape)}")
+    if out.shape != (rows, prepared.out_features) or out.dtype != dtype or not out.is_contiguous():
+        fail(op, f"out must be a contiguous {dtype} [{rows}, {prepared.out_features}], got {out.dtype} "
+                 f"{list(out.shape)}")
+    if x.device != device or W.device != device or out.device != device:
+        fail(op, f"x, W and out must be on {device}")

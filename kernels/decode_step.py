@@ -67,17 +67,7 @@ class DecodeStep:
 
     def __call__(self, x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> None:
         """out += the LoRA delta of every row (x [N, IN], W: this layer's pool, out [N, OUT_TOTAL])."""
-        if x.shape != (self.rows, self.in_features) or x.dtype != self.dtype or not x.is_contiguous():
-            fail("decode_step", f"x must be a contiguous {self.dtype} [{self.rows}, {self.in_features}], "
-                                f"got {x.dtype} {list(x.shape)}")
-        if W.shape != self.w_shape or W.dtype != self.dtype:
-            fail("decode_step", f"W must be {self.dtype} {list(self.w_shape)} (as prepared), "
-                                f"got {W.dtype} {list(W.shape)}")
-        if out.shape != (self.rows, self.out_features) or out.dtype != self.dtype or not out.is_contiguous():
-            fail("decode_step", f"out must be a contiguous {self.dtype} [{self.rows}, {self.out_features}], "
-                                f"got {out.dtype} {list(out.shape)}")
-        if x.device != self.device or W.device != self.device or out.device != self.device:
-            fail("decode_step", f"x, W and out must be on {self.device}")
+        check.prepared_call("decode_step", self, self.rows, x, W, out)
         self._run(x, W, out)
 
 
