@@ -60,3 +60,22 @@ def prepared_call(op: str, prepared, rows: int, x, W, out) -> None:
                  f"{list(out.shape)}")
     if x.device != device or W.device != device or out.device != device:
         fail(op, f"x, W and out must be on {device}")
+
+
+def prepared_args(op: str, prepared, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features: int) -> int:
+    """A prepared op's descriptors, checked once (as the launchers check them per call); sets
+    `prepared`'s in_features, out_features, w_shape, dtype and device; returns N (rows or segments)."""
+    int32 = torch.int32
+    tensor(op, "W", W, (None, None), DATA_DTYPES, W.device)
+    device = W.device
+    tensor(op, "a_rows", a_rows, (None, None, None), int32, device)
+    rows, slices, rank = a_rows.shape
+    tensor(op, "b_rows", b_rows, (rows, slices, rank), int32, device)
+    tensor(op, "ranks", ranks, (rows, slices), int32, device)
+    tensor(op, "scales", scales, (rows, slices), torch.float32, device)
+    tensor(op, "slice_offsets", slice_offsets, (slices + 1,), int32, device)
+    if in_features <= 0:
+        fail(op, f"in_features must be positive, got {in_features}")
+    prepared.in_features, prepared.out_features = in_features, int(slice_offsets[-1])
+    prepared.w_shape, prepared.dtype, prepared.device = tuple(W.shape), W.dtype, device
+    return rows

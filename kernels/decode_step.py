@@ -31,10 +31,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._checks import DATA_DTYPES, fail
 from ._registry import lookup
 
-I32 = torch.int32
 F32 = torch.float32
 
 
@@ -43,21 +41,9 @@ class DecodeStep:
 
     def __init__(self, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features: int, *,
                  backend: str | None = None):
-        op = "prepare_decode"
-        check.tensor(op, "W", W, (None, None), DATA_DTYPES, W.device)
-        device = W.device
-        check.tensor(op, "a_rows", a_rows, (None, None, None), I32, device)
-        rows, slices, rank = a_rows.shape
-        check.tensor(op, "b_rows", b_rows, (rows, slices, rank), I32, device)
-        check.tensor(op, "ranks", ranks, (rows, slices), I32, device)
-        check.tensor(op, "scales", scales, (rows, slices), F32, device)
-        check.tensor(op, "slice_offsets", slice_offsets, (slices + 1,), I32, device)
-        if in_features <= 0:
-            fail(op, f"in_features must be positive, got {in_features}")
-        self.rows, self.slices, self.rank = rows, slices, rank
-        self.in_features = in_features
-        self.out_features = int(slice_offsets[-1])
-        self.w_shape, self.dtype, self.device = tuple(W.shape), W.dtype, device
+        self.rows = check.prepared_args("prepare_decode", self, a_rows, b_rows, ranks, scales, slice_offsets, W,
+                                        in_features)
+        device = self.device
         name = backend or ("cpu" if device.type == "cpu" else None)
         if name == "cpu":
             self._run = lookup("PreparedDecode", "cpu", device)(

@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._checks import DATA_DTYPES, fail
 from ._registry import lookup
 
 I32 = torch.int32
@@ -44,21 +43,11 @@ class PrefillStep:
 
     def __init__(self, seg_starts, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features: int, *,
                  backend: str | None = None):
-        op = "prepare_prefill"
-        check.tensor(op, "W", W, (None, None), DATA_DTYPES, W.device)
-        device = W.device
-        check.tensor(op, "a_rows", a_rows, (None, None, None), I32, device)
-        segments, slices, rank = a_rows.shape
-        check.tensor(op, "b_rows", b_rows, (segments, slices, rank), I32, device)
-        check.tensor(op, "ranks", ranks, (segments, slices), I32, device)
-        check.tensor(op, "scales", scales, (segments, slices), F32, device)
-        check.tensor(op, "seg_starts", seg_starts, (segments + 1,), I32, device)
-        check.tensor(op, "slice_offsets", slice_offsets, (slices + 1,), I32, device)
-        if in_features <= 0:
-            fail(op, f"in_features must be positive, got {in_features}")
-        self.tokens, self.in_features = int(seg_starts[-1]), in_features
-        self.out_features = int(slice_offsets[-1])
-        self.w_shape, self.dtype, self.device = tuple(W.shape), W.dtype, device
+        segments = check.prepared_args("prepare_prefill", self, a_rows, b_rows, ranks, scales, slice_offsets, W,
+                                       in_features)
+        device = self.device
+        check.tensor("prepare_prefill", "seg_starts", seg_starts, (segments + 1,), I32, device)
+        self.tokens = int(seg_starts[-1])
         name = backend or ("cpu" if device.type == "cpu" else None)
         if name == "cpu":
             self._run = lookup("PreparedPrefill", "cpu", device)(
