@@ -26,6 +26,8 @@ SMALL_GROUPS = {  # interpreter shapes: no multiple of any block size
     "gate_up": (17, (30, 30)),
 }
 NO_ADAPTER_P = 0.2   # share of rows without adapter in the uniform / zipf / distinct mixes
+DECODE_ROWS = {"distinct": 16, "single": 32, "uniform": 32, "zipf": 32}  # CPU decode tests: rows per mix
+CPU_DTYPES = [torch.float32, torch.float16]  # the CPU paths' data dtypes under test (bf16: one case)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,8 @@ import pytest
 import torch
 
 import kernels
-from tests.kernels.batches import MIXES, MODEL_GROUPS, make_batch, make_pool
+from tests.kernels.batches import CPU_DTYPES as DTYPES, DECODE_ROWS as ROWS, MIXES, MODEL_GROUPS, make_batch, make_pool
 from tests.kernels.checks import check_decode_step, geometry
-
-ROWS = {"distinct": 16, "single": 32, "uniform": 32, "zipf": 32}
-DTYPES = [torch.float32, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 import kernels
-from tests.kernels.batches import MIXES, MODEL_GROUPS, make_batch, make_pool, segment_starts
+from tests.kernels.batches import CPU_DTYPES as DTYPES, MIXES, MODEL_GROUPS, make_batch, make_pool, segment_starts
 from tests.kernels.checks import check_prefill_step, geometry
-
-DTYPES = [torch.float32, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
