@@ -128,9 +128,9 @@ def test_killing_an_instance_loses_no_waiting_request(tiny, tmp_path):
                 index = int(line.split("started instance ")[1].split()[0])
                 pids[index] = int(line.split("(pid ")[1].split(")")[0])
         results = {}
-        n_requests = 8
+        n_requests, new_tokens = 8, 160  # long enough to kill instance 1 mid-stream
         with cf.ThreadPoolExecutor(n_requests) as pool:
-            futures = [pool.submit(stream_tokens, srv.url, 400, results, i) for i in range(n_requests)]
+            futures = [pool.submit(stream_tokens, srv.url, new_tokens, results, i) for i in range(n_requests)]
             deadline = time.time() + 120
             while time.time() < deadline:  # wait until instance 1 is streaming
                 running = requests.get(srv.url + "/stats", timeout=30).json()["instances"][1]["stats"].get("running")
@@ -142,10 +142,11 @@ def test_killing_an_instance_loses_no_waiting_request(tiny, tmp_path):
                 f.result()
         outcomes = [results[i][0] for i in range(n_requests)]
         assert outcomes.count("ok") >= n_requests - 2, results
+        assert "error" in outcomes, f"instance 1 was killed after its streams ended: {results}"
         for i in range(n_requests):
             kind, detail = results[i]
             if kind == "ok":
-                assert detail == 400
+                assert detail == new_tokens
             else:
                 assert kind == "error" and "instance" in detail, results[i]
         deadline = time.time() + 180
