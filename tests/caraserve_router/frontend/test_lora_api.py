@@ -119,13 +119,17 @@ def test_runtime_load_use_unload(server, adapter_dir, tmp_path):
     # Unloading while a long request uses it: refused (409) unless told to wait for it.
     with cf.ThreadPoolExecutor(1) as pool:
         long = pool.submit(requests.post, server.url + "/generate", json={
-            "inputs": PROMPTS[0], "adapter": "extra", "parameters": {"max_new_tokens": 48, "ignore_eos": True}},
+            # long enough to outlast the front end's stats poll (1 s) by far: a short one could end
+            # between the poll that shows it and the unload below
+            "inputs": PROMPTS[0], "adapter": "extra", "parameters": {"max_new_tokens": 400, "ignore_eos": True}},
             timeout=600)
         for _ in range(600):  # until the instance runs it
             stats = requests.get(server.url + "/stats", timeout=30).json()["instances"][0]["stats"]
             if any(r["adapter"] == "extra" for r in stats.get("running", []) + stats.get("queued", [])):
                 break
             time.sleep(0.05)
+        else:
+            pytest.fail("the long request never showed in the instance's stats")
         busy = requests.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "extra"}, timeout=60)
         assert busy.status_code == 409, busy.text
         waited = requests.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "extra", "wait_s": 300},
