@@ -88,20 +88,36 @@ class ExpandIndex:
     bags: torch.Tensor | None     # int64 [bags]: row of out.view(-1, width); None: all, in order
 
 
+class PoolRows:
+    """Rows of `width` elements of a layer's pool W [U, UNIT] starting at `units` (int64 [m]), read
+    the same way from every layer: decided once, a view (one aligned run: the pool lays an adapter's
+    rows of a slice out so), a row gather of W.view(-1, width) (aligned to `width`) or an element
+    gather. `read` returns [m, width], read only (may be a view of W)."""
+
+    def __init__(self, W: torch.Tensor, units: torch.Tensor, width: int):
+        starts = units * W.shape[1]
+        self.width, self.count, self.first = width, len(units), -1
+        self.rows = self.index = None
+        if width and bool((starts % width == 0).all()):
+            rows = starts // width
+            if len(rows) and bool((rows == rows[0] + torch.arange(len(rows))).all()):
+                self.first = int(rows[0])
+            else:
+                self.rows = rows
+        else:
+            self.index = (starts[:, None] + torch.arange(width)).view(-1)
+
+    def read(self, W: torch.Tensor) -> torch.Tensor:
+        if self.first >= 0:
+            return _row_view(W, self.width).narrow(0, self.first, self.count)
+        if self.rows is not None:
+            return _row_view(W, self.width).index_select(0, self.rows)
+        return W.view(-1).index_select(0, self.index).view(self.count, self.width)
+
+
 def gather_rows(W: torch.Tensor, units: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows of `width` elements of W [U, UNIT] starting at `units` (int64 [m]) -> [m, width]
-    (read only: may be a view of W): a view when the rows are one aligned run (the pool lays an
-    adapter's rows of a slice out so), a row gather of W.view(-1, width) when they are aligned
-    to `width`, else an element gather."""
-    unit = W.shape[1]
-    starts = units * unit
-    if width and bool((starts % width == 0).all()):
-        rows = starts // width
-        if len(rows) and bool((rows == rows[0] + torch.arange(len(rows))).all()):
-            return _row_view(W, width).narrow(0, int(rows[0]), len(rows))
-        return _row_view(W, width).index_select(0, rows)
-    idx = starts[:, None] + torch.arange(width)
-    return W.view(-1).index_select(0, idx.view(-1)).view(len(units), width)
+    """PoolRows(W, units, width).read(W): for a single read (the per-call ops)."""
+    return PoolRows(W, units, width).read(W)
 
 
 def _row_view(W: torch.Tensor, width: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import fail
-from ..plan import _row_view, gather_rows
+from ..plan import PoolRows, gather_rows
 
 COMPUTE: dict[torch.dtype, torch.dtype] = {
     torch.float16: torch.float32,
@@ -93,9 +93,9 @@ class PreparedPrefill:
             for s, r in live:
                 width = offsets[s + 1] - offsets[s]
                 expand.append((slice(offsets[s], offsets[s + 1]), slice(pos, pos + r),
-                               _Rows(W, _units(b_rows[i, s, :r], W, width), width), scale_rows[i][s]))
+                               PoolRows(W, _units(b_rows[i, s, :r], W, width), width), scale_rows[i][s]))
                 pos += r
-            self.segments.append((tokens, _Rows(W, a_units, in_features), expand))
+            self.segments.append((tokens, PoolRows(W, a_units, in_features), expand))
 
     def __call__(self, x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> None:
         for tokens, a_rows, expand in self.segments:
@@ -108,28 +108,3 @@ class PreparedPrefill:
                     target.addmm_(product[:, part], b, alpha=scale)
                 else:
                     target.add_((product[:, part] @ b).to(target.dtype), alpha=scale)
-
-
-class _Rows:
-    """Rows of `width` elements of a layer's pool, read the same way from every layer: a view
-    (one aligned run), a row gather (aligned) or an element gather, decided once."""
-
-    def __init__(self, W: torch.Tensor, units: torch.Tensor, width: int):
-        starts = units * W.shape[1]
-        self.width, self.first, self.count = width, -1, len(units)
-        self.rows = self.index = None
-        if bool((starts % width == 0).all()):
-            rows = starts // width
-            if bool((rows == rows[0] + torch.arange(len(rows))).all()):
-                self.first = int(rows[0])
-            else:
-                self.rows = rows
-        else:
-            self.index = (starts[:, None] + torch.arange(width)).view(-1)
-
-    def read(self, W: torch.Tensor) -> torch.Tensor:                          # [count, width], read only
-        if self.first >= 0:
-            return _row_view(W, self.width).narrow(0, self.first, self.count)
-        if self.rows is not None:
-            return _row_view(W, self.width).index_select(0, self.rows)
-        return W.view(-1).index_select(0, self.index).view(self.count, self.width)
