@@ -52,6 +52,7 @@ from lightllm_patches.detokenizer import start_detokenization_process
 from lightllm_patches.httpserver_manager import CaraHttpServerManager, ClientGone, RequestError, check_text
 from lightllm_patches.lightllm_args import lightllm_args
 from caraserve_router.lora.adapter_store import AdapterError
+from caraserve_router.lora.host_segments import remove_idle
 from lightllm_patches.metrics import InstanceMetrics
 from caraserve_router.contracts.processes import (
     Terminated, free_ports, raise_terminated, remove_shm, start_children, stop_processes,
@@ -275,6 +276,8 @@ def _prepare(config: InstanceConfig) -> InstanceConfig:
     config.validate()
     if not config.shm_prefix:
         config.shm_prefix = f"caraserve_{config.port}_{uuid.uuid4().hex[:8]}"
+    if not config.host_store_prefix:
+        config.host_store_prefix = f"{config.shm_prefix}_ad"
     return config
 
 
@@ -357,7 +360,7 @@ def serve(config: InstanceConfig) -> int:
     finally:
         stop_processes(procs[:1])  # the router: SIGTERM stops its sidecar and frees its shm
         stop_processes(procs[1:], grace_s=0.0)  # the detokenizer holds nothing; upstream's waits on SIGTERM
-        removed = remove_shm(config.shm_prefix)
+        removed = remove_shm(config.shm_prefix) + remove_idle(config.host_store_prefix)
         log.info("instance %s stopped (removed %d shm files)", config.display_name, len(removed))
     if died:
         log.error("instance %s exits: %s", config.display_name, died[0])

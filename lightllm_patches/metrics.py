@@ -49,6 +49,10 @@ class InstanceMetrics:
                                    registry=self.registry)
         self.evictions = Gauge("caraserve_instance_adapter_evictions", "Adapter evictions since start by place "
                                "(host cache, device pool)", ("instance", "place"), registry=self.registry)
+        self.host_maps = Gauge("caraserve_instance_adapter_host_maps", "Adapter bytes mapped into host memory since "
+                               "start, by source: 'file' (read from the adapter's file) or 'shared' (the copy "
+                               "another instance of this host had mapped)", ("instance", "source"),
+                               registry=self.registry)
         self.hit_rate = Gauge("caraserve_instance_adapter_device_hit_rate", "Share of adapter requests that found "
                               "their adapter resident on the device", ("instance",), registry=self.registry)
         self.load_seconds = Gauge("caraserve_instance_adapter_load_seconds", "Seconds spent loading adapters "
@@ -97,6 +101,8 @@ class InstanceMetrics:
             self.adapter_bytes.labels(i, place).set(r.get(key) or 0)
         self.evictions.labels(i, "host").set(r.get("host_evictions", 0))
         self.evictions.labels(i, "device").set(r.get("device_evictions", 0))
+        self.host_maps.labels(i, "file").set(r.get("host_reads", 0))
+        self.host_maps.labels(i, "shared").set(r.get("host_shared_hits", 0))
         if r.get("device_hit_rate") is not None:
             self.hit_rate.labels(i).set(r["device_hit_rate"])
         self.load_seconds.labels(i, self.link).set(r.get("load_s", 0.0))

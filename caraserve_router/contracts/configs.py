@@ -200,6 +200,10 @@ class InstanceConfig:
         "weights' memory", choices=tuple(WEIGHT_LAYOUTS))
     log_level: str = option("info", "Log level", choices=("debug", "info", "warning", "error"))
     shm_prefix: str = option("", "Prefix of this instance's /dev/shm names (default: derived, unique)")
+    host_store_prefix: str = option(
+        "", "Prefix of the /dev/shm names of adapter bytes: the instances of one host given the same prefix "
+        "map one copy of each adapter (the front end's launchers give theirs one per run); default: "
+        "SHM_PREFIX_ad, this instance's own")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
 
@@ -216,6 +220,9 @@ class InstanceConfig:
             raise ValueError("running_max_req_size must be >= 1")
         if self.prefill_chunk_tokens < 0:
             raise ValueError(f"prefill_chunk_tokens must be >= 0 (0 = off), got {self.prefill_chunk_tokens}")
+        for flag, prefix in (("shm_prefix", self.shm_prefix), ("host_store_prefix", self.host_store_prefix)):
+            if prefix and not prefix.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"{flag} may hold letters, digits, '_' and '-' only, got {prefix!r}")
         self.lora.validate()
         self.sidecar.validate()
 

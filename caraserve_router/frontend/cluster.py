@@ -22,6 +22,7 @@ from caraserve_router.contracts.processes import free_ports, kill_groups, remove
 
 from caraserve_router.frontend.gpu_assignment import gpu_env
 from caraserve_router.frontend.instance_client import InstanceClient
+from caraserve_router.lora.host_segments import remove_idle
 
 log = logging.getLogger("caraserve.cluster")
 
@@ -72,11 +73,14 @@ class LocalLauncher:
     def __init__(self, log_dir: str, shm_prefix: str = "caraserve"):
         self.log_dir = log_dir
         self.shm_prefix = shm_prefix
+        # one host copy of each adapter for all instances of this run (see lora.host_segments)
+        self.host_store = f"{shm_prefix}_hs{uuid.uuid4().hex[:8]}"
         os.makedirs(log_dir, exist_ok=True)
 
     def start(self, handle: InstanceHandle) -> None:
         config = handle.config
         config.shm_prefix = f"{self.shm_prefix}_i{handle.index}_{uuid.uuid4().hex[:8]}"
+        config.host_store_prefix = self.host_store
         handle.log_path = os.path.join(self.log_dir, f"instance{handle.index}.log")
         out = open(handle.log_path, "ab")
         handle.proc = subprocess.Popen(_command(config), stdout=out, stderr=subprocess.STDOUT,
@@ -105,17 +109,18 @@ class LocalLauncher:
         kill_groups([proc.pid])  # anything of its group still alive; returns once it is gone
         proc.wait()
         remove_shm(handle.config.shm_prefix)
+        remove_idle(self.host_store)  # the adapter copies no live instance maps
         handle.proc = None
         handle.healthy = False
 
-    @staticmethod
-    def kill(handles: list[InstanceHandle], wait_s: float = 2.0) -> None:
+    def kill(self, handles: list[InstanceHandle], wait_s: float = 2.0) -> None:
         """SIGKILL the instances' whole process groups at once, wait (at most `wait_s`) until
         they are gone, and remove their shared memory."""
         kill_groups([h.proc.pid for h in handles if h.proc is not None], wait_s)
         for h in handles:
             if h.config is not None and h.config.shm_prefix:
                 remove_shm(h.config.shm_prefix)
+        remove_idle(self.host_store)
 
     @staticmethod
     def alive(handle: InstanceHandle) -> bool:

@@ -18,7 +18,7 @@ from caraserve_router.scheduling.policies import POLICIES
 
 API_KEY_ENV = "CARASERVE_API_KEY"
 # Instance fields the front end sets itself for each local instance.
-INSTANCE_FLAGS_SKIP = ("model_dir", "host", "port", "name", "shm_prefix", "log_level")
+INSTANCE_FLAGS_SKIP = ("model_dir", "host", "port", "name", "shm_prefix", "host_store_prefix", "log_level")
 
 
 @dataclass

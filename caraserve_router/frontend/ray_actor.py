@@ -17,6 +17,7 @@ torch or LightLLM (the instance process does).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ from typing import Optional
 
 from caraserve_router.contracts.configs import InstanceConfig, to_cli
 from caraserve_router.contracts.processes import kill_groups, remove_shm
+from caraserve_router.lora.host_segments import SharedDir, remove_idle
 
 log = logging.getLogger("caraserve.ray_actor")
 
@@ -61,18 +63,18 @@ def instance_command(config: InstanceConfig) -> list[str]:
             + to_cli(config.sidecar, prefix="sidecar_"))
 
 
-def write_adapter(root: str, name: str, files: AdapterFiles) -> str:
-    """Write one adapter's files into `root/name` (a fresh directory); return its path."""
-    if not name or os.sep in name or name in (".", ".."):
+def check_adapter_dir_name(name: str) -> None:
+    if not name or os.sep in name or name in (".", "..") or name.startswith(".tmp-"):
         raise ValueError(f"bad adapter name {name!r}")
-    path = os.path.join(root, name)
-    os.makedirs(path)
+
+
+def write_files(path: str, files: AdapterFiles) -> None:
+    """Write one adapter's files into the existing directory `path`."""
     for file_name, data in files.items():
         if os.sep in file_name or file_name in (".", ".."):
-            raise ValueError(f"bad file name {file_name!r} in adapter {name!r}")
+            raise ValueError(f"bad file name {file_name!r} in adapter {os.path.basename(path)!r}")
         with open(os.path.join(path, file_name), "wb") as f:
             f.write(data)
-    return path
 
 
 def free_port(host: str) -> int:
@@ -107,7 +109,7 @@ class InstanceActor:
     """Ray actor class (wrapped with `ray.remote` by `ray_cluster`, which sets its resources)."""
 
     def __init__(self, config: InstanceConfig, index: int, log_dir: str, adapters: Optional[AdapterSet] = None,
-                 shm_prefix: str = "caraserve"):
+                 shm_prefix: str = "caraserve", host_store: str = ""):
         import ray
 
         self.index = index
@@ -121,13 +123,18 @@ class InstanceActor:
         config.host = ray.util.get_node_ip_address()
         config.port = free_port(config.host)
         config.shm_prefix = f"{shm_prefix}_r{index}_{uuid.uuid4().hex[:8]}"
+        # The actors of one node (one run) share one host copy of each adapter: the same
+        # segment names (host_store) and the same adapter files, written once per node.
+        config.host_store_prefix = host_store or f"{config.shm_prefix}_ad"
         self.work_dir = tempfile.mkdtemp(prefix=f"caraserve_ray{index}_")
+        self.adapter_dir: Optional[SharedDir] = None  # --adapters, written at start
+        self.runtime_dir: Optional[SharedDir] = None  # adapters loaded at run time (stage_adapter)
         if adapters:
-            root = os.path.join(self.work_dir, "adapters")
-            os.makedirs(root)
+            self.adapter_dir = SharedDir(os.path.join(tempfile.gettempdir(), f"{config.host_store_prefix}_adapters"))
             for name, files in adapters.items():
-                write_adapter(root, name, files)
-            config.lora.adapters = root
+                check_adapter_dir_name(name)
+                self.adapter_dir.put_dir(name, lambda tmp, files=files: write_files(tmp, files))
+            config.lora.adapters = self.adapter_dir.path
         else:
             config.lora.adapters = None
         os.makedirs(log_dir, exist_ok=True)
@@ -165,6 +172,10 @@ class InstanceActor:
         if self.proc is not None:
             kill_groups([self.proc.pid])  # whatever of its group is left, and wait until it is gone
         remove_shm(self.config.shm_prefix)
+        remove_idle(self.config.host_store_prefix)  # the adapter copies no other instance here maps
+        for shared in (self.adapter_dir, self.runtime_dir):
+            if shared is not None:
+                shared.release()
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # ---- remote methods -------------------------------------------------------------------
@@ -176,10 +187,17 @@ class InstanceActor:
                 "alive": self.proc.poll() is None}
 
     def stage_adapter(self, name: str, files: AdapterFiles) -> str:
-        """Write an adapter sent by the front end on this node; return the path the instance loads."""
-        root = os.path.join(self.work_dir, "runtime", uuid.uuid4().hex[:8])
-        os.makedirs(root)
-        return write_adapter(root, name, files)
+        """Write an adapter sent by the front end on this node (once per node: the directory is
+        named by the files' digest, so the actors here share it and its host copy); return the
+        path the instance loads."""
+        check_adapter_dir_name(name)
+        if self.runtime_dir is None:
+            self.runtime_dir = SharedDir(os.path.join(tempfile.gettempdir(),
+                                                      f"{self.config.host_store_prefix}_runtime"))
+        digest = hashlib.sha1()
+        for file_name in sorted(files):
+            digest.update(file_name.encode() + b"\0" + hashlib.sha1(files[file_name]).digest())
+        return self.runtime_dir.put_dir(digest.hexdigest()[:24], lambda tmp: write_files(tmp, files))
 
     def tail(self, lines: int = 30) -> str:
         try:

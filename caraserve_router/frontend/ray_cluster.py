@@ -199,7 +199,8 @@ class RayLauncher:
             num_cpus=self.config.cpus_per_instance, num_gpus=self._gpus(), max_restarts=self.config.max_restarts,
             scheduling_strategy=PLACEMENTS[self.config.placement], namespace=RAY_NAMESPACE,
             name=f"caraserve-{self.run_id}-instance{handle.index}-{handle.actors_created}",
-        ).remote(config, handle.index, self.log_dir, self.adapters_ref, self.shm_prefix)
+        ).remote(config, handle.index, self.log_dir, self.adapters_ref, self.shm_prefix,
+                  f"{self.shm_prefix}_hs{self.run_id}")  # the actors of one node share adapter copies
         handle.actors_created += 1
         handle.url = ""
         handle.pid = None

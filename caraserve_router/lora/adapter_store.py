@@ -4,10 +4,12 @@ only while they are used.
 Registration reads and checks the adapter's config and the safetensors header (names, shapes,
 dtypes): no tensor data, so registering thousands takes seconds. The bytes are read from the
 file on first use (a load to the device, a CPU sidecar job) into one named shared-memory
-segment per adapter (`/dev/shm/<prefix>_ad<n>`), which the CPU sidecar maps without a copy; on
-CUDA the segment is also page-locked for asynchronous host->device copies. The store keeps
-those segments in an LRU cache with a byte budget (`--lora-host-cache-mb`): an adapter no load
-holds is unmapped when room is needed, and read again from its file when next used.
+segment per adapter (`/dev/shm/<prefix>_<content key>`), which the CPU sidecar maps without a
+copy; on CUDA the segment is also page-locked for asynchronous host->device copies. The name is
+derived from the adapter file's identity and the layout, so the instances of one host that are
+given the same prefix map one copy (`host_segments`). The store keeps its segments in an LRU
+cache with a byte budget (`--lora-host-cache-mb`): an adapter no load holds is unmapped when room
+is needed (the copy goes when no instance of the host maps it), and read again when next used.
 
 Layout of a segment (`HostLayout`), layer-major so a layer is one contiguous range; per layer
 and group (qkv, o, gate_up, down) only the slices the adapter targets, each at its own rank r_s:
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import logging
 import math
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -34,7 +38,8 @@ from typing import Callable, Optional
 
 import torch
 
-from caraserve_router.lora.peft_files import AdapterError, AdapterSpec, parse_adapter, read_into
+from caraserve_router.lora import host_segments
+from caraserve_router.lora.peft_files import AdapterError, AdapterSpec, parse_adapter, read_into, weights_path
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
 
 __all__ = ["AdapterError", "AdapterSpec", "AdapterStore", "HostAdapter", "HostLayout", "parse_adapter"]
@@ -91,12 +96,12 @@ class HostAdapter:
     while mapped. `flat` / `block()` / `shm_name` map it first if needed (through the store)."""
 
     def __init__(self, spec: AdapterSpec, layout: HostLayout, dtype: torch.dtype,
-                 shm: Optional[shared_memory.SharedMemory], owner: bool, store: Optional["AdapterStore"] = None,
-                 shm_name: Optional[str] = None):
+                 shm, store: Optional["AdapterStore"] = None, shm_name: Optional[str] = None):
+        # shm: a host_segments.Segment (the store's: closing it unlinks the name when no other
+        # process maps it) or a SharedMemory attached by name (a sidecar worker's: only closed)
         self.spec = spec
         self.layout = layout
         self.dtype = dtype
-        self.owner = owner
         self.store = store
         self.shm = None
         self._flat: Optional[torch.Tensor] = None
@@ -106,7 +111,7 @@ class HostAdapter:
         if shm is not None:
             self._map(shm)
 
-    def _map(self, shm: shared_memory.SharedMemory) -> None:
+    def _map(self, shm) -> None:
         self.shm = shm
         self._flat = torch.frombuffer(shm.buf, dtype=self.dtype, count=self.layout.total_floats())
 
@@ -144,7 +149,7 @@ class HostAdapter:
             resource_tracker.unregister(shm._name, "shared_memory")
         except Exception:  # noqa: BLE001 - tracker absent in some start methods
             pass
-        return cls(spec, HostLayout(shapes, spec.slice_ranks), dtype, shm, owner=False)
+        return cls(spec, HostLayout(shapes, spec.slice_ranks), dtype, shm)
 
     def block(self, layer: int, group: str, which) -> torch.Tensor:
         """View of block `which` ("A" or a slice index, see HostLayout.block)."""
@@ -162,7 +167,7 @@ class HostAdapter:
             self.pinned = True
 
     def unmap(self) -> None:
-        """Drop the bytes (unlink the segment if this process made it); the spec stays."""
+        """Drop the bytes (the store's segment is unlinked when no other process maps it); the spec stays."""
         if self.shm is None:
             return
         if self.pinned:
@@ -171,13 +176,8 @@ class HostAdapter:
         self._flat = None
         try:
             self.shm.close()
-        except BufferError:  # a view is still alive somewhere: the unlink below still frees the name
+        except BufferError:  # a view is still alive somewhere: the mapping goes when it does
             pass
-        if self.owner:
-            try:
-                self.shm.unlink()
-            except FileNotFoundError:  # someone removed /dev/shm/<name> under us: it is gone either way
-                log.warning("host segment of adapter %s was already unlinked", self.spec.name)
         self.shm = None
 
     def close(self) -> None:
@@ -191,7 +191,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$")
 
 class AdapterStore:
     """Registered adapters of one instance; their bytes in shared host memory while used, within
-    a byte budget (LRU over the adapters no load holds)."""
+    a byte budget (LRU over the adapters no load holds).
+
+    `shm_prefix`: the segments' name prefix; instances of one host given the same one share each
+    adapter's copy (a segment is counted in the budget of every store that maps it)."""
 
     def __init__(self, shapes: ModelShapes, dtype: torch.dtype, shm_prefix: str, max_rank: int, pin: bool,
                  cache_bytes: Optional[int] = None, max_mapped: Optional[int] = None):
@@ -206,7 +209,6 @@ class AdapterStore:
         self._sources: dict[str, tuple] = {}  # name -> (found, ranks) for reading on first use
         self._mapped: collections.OrderedDict = collections.OrderedDict()  # LRU of mapped adapters
         self.mapped_bytes = 0
-        self._seq = 0
         self._lock = threading.RLock()
         # hooks (the runtime wires the sidecar): called after a segment is mapped / before unmapped
         self.on_map: Optional[Callable[[HostAdapter], None]] = None
@@ -237,12 +239,20 @@ class AdapterStore:
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"adapter {name!r} is already registered", status=409)
-            self._seq += 1
-            host = HostAdapter(spec, HostLayout(self.shapes, spec.slice_ranks), self.dtype, None, owner=True,
-                               store=self, shm_name=f"{self.shm_prefix}_ad{self._seq}")
+            host = HostAdapter(spec, HostLayout(self.shapes, spec.slice_ranks), self.dtype, None,
+                               store=self, shm_name=f"{self.shm_prefix}_{self._content_key(spec)}")
             self._adapters[name] = host
             self._sources[name] = (found, ranks)
         return host
+
+    def _content_key(self, spec: AdapterSpec) -> str:
+        """Names the bytes: the weights file's identity (device, inode, size, mtime) and everything
+        that shapes the segment (dtype, model shapes, per-slice ranks). Two instances of a host
+        reading the same file agree on it; a rewritten file gets a new one."""
+        st = os.stat(weights_path(spec.path))
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, str(self.dtype), self.shapes,
+                 sorted(spec.slice_ranks.items()), spec.use_rslora)
+        return hashlib.sha1(repr(ident).encode()).hexdigest()[:20]
 
     def remove(self, name: str) -> None:
         host = self.get(name)
@@ -266,11 +276,23 @@ class AdapterStore:
                 self.counters["host_hits"] += 1
                 return host
             self._make_room(host.nbytes, keep=name)
-            shm = shared_memory.SharedMemory(name=host._name, create=True, size=max(1, host.nbytes))
-            host._map(shm)  # a new segment reads as zeros
+            read = []
+
+            def fill(segment: host_segments.Segment) -> None:  # a new segment reads as zeros
+                host._map(segment)
+                read_into(host, *self._sources[name])
+                read.append(True)
+
             try:
-                found, ranks = self._sources[name]
-                read_into(host, found, ranks)
+                segment = host_segments.attach_or_make(host._name, host.nbytes, fill)
+            except OSError as e:
+                host._flat, host.shm = None, None
+                raise AdapterError(f"adapter {name!r}: cannot map its host segment: {e}", 507) from e
+            except Exception:
+                host._flat, host.shm = None, None
+                raise
+            host._map(segment)
+            try:
                 if self.pin:
                     host.pin()
             except Exception:
@@ -278,8 +300,9 @@ class AdapterStore:
                 raise
             self._mapped[name] = host
             self.mapped_bytes += host.nbytes
-            self.counters["host_reads"] += 1
-            self.counters["host_read_bytes"] += host.nbytes
+            # a read from the file, or a copy another instance of this host had mapped already
+            self.counters["host_reads" if read else "host_shared_hits"] += 1
+            self.counters["host_read_bytes"] += host.nbytes if read else 0
         if self.on_map is not None:
             self.on_map(host)
         return host

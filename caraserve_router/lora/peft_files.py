@@ -90,21 +90,22 @@ def _check_config(path: str, config: dict, max_rank: int) -> None:
             )
 
 
-def _weights_path(path: str) -> str:
-    weights_path = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(weights_path):
+def weights_path(path: str) -> str:
+    """The adapter directory's safetensors file (AdapterError if it has none)."""
+    found = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(found):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
             raise AdapterError(f"{path}: only adapter_model.safetensors is supported (found adapter_model.bin)")
         raise AdapterError(f"{path}: missing adapter_model.safetensors")
-    return weights_path
+    return found
 
 
 def _read_header(path: str) -> dict[str, tuple]:
     """{tensor name: shape} from the safetensors header; no tensor data is read. The header's
     offsets are checked against the file size, so a truncated file is refused here."""
-    weights_path = _weights_path(path)
+    file = weights_path(path)
     try:
-        with safe_open(weights_path, "pt", "cpu") as f:
+        with safe_open(file, "pt", "cpu") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
         raise AdapterError(f"{path}: cannot read adapter_model.safetensors (truncated or corrupt?): {e}") from e
@@ -221,7 +222,7 @@ def read_into(host, found: dict, ranks: dict) -> None:
     """Read the adapter's tensors from its file into the (zeroed) segment; refuses NaN / inf."""
     path = host.spec.path
     try:
-        f = safe_open(_weights_path(path), "pt", "cpu")
+        f = safe_open(weights_path(path), "pt", "cpu")
     except Exception as e:  # noqa: BLE001
         raise AdapterError(f"{path}: cannot read adapter_model.safetensors: {e}") from e
     with f:

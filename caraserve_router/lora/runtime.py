@@ -41,8 +41,8 @@ class LoraRuntime:
         lora = config.lora
         self.shapes = ModelShapes.from_config(model.config)
         self.device = model.device
-        self.store = AdapterStore(self.shapes, model.data_type, config.shm_prefix, lora.max_rank,
-                                  pin=self.device.type == "cuda",
+        self.store = AdapterStore(self.shapes, model.data_type, config.host_store_prefix or f"{config.shm_prefix}_ad",
+                                  lora.max_rank, pin=self.device.type == "cuda",
                                   cache_bytes=int(lora.host_cache_mb * 2**20) if lora.host_cache_mb else None)
         self.kind = LoraMode(lora.mode)
         self.decode_kernel = DecodeKernel(lora.decode_kernel)
@@ -319,6 +319,8 @@ class LoraRuntime:
             "mapped_on_host": host["mapped_on_host"],
             "host_bytes": host["host_bytes"], "host_budget_bytes": host["host_budget_bytes"],
             "host_reads": host.get("host_reads", 0), "host_evictions": host.get("host_evictions", 0),
+            # mapped from the copy another instance of this host had made: no file read
+            "host_shared_hits": host.get("host_shared_hits", 0),
             "resident_on_device": len(self.pool.entries), "device_bytes": self.pool.bytes_used,
             "device_budget_bytes": self.pool.bytes_total,
             "device_loads": self.counters["loads_cold"], "device_load_bytes": self.counters["load_bytes"],

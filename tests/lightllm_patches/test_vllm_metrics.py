@@ -60,7 +60,7 @@ def test_residency_series():
     residency = {"registered": 4096, "mapped_on_host": 12, "resident_on_device": 5, "host_bytes": 3_000_000,
                  "host_budget_bytes": 8_000_000, "device_bytes": 1_500_000, "device_budget_bytes": 4_000_000,
                  "host_evictions": 7, "device_evictions": 3, "device_hit_rate": 0.75, "load_s": 1.25,
-                 "device_load_bytes": 9_000_000}
+                 "device_load_bytes": 9_000_000, "host_reads": 20, "host_shared_hits": 6}
     m.update_from_stats({"running": [], "queued": [], "lora": {"pages_total": 10, "resident": [], "loads": {},
                                                                "residency": residency}})
     got = {name: {tuple(sorted(labels.items())): value for labels, value in samples}
@@ -71,6 +71,8 @@ def test_residency_series():
                                                        place("device"): 1.5e6, place("device_budget"): 4e6}
     assert got["caraserve_instance_adapter_evictions"] == {place("host"): 7, place("device"): 3}
     assert got["caraserve_instance_adapter_device_hit_rate"] == {(("instance", "i0"),): 0.75}
+    source = lambda s: (("instance", "i0"), ("source", s))  # noqa: E731
+    assert got["caraserve_instance_adapter_host_maps"] == {source("file"): 20, source("shared"): 6}
     link = (("instance", "i0"), ("link", "emulated"))
     assert got["caraserve_instance_adapter_load_seconds"] == {link: 1.25}
     assert got["caraserve_instance_adapter_load_bytes"] == {link: 9e6}

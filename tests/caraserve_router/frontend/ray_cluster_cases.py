@@ -151,6 +151,18 @@ def test_one_instance_per_node_and_outputs_equal_peft(tiny, server, nodes):
     assert {k: after[k] - before.get(k, 0) for k in after} == {"instance0": 3.0, "instance1": 3.0}
     outs = {peft_greedy(model_dir, a, PROMPTS[0]).__repr__() for a in [None] + adapters}
     assert len(outs) == 3, "adapters must change the output, or the comparison proves nothing"
+    # The two "nodes" are one host: its instances share one host copy of each adapter. (Each
+    # instance is asked directly: the round robin above may skip one whose load looked full.)
+    for h in instances(server.url):
+        for adapter in adapters:
+            r = requests.post(h["url"] + "/generate", json={"input_ids": PROMPTS[0], "adapter": adapter.name,
+                              "parameters": {"max_new_tokens": 2, "return_details": True}}, timeout=300)
+            assert r.status_code == 200, r.text
+            assert [t["id"] for t in r.json()["tokens"]] == peft_greedy(model_dir, adapter, PROMPTS[0], 2)
+    time.sleep(1.0)  # the front end's stats poll (every 0.3 s)
+    residency = [h["stats"]["lora"]["residency"] for h in instances(server.url)]
+    assert sum(r["host_reads"] for r in residency) == 2, residency
+    assert sum(r["host_shared_hits"] for r in residency) == 2, residency
 
 
 def test_adapter_from_a_directory_only_the_front_end_knows(tiny, server):
