@@ -239,19 +239,26 @@ class AdapterStore:
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"adapter {name!r} is already registered", status=409)
+            segment = f"{self.shm_prefix}_{self._content_key(spec, ranks)}"
+            taken = {h._name for h in self._adapters.values()}
+            # the same directory twice in this store (the runtime aliases names, a store user may
+            # not): its own segment, so removing one entry unmaps its bytes as before
+            suffix = next(f"_{n}" if n else "" for n in range(len(taken) + 1) if segment + (f"_{n}" if n else "") not in taken)
             host = HostAdapter(spec, HostLayout(self.shapes, spec.slice_ranks), self.dtype, None,
-                               store=self, shm_name=f"{self.shm_prefix}_{self._content_key(spec)}")
+                               store=self, shm_name=segment + suffix)
             self._adapters[name] = host
             self._sources[name] = (found, ranks)
         return host
 
-    def _content_key(self, spec: AdapterSpec) -> str:
-        """Names the bytes: the weights file's identity (device, inode, size, mtime) and everything
-        that shapes the segment (dtype, model shapes, per-slice ranks). Two instances of a host
-        reading the same file agree on it; a rewritten file gets a new one."""
+    def _content_key(self, spec: AdapterSpec, ranks: dict) -> str:
+        """Names the bytes: the adapter directory, its weights file's identity (device, inode,
+        size, mtime) and everything that shapes the segment (dtype, model shapes, per-slice
+        ranks, every module's rank and scale). Two instances of a host reading the same
+        directory agree on it; a rewritten file gets a new one; directories that hard-link one
+        file stay separate adapters."""
         st = os.stat(weights_path(spec.path))
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, str(self.dtype), self.shapes,
-                 sorted(spec.slice_ranks.items()), spec.use_rslora)
+        ident = (os.path.realpath(spec.path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, str(self.dtype),
+                 self.shapes, sorted(spec.slice_ranks.items()), sorted(ranks.items()))
         return hashlib.sha1(repr(ident).encode()).hexdigest()[:20]
 
     def remove(self, name: str) -> None:

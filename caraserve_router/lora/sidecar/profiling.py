@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from multiprocessing import shared_memory
 from typing import Optional
 
 import torch
 
+from caraserve_router.lora import host_segments
 from caraserve_router.lora.adapter_store import AdapterSpec, HostAdapter, HostLayout
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
 from caraserve_router.lora.sidecar.jobs import Job
@@ -117,11 +117,12 @@ class ProfileAdapter:
                  name: str = "__sidecar_profile__"):
         layout = HostLayout(shapes, rank)
         nbytes = layout.total_floats() * torch.empty((), dtype=dtype).element_size()
-        shm = shared_memory.SharedMemory(name=shm_name, create=True, size=nbytes)
+        # a name of its own: nobody else maps it before it is filled below; closing unlinks it
+        shm = host_segments.attach_or_make(shm_name, nbytes, lambda segment: None)
         spec = AdapterSpec(name=name, path="", rank=rank,
                            slice_ranks={g: (rank,) * shapes.group(g).num_slices for g in GROUPS},
                            target_modules=(), layers=(), use_rslora=False)
-        self.host = HostAdapter(spec, layout, dtype, shm, owner=True)
+        self.host = HostAdapter(spec, layout, dtype, shm)
         generator = torch.Generator().manual_seed(0)
         self.host.flat.copy_(torch.randn(self.host.flat.numel(), generator=generator).to(dtype) * 0.01)
 

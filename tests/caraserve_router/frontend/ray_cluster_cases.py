@@ -159,8 +159,8 @@ def test_one_instance_per_node_and_outputs_equal_peft(tiny, server, nodes):
                               "parameters": {"max_new_tokens": 2, "return_details": True}}, timeout=300)
             assert r.status_code == 200, r.text
             assert [t["id"] for t in r.json()["tokens"]] == peft_greedy(model_dir, adapter, PROMPTS[0], 2)
-    time.sleep(1.0)  # the front end's stats poll (every 0.3 s)
-    residency = [h["stats"]["lora"]["residency"] for h in instances(server.url)]
+    residency = [requests.get(h["url"] + "/stats", timeout=30).json()["lora"]["residency"]
+                 for h in instances(server.url)]
     assert sum(r["host_reads"] for r in residency) == 2, residency
     assert sum(r["host_shared_hits"] for r in residency) == 2, residency
 

@@ -70,12 +70,19 @@ def test_round_robin_spreads_and_outputs_agree(tiny, tmp_path):
         # The same (adapter, prompt) served by either instance gives the same tokens.
         assert outputs[0] == outputs[3] and outputs[1] == outputs[4] and outputs[2] == outputs[5]
         assert len({tuple(o) for o in outputs[:3]}) == 3, "different adapters must differ"
-        # One host copy of each adapter: each instance served all three, from three segments.
+        # One host copy of each adapter: each instance is asked for all three directly (the
+        # round robin may skip an instance whose load looked full), and they map three segments.
+        urls = [h["url"] for h in requests.get(srv.url + "/stats", timeout=30).json()["instances"]]
+        for url in urls:
+            for name in adapter_names:
+                r = requests.post(url + "/generate", json={"input_ids": [5, 6, 7, 8], "adapter": name,
+                                                           "parameters": {"max_new_tokens": 1}}, timeout=300)
+                assert r.status_code == 200, r.text
         segments = [n for n in os.listdir("/dev/shm") if n.startswith(srv.shm_prefix + "_hs")]
         assert len(segments) == 3, segments
-        lora = [requests.get(srv.url + "/stats", timeout=30).json()["instances"][i]["stats"]["lora"]["residency"]
-                for i in (0, 1)]
-        assert sum(s["host_reads"] for s in lora) == 3 and sum(s["host_shared_hits"] for s in lora) == 3, lora
+        lora = [requests.get(url + "/stats", timeout=30).json()["lora"]["residency"] for url in urls]
+        assert [s["mapped_on_host"] for s in lora] == [3, 3], json.dumps(lora)
+        assert sum(s["host_reads"] for s in lora) == 3 and sum(s["host_shared_hits"] for s in lora) == 3, json.dumps(lora)
         families = {f.name for f in text_string_to_metric_families(requests.get(srv.url + "/metrics").text)}
         for name in ("caraserve_ttft_seconds", "caraserve_tpot_seconds", "caraserve_e2e_seconds",
                      "caraserve_instance_queue_depth", "caraserve_instance_running_batch_size",

@@ -192,3 +192,23 @@ def test_shared_dir_is_written_once_and_removed_by_the_last_holder(tmp_path):
     assert sorted(os.listdir(path)) == ["x"]
     assert one.release() is False and os.path.isdir(a)  # two still holds it
     assert two.release() is True and not os.path.exists(path)
+
+
+def test_directories_that_hard_link_one_file_stay_separate_adapters(base, prefix, tmp_path):
+    """Two directories are two adapters (each its own copy) even when they share a file: their
+    configs may differ (here lora_alpha, which is folded into the bytes)."""
+    import json
+    model_dir, dirs = base
+    for name, alpha_factor in (("p", 1), ("q", 2)):
+        (tmp_path / name).mkdir()
+        os.link(dirs[0] / "adapter_model.safetensors", tmp_path / name / "adapter_model.safetensors")
+        config = json.loads((dirs[0] / "adapter_config.json").read_text())
+        config["lora_alpha"] = config["lora_alpha"] * alpha_factor
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+    store = make_store(model_dir, prefix)
+    try:
+        p, q = store.add("p", str(tmp_path / "p")), store.add("q", str(tmp_path / "q"))
+        assert p.shm_name != q.shm_name and len(names(prefix)) == 2
+        assert not torch.equal(p.flat, q.flat)  # B scaled by a different alpha / r
+    finally:
+        store.close()
