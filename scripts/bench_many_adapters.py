@@ -15,6 +15,9 @@
    bytes, loads, evictions, device hit rate, load time), the device bytes of the resident
    adapters against their files' tensor bytes, and every adapter's memory in the old layout
    (a page = one rank row of all seven projections, the adapter's largest rank) and now.
+5. With `--instances N` (N > 1): the instances of this host share one host copy of each
+   adapter; the report sets the /dev/shm bytes measured against the sum of what each instance
+   maps (what one copy per instance would take).
 
 On a machine without a GPU the instance runs on the CPU with the emulated host->device link
 (`--lora-link-bandwidth-mbps`, default 2000 MB/s): load times and TTFT are **emulated**.
@@ -158,10 +161,10 @@ class Sampler(threading.Thread):
             self.samples.append(self.sample())
 
 
-def instance_stats(server: RunningServer) -> dict:
+def instance_stats(server: RunningServer) -> list[dict]:
+    """Every instance's own /stats (not the front end's poll of them)."""
     front = requests.get(f"{server.url}/stats", timeout=30).json()
-    url = front["instances"][0]["url"]
-    return requests.get(f"{url}/stats", timeout=30).json()
+    return [requests.get(f"{i['url']}/stats", timeout=30).json() for i in front["instances"]]
 
 
 def wait_models(server: RunningServer, count: int, timeout: float) -> float:
@@ -220,6 +223,8 @@ def main(argv=None) -> dict:
     p.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent (default 1.0)")
     p.add_argument("--max-prompt", type=int, default=256, help="prompt tokens clipped to this (default 256)")
     p.add_argument("--max-output", type=int, default=32, help="output tokens clipped to this (default 32)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="instances on this host (default 1); they share one host copy of each adapter")
     p.add_argument("--mode", default="cpu-assist", help="--lora-mode of the instance (default cpu-assist)")
     p.add_argument("--host-cache-mb", type=float, default=1024.0, help="--lora-host-cache-mb (default 1024)")
     p.add_argument("--pool-mb", type=float, default=2048.0,
@@ -248,7 +253,8 @@ def main(argv=None) -> dict:
                                        # served ones of the same rank, one to one
                                        ranks=tuple(per_adapter[f"ad{i}"]["max_rank"] for i in range(args.adapters))))
     server_args = ["--model-dir", str(model_dir), "--adapters", str(root), "--lora-mode", args.mode,
-                   "--policy", "most-idle",  # one instance: no start-up profile running beside the replay
+                   "--instances", str(args.instances),
+                   "--policy", "most-idle",  # no start-up profile running beside the replay
                    "--lora-max-rank", str(max(RANKS)),
                    "--lora-host-cache-mb", str(args.host_cache_mb), "--lora-pool-mb", str(args.pool_mb)]
     log_path = args.out.with_suffix(".server.log")
@@ -259,7 +265,7 @@ def main(argv=None) -> dict:
         ready = wait_models(server, args.adapters, 900)
         log(f"start-up: /health after {healthy - launched:.1f} s, {args.adapters} adapters listed after "
             f"{ready - launched:.1f} s")
-        after_start = instance_stats(server)
+        after_start = instance_stats(server)[0]
         sampler = Sampler(server)
         sampler.samples.append(sampler.sample())
         sampler.start()
@@ -269,7 +275,8 @@ def main(argv=None) -> dict:
         sampler.stop_event.set()
         sampler.join()
         sampler.samples.append(sampler.sample())
-        stats = instance_stats(server)
+        all_stats = instance_stats(server)
+    stats = all_stats[0]
     lora = stats["lora"]
     residency = lora["residency"]
     resident = {r["name"] for r in lora["resident"]}
@@ -288,7 +295,8 @@ def main(argv=None) -> dict:
         "startup_note": "from launch to /v1/models listing every adapter (health_s: to /health)",
         "after_start": {"registered": after_start["lora"]["residency"]["registered"],
                         "host_bytes": after_start["lora"]["residency"]["host_bytes"]},
-        "residency": residency,
+        "residency": residency,  # instance 0's
+        "residency_per_instance": [s["lora"]["residency"] for s in all_stats],
         "device_bytes_vs_file_bytes": {"resident": len(resident), "device_bytes": residency["device_bytes"],
                                        "file_tensor_bytes": resident_file_bytes,
                                        "ratio": residency["device_bytes"] / resident_file_bytes
@@ -296,6 +304,13 @@ def main(argv=None) -> dict:
         "memory_per_adapter_mib": {
             "old_layout_mean": sum(a["old_layout_bytes"] for a in per_adapter.values()) / len(per_adapter) / 2**20,
             "own_size_mean": sum(a["tensor_bytes"] for a in per_adapter.values()) / len(per_adapter) / 2**20},
+        "instances": args.instances,
+        "host_sharing": {  # what each instance maps, against the one copy of the host
+            "mapped_bytes_per_instance": [s["lora"]["residency"]["host_bytes"] for s in all_stats],
+            "mapped_bytes_sum": sum(s["lora"]["residency"]["host_bytes"] for s in all_stats),
+            "shm_bytes_end": sampler.samples[-1]["shm_bytes"],
+            "reads_from_file": sum(s["lora"]["residency"]["host_reads"] for s in all_stats),
+            "maps_of_shared_copies": sum(s["lora"]["residency"].get("host_shared_hits", 0) for s in all_stats)},
         "host": {"rss_max_bytes": max(s["rss_bytes"] for s in sampler.samples),
                  "shm_max_bytes": max(s["shm_bytes"] for s in sampler.samples),
                  "rss_start_bytes": sampler.samples[0]["rss_bytes"], "shm_start_bytes": sampler.samples[0]["shm_bytes"]},
@@ -312,7 +327,7 @@ def main(argv=None) -> dict:
     args.out.write_text(json.dumps(report, indent=1, default=str))
     plot(report, args.out.with_suffix(".png"))
     summary = {k: report[k] for k in ("startup_s", "device_bytes_vs_file_bytes", "memory_per_adapter_mib",
-                                      "host", "requests", "ttft_ms")}
+                                      "host", "host_sharing", "requests", "ttft_ms")}
     summary["residency"] = {k: residency[k] for k in ("registered", "mapped_on_host", "host_bytes",
                                                       "resident_on_device", "device_bytes", "device_loads",
                                                       "device_evictions", "device_hit_rate", "load_s",
