@@ -220,7 +220,9 @@ def main(argv=None) -> dict:
     p.add_argument("--distinct", type=int, default=16, help="distinct PEFT adapters behind them (default 16)")
     p.add_argument("--duration", type=float, default=180.0, help="replay seconds (default 180)")
     p.add_argument("--rate", type=float, default=1.0, help="requests per second (default 1)")
-    p.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent (default 1.0)")
+    p.add_argument("--alpha", type=float, default=0.3,
+                   help="power-law popularity, S-LoRA's int(power(alpha) * adapters): below 1 favours low "
+                   "indices, 1.0 is uniform (default 0.3)")
     p.add_argument("--max-prompt", type=int, default=256, help="prompt tokens clipped to this (default 256)")
     p.add_argument("--max-output", type=int, default=32, help="output tokens clipped to this (default 32)")
     p.add_argument("--instances", type=int, default=1,
