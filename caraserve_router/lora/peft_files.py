@@ -219,7 +219,11 @@ def parse_adapter(name: str, path: str, shapes: ModelShapes, max_rank: int) -> t
 
 
 def read_into(host, found: dict, ranks: dict) -> None:
-    """Read the adapter's tensors from its file into the (zeroed) segment; refuses NaN / inf."""
+    """Read the adapter's tensors from its file into the (zeroed) segment; refuses NaN / inf.
+
+    It runs when an adapter is first used, so it is kept to one copy per tensor: B is scaled and
+    transposed in one op straight into the segment, and the NaN / inf check is one pass over
+    the whole segment at the end (the offending module is looked up only when it fails)."""
     path = host.spec.path
     try:
         f = safe_open(weights_path(path), "pt", "cpu")
@@ -230,8 +234,18 @@ def read_into(host, found: dict, ranks: dict) -> None:
             group, slot = MODULE_SLOTS[module]
             r, scale = ranks[(layer, module)]
             a, b = f.get_tensor(pair["A"][0]), f.get_tensor(pair["B"][0])
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise AdapterError(f"{path}: layer {layer} {module} holds NaN or inf")
             first = sum(host.layout.slice_ranks(group)[:slot])
-            host.block(layer, group, "A")[first : first + r] = a.to(host.dtype)        # [r, IN]
-            host.block(layer, group, slot)[:r] = (b.float() * scale).t().to(host.dtype)  # [r, OUT_s]
+            host.block(layer, group, "A")[first : first + r].copy_(a)                  # [r, IN]
+            bt = b.t() if b.dtype == torch.float32 else b.t().float()                  # [r, OUT_s], scaled in fp32
+            torch.mul(bt, scale, out=host.block(layer, group, slot)[:r])               # one rounding to host dtype
+    if not bool(torch.isfinite(host.flat).all()):
+        raise AdapterError(f"{path}: {_non_finite(host, found)} holds NaN or inf")
+
+
+def _non_finite(host, found: dict) -> str:
+    """Where the segment is not finite: 'layer L MODULE' of the first such module."""
+    for layer, module in found:
+        group, slot = MODULE_SLOTS[module]
+        if not (torch.isfinite(host.block(layer, group, "A")).all() and torch.isfinite(host.block(layer, group, slot)).all()):
+            return f"layer {layer} {module}"
+    return "the adapter"

@@ -112,3 +112,19 @@ def test_layout_holds_scaled_weights(store, base):
     torch.testing.assert_close(b, scale * tensors[prefix + ".lora_B.weight"].t())
     assert host.spec.rank == 4 and host.spec.slice_ranks["qkv"] == (4, 4, 4)
     assert host.nbytes == sum(t.numel() * 4 for t in tensors.values()), "the segment holds the tensors' bytes only"
+
+
+@pytest.mark.parametrize("which, value", [("lora_A", float("nan")), ("lora_B", float("inf"))])
+def test_non_finite_data_is_refused_on_first_use(store, base, tmp_path, which, value):
+    """Registration reads no data, so NaN / inf are found when the bytes are first read: a clear
+    error naming the module, and no segment left behind."""
+    def poison(t):
+        key = f"base_model.model.model.layers.1.self_attn.k_proj.{which}.weight"
+        t[key] = t[key].clone()
+        t[key][0, 1] = value
+    bad = broken_copy(base[1], tmp_path, _edit_tensors(poison))
+    store.add("bad", str(bad))  # the header is fine
+    with pytest.raises(AdapterError, match="layer 1 k_proj holds NaN or inf"):
+        store.materialize("bad")
+    assert not store.get("bad").mapped
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(store.shm_prefix)] == []
