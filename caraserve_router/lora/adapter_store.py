@@ -25,6 +25,7 @@ folded into B here, so kernels run with scale 1.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import hashlib
 import logging
@@ -186,6 +187,12 @@ class HostAdapter:
 
 # --------------------------------------------------------------------------- the store
 
+
+def _close_read(future: concurrent.futures.Future) -> None:
+    """Done callback of a background read nobody will install (its adapter was removed)."""
+    if not future.cancelled() and future.exception() is None:
+        future.result()[0].close()
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$")
 
 
@@ -210,6 +217,8 @@ class AdapterStore:
         self._mapped: collections.OrderedDict = collections.OrderedDict()  # LRU of mapped adapters
         self.mapped_bytes = 0
         self._lock = threading.RLock()
+        self._reads: dict[str, concurrent.futures.Future] = {}  # name -> background read (start_read)
+        self._reader: Optional[concurrent.futures.ThreadPoolExecutor] = None
         # hooks (the runtime wires the sidecar): called after a segment is mapped / before unmapped
         self.on_map: Optional[Callable[[HostAdapter], None]] = None
         self.on_unmap: Optional[Callable[[str], None]] = None
@@ -264,6 +273,9 @@ class AdapterStore:
     def remove(self, name: str) -> None:
         host = self.get(name)
         with self._lock:
+            pending = self._reads.pop(name, None)
+            if pending is not None:  # its segment, once read, is nobody's: close it
+                pending.add_done_callback(_close_read)
             self._unmap(host)
             del self._adapters[name]
             self._sources.pop(name, None)
@@ -271,48 +283,99 @@ class AdapterStore:
     def close(self) -> None:
         for name in list(self._adapters):
             self.remove(name)
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)  # the reads left close their segments (_close_read)
+            self._reader = None
 
     # ---- the host cache ------------------------------------------------------------------
 
     def materialize(self, name: str) -> HostAdapter:
-        """Map `name`'s bytes (reading its file if they are not mapped), most recently used."""
+        """Map `name`'s bytes (reading its file if they are not mapped), most recently used. Blocks
+        for the read; `start_read` / `finish_read` do it off the caller's thread."""
         host = self.get(name)
         with self._lock:
             if host.mapped:
                 self._mapped.move_to_end(name)
                 self.counters["host_hits"] += 1
                 return host
-            self._make_room(host.nbytes, keep=name)
-            read = []
-
-            def fill(segment: host_segments.Segment) -> None:  # a new segment reads as zeros
-                host._map(segment)
-                read_into(host, *self._sources[name])
-                read.append(True)
-
-            try:
-                segment = host_segments.attach_or_make(host._name, host.nbytes, fill)
-            except OSError as e:
-                host._flat, host.shm = None, None
-                raise AdapterError(f"adapter {name!r}: cannot map its host segment: {e}", 507) from e
-            except Exception:
-                host._flat, host.shm = None, None
-                raise
-            host._map(segment)
-            try:
-                if self.pin:
-                    host.pin()
-            except Exception:
-                host.unmap()
-                raise
-            self._mapped[name] = host
-            self.mapped_bytes += host.nbytes
-            # a read from the file, or a copy another instance of this host had mapped already
-            self.counters["host_reads" if read else "host_shared_hits"] += 1
-            self.counters["host_read_bytes"] += host.nbytes if read else 0
+            pending = self._reads.pop(name, None)
+            if pending is None:
+                self._make_room(host.nbytes, keep=name)
+                segment, read = self._read_segment(host, self._sources[name])
+            else:
+                segment, read = pending.result()  # its read was started in the background: wait for it
+            self._install(host, segment, read)
         if self.on_map is not None:
             self.on_map(host)
         return host
+
+    def start_read(self, name: str) -> bool:
+        """True when `name`'s bytes are mapped; otherwise start reading them on the store's reader
+        thread (once) and return False: `finish_read` maps them when the read is done. So the
+        thread that serves requests never waits for a file (12-200 ms per adapter here)."""
+        host = self.get(name)
+        with self._lock:
+            if host.mapped:
+                return True
+            if name not in self._reads:
+                self._make_room(host.nbytes, keep=name)
+                if self._reader is None:
+                    self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-read")
+                self._reads[name] = self._reader.submit(self._read_segment, host, self._sources[name])
+            return False
+
+    def reading(self, name: str) -> bool:
+        return name in self._reads
+
+    def finish_read(self, name: str) -> bool:
+        """Map `name`'s bytes here if its background read is done (True; on_map runs on this
+        thread); False while it runs. Raises the read's AdapterError."""
+        host = self.get(name)
+        with self._lock:
+            if host.mapped:
+                return True
+            pending = self._reads.get(name)
+            if pending is None or not pending.done():
+                return False
+            del self._reads[name]
+            segment, read = pending.result()
+            self._install(host, segment, read)
+        if self.on_map is not None:
+            self.on_map(host)
+        return True
+
+    def _read_segment(self, host: HostAdapter, source: tuple) -> tuple:
+        """(segment, read from the file?) of `host`'s bytes: another instance's copy or a new one.
+        Touches none of `host`'s fields (it may run on the reader thread): the file is read
+        through a private view of the new segment."""
+        read = []
+
+        def fill(segment: host_segments.Segment) -> None:  # a new segment reads as zeros
+            view = HostAdapter(host.spec, host.layout, host.dtype, segment)
+            try:
+                read_into(view, *source)
+            finally:
+                view._flat = None  # no export left: the segment can be closed
+            read.append(True)
+
+        try:
+            return host_segments.attach_or_make(host._name, host.nbytes, fill), bool(read)
+        except OSError as e:
+            raise AdapterError(f"adapter {host.spec.name!r}: cannot map its host segment: {e}", 507) from e
+
+    def _install(self, host: HostAdapter, segment: host_segments.Segment, read: bool) -> None:
+        host._map(segment)
+        try:
+            if self.pin:
+                host.pin()
+        except Exception:
+            host.unmap()
+            raise
+        self._mapped[host.spec.name] = host
+        self.mapped_bytes += host.nbytes
+        # a read from the file, or a copy another instance of this host had mapped already
+        self.counters["host_reads" if read else "host_shared_hits"] += 1
+        self.counters["host_read_bytes"] += host.nbytes if read else 0
 
     def acquire(self, name: str) -> HostAdapter:
         """Map `name` and hold it (a load in flight): not released until `release`."""

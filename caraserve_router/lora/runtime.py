@@ -64,6 +64,7 @@ class LoraRuntime:
         self.request_adapter: dict[int, str] = {}  # request id -> storage key
         # Since start: loads, warm/cold requests, and every step's counters (LoraBatch.counters).
         self.counters = collections.Counter()
+        self._prefetching: set = set()  # keys whose host read a request's arrival started (prefetch)
         self._last_batch: Optional[LoraBatch] = None  # the next decode step may reuse its prepared ops
         log.info("LoRA pool: %.1f MiB (%d units of %d elements per layer), mode %s, decode %s",
                  self.pool.bytes_total / 2**20, self.pool.num_units, self.pool.unit, self.kind, self.decode_kernel)
@@ -200,27 +201,64 @@ class LoraRuntime:
 
     def prefetch(self, name: str) -> bool:
         """Start loading `name` on a request's arrival (when `--lora-prefetch` is on); unlike
-        `admit` it protects nothing: a prefetched adapter stays evictable."""
+        `admit` it protects nothing: a prefetched adapter stays evictable. When its host bytes
+        must be read first, the copy starts once the read is done (`poll_prefetches`)."""
         if not self.config.lora.prefetch or name not in self.names:
             return False
         key = self.names.key(name)
-        return False if key in self.pool else self._start_load(key)
+        if key in self.pool:
+            return False
+        if self._start_load(key):
+            return True
+        if self.store.reading(key):
+            self._prefetching.add(key)
+        return False
+
+    def map_host(self, name: str) -> None:
+        """Map `name`'s host bytes now, waiting for the read (callers without a serving loop)."""
+        self.store.materialize(self.names.key(name))
+
+    def poll_prefetches(self) -> None:
+        """Start the device copy of prefetched adapters whose host read has finished (each step)."""
+        for key in list(self._prefetching):
+            if key not in self.store or key in self.pool:
+                self._prefetching.discard(key)
+            elif not self.store.reading(key) or self.store.finish_read(key):
+                self._prefetching.discard(key)
+                self._start_load(key)
+
+    def _host_ready(self, key: str) -> bool:
+        """Are `key`'s bytes mapped on the host? If not, their read runs on the store's reader
+        thread (started here once) and this says False until it is done, so the thread that
+        serves requests never stalls on a file. Raises the read's AdapterError."""
+        return self.store.start_read(key) or self.store.finish_read(key)
+
+    def _refuse(self, key: str, error: AdapterError) -> bool:
+        """The file changed or holds NaN: refuse the adapter from now on."""
+        log.error("adapter %s dropped: %s", key, error)
+        for name in self.names.names_of(key):
+            self.names.unbind(name)
+        self._drop(key)
+        self._prefetching.discard(key)
+        return True  # not registered any more: the router fails its requests
 
     def _start_load(self, key: str) -> bool:
-        """Place `key` in the pool and start its copy; False when the pool has no room."""
+        """Place `key` in the pool and start its copy; False when the pool has no room or its
+        host bytes are still being read."""
+        try:
+            if not self._host_ready(key):
+                return False
+        except AdapterError as e:
+            return self._refuse(key, e)
         host = self.store.get(key)
         entry = self.pool.place(host, self.link.new_residency())
         if entry is None:
             return False
         started = time.monotonic()
         try:
-            self.store.acquire(key)  # host bytes mapped (read from the file if released) until copied
-        except AdapterError as e:  # the file changed or holds NaN: refuse the adapter from now on
-            log.error("adapter %s dropped: %s", key, e)
-            for name in self.names.names_of(key):
-                self.names.unbind(name)
-            self._drop(key)
-            return True  # not registered any more: the router fails its requests
+            self.store.acquire(key)  # host bytes held until copied (read again if released meanwhile)
+        except AdapterError as e:
+            return self._refuse(key, e)
         self.link.submit(entry, host, priority=started, on_done=lambda: self._loaded(key, started))
         self.counters["loads_cold"] += 1
         self.counters["load_bytes"] += self.pool.entry_bytes(entry)
@@ -236,6 +274,8 @@ class LoraRuntime:
         if adapter is None:
             return
         key = self.names.key(adapter.name)
+        if key not in self.pool:  # not admitted first (the router admits; drivers may not): read now
+            self.map_host(adapter.name)
         if key not in self.pool and not self.admit(adapter.name):
             raise AdapterError(f"adapter {adapter.name!r} could not be placed in the pool", 503)
         entry = self.pool.acquire(key)  # the reference now keeps it; the admission guard can go
@@ -258,6 +298,8 @@ class LoraRuntime:
         return self.store.get(entry.name).spec.slice_ranks[group]
 
     def build_batch(self, reqs, kwargs) -> Optional[LoraBatch]:
+        if self._prefetching:
+            self.poll_prefetches()
         names = [self.request_adapter.get(r.r_id) for r in reqs]
         if not any(names):
             return None

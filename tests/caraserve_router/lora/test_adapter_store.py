@@ -128,3 +128,75 @@ def test_non_finite_data_is_refused_on_first_use(store, base, tmp_path, which, v
         store.materialize("bad")
     assert not store.get("bad").mapped
     assert [n for n in os.listdir("/dev/shm") if n.startswith(store.shm_prefix)] == []
+
+
+def _wait_until(predicate, timeout=30.0):
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_background_read_never_blocks_the_caller(store, base, monkeypatch):
+    """start_read returns at once while the file is read on the store's reader thread (here held
+    until released); finish_read maps the bytes on the caller's thread when it is done."""
+    import threading
+    from caraserve_router.lora import adapter_store
+
+    release, threads = threading.Event(), []
+    real_read = adapter_store.read_into
+
+    def held_read(host, found, ranks):
+        threads.append(threading.current_thread().name)
+        assert release.wait(30)
+        real_read(host, found, ranks)
+
+    monkeypatch.setattr(adapter_store, "read_into", held_read)
+    mapped = []
+    store.on_map = lambda host: mapped.append((host.spec.name, threading.current_thread().name))
+    host = store.add("a", str(base[1]))
+    assert store.start_read("a") is False and store.reading("a")
+    assert store.start_read("a") is False  # one read, not two
+    assert store.finish_read("a") is False and not host.mapped
+    release.set()
+    assert _wait_until(lambda: store.finish_read("a"))
+    assert threads == ["adapter-read_0"] and mapped == [("a", threading.current_thread().name)]
+    assert host.mapped and not store.reading("a") and store.counters["host_reads"] == 1
+    ref = AdapterStore(store.shapes, torch.float32, store.shm_prefix + "_ref", max_rank=16, pin=False)
+    try:
+        ref.add("a", str(base[1]))
+        assert torch.equal(ref.materialize("a").flat, host.flat)
+    finally:
+        ref.close()
+    assert store.start_read("a") is True  # mapped: nothing to wait for
+
+
+def test_background_read_of_a_bad_file_fails_on_finish(store, base, tmp_path):
+    def poison(t):
+        key = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+        t[key] = torch.full_like(t[key], float("nan"))
+    bad = broken_copy(base[1], tmp_path, _edit_tensors(poison))
+    store.add("bad", str(bad))
+    store.start_read("bad")
+
+    def finished():
+        try:
+            return store.finish_read("bad")
+        except AdapterError as e:
+            finished.error = e
+            return True
+
+    assert _wait_until(finished)
+    assert "layer 0 down_proj holds NaN or inf" in str(finished.error)
+    assert not store.get("bad").mapped and not store.reading("bad")
+
+
+def test_removed_while_reading_leaves_no_segment(store, base):
+    store.add("a", str(base[1]))
+    store.start_read("a")
+    store.remove("a")
+    store.close()  # waits for the reader: its segment is closed, not leaked
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(store.shm_prefix)] == []
