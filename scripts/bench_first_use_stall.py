@@ -96,11 +96,14 @@ def main(argv=None) -> int:
         "quiet_gap_ms": {"median": 1e3 * statistics.median(quiet), "max": 1e3 * max(quiet), "n": len(quiet)},
         "after_cold_arrival_gap_ms": {"median": 1e3 * statistics.median(in_window), "max": 1e3 * max(in_window),
                                       "n": len(in_window)},
+        "per_arrival_max_gap_ms": [1e3 * max([g for t, g in gaps if s <= t <= s + args.window_s], default=0.0)
+                                   for s in sent],
         "stream_tokens": len(stamps),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("quiet_gap_ms", "after_cold_arrival_gap_ms", "lora_mode")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("quiet_gap_ms", "after_cold_arrival_gap_ms", "per_arrival_max_gap_ms",
+                                             "lora_mode")}, indent=1))
     return 0
 
 
