@@ -164,3 +164,35 @@ def _gone(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_prefetch_reads_in_the_background_then_copies(adapters):
+    """A request's arrival (prefetch) starts the adapter's host read on the reader thread and
+    returns at once; the admission check says no until the read is done; the next step's
+    poll starts the device copy, and the outputs equal a synchronous first use."""
+    import time
+
+    model_dir, dirs = adapters
+    name = dirs[2].name
+    engine = lora_engine(model_dir, dirs, mode="pipeline", pool_mb=16, max_rank=8)
+    try:
+        runtime = engine.runtime
+        key = runtime.names.key(name)
+        assert runtime.prefetch(name) is False and runtime.store.reading(key)  # read started, nothing placed
+        assert key not in runtime.pool
+        deadline = time.monotonic() + 30
+        while key not in runtime.pool and time.monotonic() < deadline:
+            runtime.poll_prefetches()  # what every step's build_batch does
+            time.sleep(0.01)
+        assert key in runtime.pool and runtime.store.get(key).mapped and not runtime._prefetching
+        assert runtime.admit(name)
+        background = engine.run(PROMPTS[:1], [name], 2)
+    finally:
+        engine.close()
+    engine = lora_engine(model_dir, dirs, mode="pipeline", pool_mb=16, max_rank=8)
+    try:
+        direct = engine.run(PROMPTS[:1], [name], 2)
+    finally:
+        engine.close()
+    for step, (a, b) in enumerate(zip(background, direct)):
+        assert_close(a, b, atol=0, rtol=0, msg=f"step {step}")
