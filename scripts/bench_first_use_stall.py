@@ -26,9 +26,9 @@ from pathlib import Path
 
 import requests
 
+from caraserve_router.evaluation.bench_adapters import DISTINCT_DIR, have_adapters
 from caraserve_router.evaluation.server_process import RunningServer
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def stream(url: str, tokens: int, stamps: list) -> None:
@@ -50,7 +50,7 @@ def cold_request(url: str, adapter: str, out: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapters-dir", type=Path, default=REPO / ".cache" / "bench" / "many" / "distinct",
+    p.add_argument("--adapters-dir", type=Path, default=DISTINCT_DIR,
                    help="directory of PEFT adapter directories for the default model")
     p.add_argument("--cold", type=int, default=4, help="cold adapters used while the stream runs (default 4)")
     p.add_argument("--every-s", type=float, default=3.0, help="seconds between cold arrivals (default 3)")
@@ -59,9 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--lora-mode", default="cpu-assist", help="--lora-mode of the server (default cpu-assist)")
     p.add_argument("--out", type=Path, default=Path("first_use_stall.json"), help="JSON result")
     args = p.parse_args(argv)
-    if not args.adapters_dir.is_dir():
-        print(f"no adapters in {args.adapters_dir}: run scripts/bench_many_adapters.py first or pass "
-              "--adapters-dir", file=sys.stderr)
+    if not have_adapters(args.adapters_dir):
         return 2
     by_size = sorted(os.listdir(args.adapters_dir),
                      key=lambda n: -(args.adapters_dir / n / "adapter_model.safetensors").stat().st_size)

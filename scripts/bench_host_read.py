@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from caraserve_router.contracts.processes import remove_shm
+from caraserve_router.evaluation.bench_adapters import DISTINCT_DIR, have_adapters
 from caraserve_router.lora import host_segments
 from caraserve_router.lora.adapter_store import AdapterStore
 from caraserve_router.lora.shapes import ModelShapes
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def page_allocation_s(nbytes: int, prefix: str, rounds: int) -> float:
@@ -46,7 +46,7 @@ def page_allocation_s(nbytes: int, prefix: str, rounds: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapters-dir", type=Path, default=REPO / ".cache" / "bench" / "many" / "distinct",
+    p.add_argument("--adapters-dir", type=Path, default=DISTINCT_DIR,
                    help="directory of PEFT adapter directories (default: bench_many_adapters' distinct ones)")
     p.add_argument("--model-dir", type=Path, default=None, help="base model (default: the prepared SmolLM2-135M)")
     p.add_argument("--rounds", type=int, default=3, help="reads per adapter; the best is kept (default 3)")
@@ -54,9 +54,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from caraserve_router.assets.model_prep import prepare_default_model
 
-    if not args.adapters_dir.is_dir():
-        print(f"no adapters in {args.adapters_dir}: run scripts/bench_many_adapters.py first or pass "
-              "--adapters-dir", file=sys.stderr)
+    if not have_adapters(args.adapters_dir):
         return 2
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     model_dir = args.model_dir or prepare_default_model()
