@@ -332,7 +332,9 @@ class LoraRuntime:
             "registered": self.names.names(),
             "host_copies": len(self.store.names()),
             "resident": resident,
-            "pages_used": -(-self.pool.bytes_used // self.page_bytes),  # full-rank-row equivalents
+            # full-rank-row equivalents, both rounded down (a ceiling here could read one page
+            # more than pages_total when the pool is full to its last unit)
+            "pages_used": self.pool.bytes_used // self.page_bytes,
             "pages_total": self.pool.bytes_total // self.page_bytes,
             "loads": {"cold": self.counters["loads_cold"], "warm_requests": self.counters["requests_warm"],
                       "cold_requests": self.counters["requests_cold"],
