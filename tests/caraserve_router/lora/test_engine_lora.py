@@ -166,20 +166,33 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_prefetch_reads_in_the_background_then_copies(adapters):
+def test_prefetch_reads_in_the_background_then_copies(adapters, monkeypatch):
     """A request's arrival (prefetch) starts the adapter's host read on the reader thread and
     returns at once; the admission check says no until the read is done; the next step's
     poll starts the device copy, and the outputs equal a synchronous first use."""
+    import threading
     import time
+
+    from caraserve_router.lora import adapter_store
 
     model_dir, dirs = adapters
     name = dirs[2].name
+    release, real_read = threading.Event(), adapter_store.read_into
+
+    def held_read(*args):  # the file read, held until released (else a fast machine finishes it at once)
+        assert release.wait(30)
+        real_read(*args)
+
+    monkeypatch.setattr(adapter_store, "read_into", held_read)
     engine = lora_engine(model_dir, dirs, mode="pipeline", pool_mb=16, max_rank=8)
     try:
         runtime = engine.runtime
         key = runtime.names.key(name)
         assert runtime.prefetch(name) is False and runtime.store.reading(key)  # read started, nothing placed
-        assert key not in runtime.pool
+        assert key not in runtime.pool and not runtime.admit(name)
+        runtime.poll_prefetches()
+        assert key not in runtime.pool and key in runtime._prefetching  # still reading
+        release.set()
         deadline = time.monotonic() + 30
         while key not in runtime.pool and time.monotonic() < deadline:
             runtime.poll_prefetches()  # what every step's build_batch does
