@@ -325,7 +325,13 @@ class AdapterStore:
             return False
 
     def reading(self, name: str) -> bool:
+        """A background read of `name` was started and its bytes are not mapped yet."""
         return name in self._reads
+
+    def read_running(self, name: str) -> bool:
+        """A background read of `name` is still running (not done, nothing to install yet)."""
+        pending = self._reads.get(name)
+        return pending is not None and not pending.done()
 
     def finish_read(self, name: str) -> bool:
         """Map `name`'s bytes here if its background read is done (True; on_map runs on this

@@ -221,11 +221,11 @@ class LoraRuntime:
     def poll_prefetches(self) -> None:
         """Start the device copy of prefetched adapters whose host read has finished (each step)."""
         for key in list(self._prefetching):
-            if key not in self.store or key in self.pool:
-                self._prefetching.discard(key)
-            elif not self.store.reading(key) or self.store.finish_read(key):
-                self._prefetching.discard(key)
-                self._start_load(key)
+            if key in self.store and key not in self.pool and self.store.read_running(key):
+                continue
+            self._prefetching.discard(key)
+            if key in self.store and key not in self.pool:
+                self._start_load(key)  # installs the read's bytes; a bad file refuses the adapter there
 
     def _host_ready(self, key: str) -> bool:
         """Are `key`'s bytes mapped on the host? If not, their read runs on the store's reader

@@ -209,3 +209,34 @@ def test_prefetch_reads_in_the_background_then_copies(adapters, monkeypatch):
         engine.close()
     for step, (a, b) in enumerate(zip(background, direct)):
         assert_close(a, b, atol=0, rtol=0, msg=f"step {step}")
+
+
+def test_prefetched_bad_file_refuses_the_adapter_not_the_step(adapters, tmp_path):
+    """A prefetched adapter whose file holds NaN: the step's poll drops the adapter (its
+    requests then fail as unknown) instead of raising out of the step."""
+    import shutil
+    import time
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model_dir, dirs = adapters
+    bad = tmp_path / "bad-nan"
+    shutil.copytree(dirs[0], bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key0 = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key0] = torch.full_like(tensors[key0], float("nan"))
+    save_file(tensors, bad / "adapter_model.safetensors")
+    engine = lora_engine(model_dir, [dirs[0], bad], mode="pipeline", pool_mb=16, max_rank=8)
+    try:
+        runtime = engine.runtime
+        key = runtime.names.key("bad-nan")
+        runtime.prefetch("bad-nan")
+        deadline = time.monotonic() + 30
+        while runtime.is_known("bad-nan") and time.monotonic() < deadline:
+            runtime.poll_prefetches()  # must not raise
+            time.sleep(0.01)
+        assert not runtime.is_known("bad-nan") and key not in runtime.store and key not in runtime.pool
+        assert engine.run(PROMPTS[:1], [dirs[0].name], 1)  # the others still serve
+    finally:
+        engine.close()
