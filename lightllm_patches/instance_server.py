@@ -276,8 +276,6 @@ def _prepare(config: InstanceConfig) -> InstanceConfig:
     config.validate()
     if not config.shm_prefix:
         config.shm_prefix = f"caraserve_{config.port}_{uuid.uuid4().hex[:8]}"
-    if not config.host_store_prefix:
-        config.host_store_prefix = f"{config.shm_prefix}_ad"
     return config
 
 
@@ -360,7 +358,7 @@ def serve(config: InstanceConfig) -> int:
     finally:
         stop_processes(procs[:1])  # the router: SIGTERM stops its sidecar and frees its shm
         stop_processes(procs[1:], grace_s=0.0)  # the detokenizer holds nothing; upstream's waits on SIGTERM
-        removed = remove_shm(config.shm_prefix) + remove_idle(config.host_store_prefix)
+        removed = remove_shm(config.shm_prefix) + remove_idle(config.adapter_store_prefix)
         log.info("instance %s stopped (removed %d shm files)", config.display_name, len(removed))
     if died:
         log.error("instance %s exits: %s", config.display_name, died[0])

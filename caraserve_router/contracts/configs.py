@@ -88,6 +88,12 @@ LORA_MODES = values(LoraMode)  # the CLI strings; code uses LoraMode(config.mode
 DECODE_KERNELS = values(DecodeKernel)
 
 
+
+def check_shm_prefix(flag: str, prefix: str) -> None:
+    """A /dev/shm name prefix: letters, digits, '_' and '-' (ValueError otherwise)."""
+    if not prefix.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"{flag} may hold letters, digits, '_' and '-' only, got {prefix!r}")
+
 @dataclass
 class LoRAConfig:
     """LoRA serving: adapter pool, loading mode and kernels of one instance."""
@@ -220,12 +226,18 @@ class InstanceConfig:
             raise ValueError("running_max_req_size must be >= 1")
         if self.prefill_chunk_tokens < 0:
             raise ValueError(f"prefill_chunk_tokens must be >= 0 (0 = off), got {self.prefill_chunk_tokens}")
-        for flag, prefix in (("shm_prefix", self.shm_prefix), ("host_store_prefix", self.host_store_prefix)):
-            if prefix and not prefix.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"{flag} may hold letters, digits, '_' and '-' only, got {prefix!r}")
+        for flag in ("shm_prefix", "host_store_prefix"):
+            if getattr(self, flag):
+                check_shm_prefix(flag, getattr(self, flag))
         self.lora.validate()
         self.sidecar.validate()
 
     @property
     def display_name(self) -> str:
         return self.name or f"{self.host}:{self.port}"
+
+    @property
+    def adapter_store_prefix(self) -> str:
+        """The /dev/shm prefix of this instance's adapter bytes: the host's shared one if the
+        launcher gave one (`host_store_prefix`), else the instance's own."""
+        return self.host_store_prefix or f"{self.shm_prefix}_ad"

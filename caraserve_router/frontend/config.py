@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from caraserve_router.contracts.configs import (
-    InstanceConfig, LoRAConfig, SidecarConfig, add_arguments, from_namespace, option,
+    InstanceConfig, LoRAConfig, SidecarConfig, add_arguments, check_shm_prefix, from_namespace, option,
 )
 from caraserve_router.frontend.ray_config import CLUSTER_KINDS, RayClusterConfig
 from caraserve_router.scheduling.policies import POLICIES
@@ -95,8 +95,7 @@ class FrontendConfig:
         for root in self.roots:
             if not os.path.isabs(root):
                 raise ValueError(f"adapter root {root!r} must be an absolute path")
-        if not self.shm_prefix.replace("_", "").replace("-", "").isalnum():
-            raise ValueError("shm_prefix may hold letters, digits, '_' and '-' only")
+        check_shm_prefix("shm_prefix", self.shm_prefix)
         if self.cluster == "local":
             from caraserve_router.frontend.gpu_assignment import assign_gpus
 

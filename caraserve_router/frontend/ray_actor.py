@@ -125,12 +125,12 @@ class InstanceActor:
         config.shm_prefix = f"{shm_prefix}_r{index}_{uuid.uuid4().hex[:8]}"
         # The actors of one node (one run) share one host copy of each adapter: the same
         # segment names (host_store) and the same adapter files, written once per node.
-        config.host_store_prefix = host_store or f"{config.shm_prefix}_ad"
+        config.host_store_prefix = host_store
         self.work_dir = tempfile.mkdtemp(prefix=f"caraserve_ray{index}_")
         self.adapter_dir: Optional[SharedDir] = None  # --adapters, written at start
         self.runtime_dir: Optional[SharedDir] = None  # adapters loaded at run time (stage_adapter)
         if adapters:
-            self.adapter_dir = SharedDir(os.path.join(tempfile.gettempdir(), f"{config.host_store_prefix}_adapters"))
+            self.adapter_dir = SharedDir(os.path.join(tempfile.gettempdir(), f"{config.adapter_store_prefix}_adapters"))
             for name, files in adapters.items():
                 check_adapter_dir_name(name)
                 self.adapter_dir.put_dir(name, lambda tmp, files=files: write_files(tmp, files))
@@ -172,7 +172,7 @@ class InstanceActor:
         if self.proc is not None:
             kill_groups([self.proc.pid])  # whatever of its group is left, and wait until it is gone
         remove_shm(self.config.shm_prefix)
-        remove_idle(self.config.host_store_prefix)  # the adapter copies no other instance here maps
+        remove_idle(self.config.adapter_store_prefix)  # the adapter copies no other instance here maps
         for shared in (self.adapter_dir, self.runtime_dir):
             if shared is not None:
                 shared.release()
@@ -193,7 +193,7 @@ class InstanceActor:
         check_adapter_dir_name(name)
         if self.runtime_dir is None:
             self.runtime_dir = SharedDir(os.path.join(tempfile.gettempdir(),
-                                                      f"{self.config.host_store_prefix}_runtime"))
+                                                      f"{self.config.adapter_store_prefix}_runtime"))
         digest = hashlib.sha1()
         for file_name in sorted(files):
             digest.update(file_name.encode() + b"\0" + hashlib.sha1(files[file_name]).digest())

@@ -193,6 +193,7 @@ def _close_read(future: concurrent.futures.Future) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result()[0].close()
 
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$")
 
 
@@ -249,12 +250,14 @@ class AdapterStore:
             if name in self._adapters:
                 raise AdapterError(f"adapter {name!r} is already registered", status=409)
             segment = f"{self.shm_prefix}_{self._content_key(spec, ranks)}"
-            taken = {h._name for h in self._adapters.values()}
             # the same directory twice in this store (the runtime aliases names, a store user may
-            # not): its own segment, so removing one entry unmaps its bytes as before
-            suffix = next(f"_{n}" if n else "" for n in range(len(taken) + 1) if segment + (f"_{n}" if n else "") not in taken)
+            # not): a segment of its own, so removing one entry unmaps its bytes as before
+            taken, n = {h._name for h in self._adapters.values()}, 1
+            name_of_segment = segment
+            while name_of_segment in taken:
+                name_of_segment, n = f"{segment}_{n}", n + 1
             host = HostAdapter(spec, HostLayout(self.shapes, spec.slice_ranks), self.dtype, None,
-                               store=self, shm_name=segment + suffix)
+                               store=self, shm_name=name_of_segment)
             self._adapters[name] = host
             self._sources[name] = (found, ranks)
         return host

@@ -111,11 +111,7 @@ def _attach(name: str, size: int) -> Segment | None:
             raise OSError(errno.EINVAL, f"shared segment {name} holds {actual} bytes, expected {max(1, size)}")
         return Segment(name, fd, max(1, size))
     except BaseException:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        os.close(fd)
         raise
 
 

@@ -41,7 +41,7 @@ class LoraRuntime:
         lora = config.lora
         self.shapes = ModelShapes.from_config(model.config)
         self.device = model.device
-        self.store = AdapterStore(self.shapes, model.data_type, config.host_store_prefix or f"{config.shm_prefix}_ad",
+        self.store = AdapterStore(self.shapes, model.data_type, config.adapter_store_prefix,
                                   lora.max_rank, pin=self.device.type == "cuda",
                                   cache_bytes=int(lora.host_cache_mb * 2**20) if lora.host_cache_mb else None)
         self.kind = LoraMode(lora.mode)
