@@ -25,10 +25,13 @@ fit (listed under "skipped"). The JSON is rewritten after every part.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
 import math
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
@@ -340,16 +343,36 @@ def bench_steps(engine, device, names, repeats, prefill_shape, decode_batches, d
     return result
 
 
-def bench_ttft(engine, device, names, prompt_len) -> dict:
+def bench_ttft(engine, device, names, prompt_len, profile: Path | None = None) -> dict:
     """TTFT of one request per adapter in `names` (each cold on first use: in host memory, page-
-    locked, not on the device, as in the paper), then warm again."""
-    for name in names:  # read the files now: the cold start measured is the host->device one
+    locked, not on the device, as in the paper), then warm again. With `profile`, two more cold
+    requests (the adapters after `names`) run under torch.profiler (device and operator times) and
+    cProfile (where the host's time goes); both tables go there."""
+    spare = engine.runtime.store.names()[len(names):len(names) + 2] if profile is not None else []
+    for name in names + spare:  # read the files now: the cold start measured is the host->device one
         engine.runtime.store.materialize(engine.runtime.names.key(name))
     prompt = [[(5 * j) % 500 + 3 for j in range(prompt_len)]]
     cold = [timed_run(engine, device, prompt, [name], 0) for name in names]
     warm = [timed_run(engine, device, prompt, [name], 0) for name in names]
-    counters = dict(engine.runtime.counters)
-    return {"cold": summary(cold), "warm": summary(warm), "counters": counters}
+    result = {"cold": summary(cold), "warm": summary(warm), "counters": dict(engine.runtime.counters)}
+    if spare:
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            result["profiled_cold_ms"] = timed_run(engine, device, prompt, spare[:1], 0)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        host = cProfile.Profile()
+        result["cprofiled_cold_ms"] = host.runcall(timed_run, engine, device, prompt, spare[1:], 0)
+        text = io.StringIO()
+        pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(45)
+        profile.write_text(
+            f"one cold request of {prompt_len} tokens, adapter {spare[0]}: {result['profiled_cold_ms']:.1f} ms "
+            f"under torch.profiler (sorted by {sort})\n"
+            + prof.key_averages().table(sort_by=sort, row_limit=30)
+            + f"\n\none cold request, adapter {spare[1]}: {result['cprofiled_cold_ms']:.1f} ms under cProfile\n"
+            + text.getvalue())
+        log(f"profile of a cold request: {profile}")
+    return result
 
 
 def bench_sidecar(engine, device, shapes, dtype) -> dict:
@@ -389,6 +412,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=0, help="transformer layers (0 = 32 for Llama-2-7B, 2 dry)")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats per point (0 = 20 kernels / 3 engine)")
     p.add_argument("--adapters", type=int, default=8, help="rank-64 qkv adapters registered per engine")
+    p.add_argument("--cold-requests", type=int, default=3, help="cold requests (distinct adapters) per mode")
+    p.add_argument("--profile-dir", type=Path, default=None,
+                   help="also profile two more cold requests per mode (torch.profiler, cProfile: profile_<mode>.txt)")
     p.add_argument("--sidecar-workers", type=int, default=8, help="CPU sidecar workers (cpu-assist)")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip parts that would start after this")
     p.add_argument("--parts", default="kernels,steps,coldstart,sidecar", help="comma-separated parts to run")
@@ -448,6 +474,14 @@ def main(argv=None) -> dict:
         model_dir = write_model_dir(root / "model", config)
         adapters = write_qkv_adapters(root / "adapters", shapes, args.adapters, 64, device)
         names = list(adapters)
+        cold_n = args.cold_requests
+        if cold_n + 2 * (args.profile_dir is not None) > len(names):
+            raise SystemExit(f"--cold-requests {cold_n} (+2 profiled) needs as many --adapters")
+        if args.profile_dir is not None:
+            args.profile_dir.mkdir(parents=True, exist_ok=True)
+
+        def profile_path(mode):
+            return None if args.profile_dir is None else args.profile_dir / f"profile_{mode}.txt"
         max_tokens = 4096 if dry else 8192
         page_bytes = shapes.floats_per_rank_per_layer() * shapes.num_layers * torch.empty((), dtype=dtype).element_size()
         pool_mb = (args.adapters * 64 + 64) * page_bytes / 2**20  # every adapter fits: cached mode pins them all
@@ -461,7 +495,8 @@ def main(argv=None) -> dict:
                                                   (2,) if dry else (1, 16, 32), 2 if dry else 16)
                     save()
                 if cold:
-                    result.setdefault("coldstart", {})["cached"] = bench_ttft(engine, device, names[:3], prompt_len)
+                    result.setdefault("coldstart", {})["cached"] = bench_ttft(engine, device, names[:cold_n], prompt_len,
+                                                                             profile_path("cached"))
             finally:
                 close(engine)
             save()
@@ -474,7 +509,8 @@ def main(argv=None) -> dict:
                                  max_tokens, link)
             try:
                 if cold:
-                    ttft = result.setdefault("coldstart", {})[mode] = bench_ttft(engine, device, names[:3], prompt_len)
+                    ttft = result.setdefault("coldstart", {})[mode] = bench_ttft(engine, device, names[:cold_n],
+                                                                                 prompt_len, profile_path(mode))
                     ttft["link_bytes"] = engine.runtime.link.bytes_moved
                     log(f"TTFT {mode}: cold {ttft['cold']['median_ms']:.1f} ms, warm {ttft['warm']['median_ms']:.1f} ms")
                 if side:
