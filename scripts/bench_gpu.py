@@ -317,6 +317,27 @@ def timed_run(engine, device, prompts, names, steps) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def profile_decode(engine, device, names, batch: int, steps: int, path: Path) -> None:
+    """cProfile (host) and torch.profiler (operators) of `batch` requests decoding `steps` tokens
+    after a 64-token prefill, base-only and with adapters; the tables go to `path`."""
+    prompts = [[(3 * i + j) % 500 + 3 for j in range(64)] for i in range(batch)]
+    parts = []
+    for label, rows in (("base", [None] * batch), ("lora", [names[i % len(names)] for i in range(batch)])):
+        timed_run(engine, device, prompts, rows, steps)  # warm
+        host = cProfile.Profile()
+        wall = host.runcall(timed_run, engine, device, prompts, rows, steps)
+        text = io.StringIO()
+        pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(30)
+        parts.append(f"== {label}: batch {batch}, 64-token prefill + {steps} decode steps: {wall:.1f} ms under "
+                     f"cProfile (sorted by own time)\n{text.getvalue()}")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            wall = timed_run(engine, device, prompts, rows, steps)
+        parts.append(f"== {label}: the same, {wall:.1f} ms under torch.profiler (host operators)\n"
+                     + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    path.write_text("\n\n".join(parts))
+    log(f"profile of decode: {path}")
+
+
 def bench_steps(engine, device, names, repeats, prefill_shape, decode_batches, decode_steps) -> dict:
     """Prefill of `prefill_shape` (prompts, tokens) and per-step decode time, base vs LoRA."""
     result = {"prefill": {}, "decode": {}}
@@ -414,7 +435,8 @@ def parse_args(argv=None):
     p.add_argument("--adapters", type=int, default=8, help="rank-64 qkv adapters registered per engine")
     p.add_argument("--cold-requests", type=int, default=3, help="cold requests (distinct adapters) per mode")
     p.add_argument("--profile-dir", type=Path, default=None,
-                   help="also profile two more cold requests per mode (torch.profiler, cProfile: profile_<mode>.txt)")
+                   help="also profile two more cold requests per mode (torch.profiler, cProfile: profile_<mode>.txt) "
+                        "and a decode batch, base and LoRA (profile_decode.txt)")
     p.add_argument("--sidecar-workers", type=int, default=8, help="CPU sidecar workers (cpu-assist)")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip parts that would start after this")
     p.add_argument("--parts", default="kernels,steps,coldstart,sidecar", help="comma-separated parts to run")
@@ -494,6 +516,9 @@ def main(argv=None) -> dict:
                     result["steps"] = bench_steps(engine, device, names, engine_repeats, (2, 16) if dry else (4, 256),
                                                   (2,) if dry else (1, 16, 32), 2 if dry else 16)
                     save()
+                    if args.profile_dir is not None:
+                        profile_decode(engine, device, names, 2 if dry else 32, 2 if dry else 16,
+                                       args.profile_dir / "profile_decode.txt")
                 if cold:
                     result.setdefault("coldstart", {})["cached"] = bench_ttft(engine, device, names[:cold_n], prompt_len,
                                                                              profile_path("cached"))
