@@ -60,6 +60,7 @@ class PoolEntry:
     pinned: bool = False
     last_used: int = 0
     loads: int = 1
+    unit_index: Optional[torch.Tensor] = None  # host unit -> pool unit (device_link.unit_index)
 
 
 class UnitAllocator:
