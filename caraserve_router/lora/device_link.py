@@ -14,6 +14,7 @@ needs can overtake a prefetch.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -48,7 +49,9 @@ def unit_index(pool: AdapterPool, entry: PoolEntry, host: HostAdapter) -> torch.
         index[host_units.view(-1)] = (torch.tensor(block.starts)[:, None] + units).view(-1)
     if bool((index < 0).any()):
         raise RuntimeError(f"adapter {entry.name!r}: its pool blocks do not cover its host layout")
-    entry.unit_index = index.to(pool.device)
+    if pool.device.type == "cuda":  # page-locked: a pageable copy would wait for the link's queued copies
+        index = index.pin_memory()
+    entry.unit_index = index.to(pool.device, non_blocking=True)
     return entry.unit_index
 
 
@@ -108,6 +111,10 @@ class DeviceLink(ABC):
     def _transfer(self, job: _Job, layers: range) -> None:
         """Move one layer group and mark it resident (called on the link thread)."""
 
+    def _drain(self) -> None:
+        """Wait until every group this thread queued has landed (before a job's on_done, which
+        releases the host copy the copies read)."""
+
     def submit(self, entry: PoolEntry, host: HostAdapter, priority: float, on_done=None) -> None:
         """Queue the load of `host` into `entry`; `on_done()` runs on the link thread after its
         last layer group (or a failure)."""
@@ -166,6 +173,10 @@ class DeviceLink(ABC):
             if (job.next == len(job.groups) or job.failed) and job.on_done is not None:
                 done, job.on_done = job.on_done, None
                 try:
+                    self._drain()
+                except Exception:  # noqa: BLE001 - a device error: done() must still release the host copy
+                    log.exception("waiting for the copies of adapter %s", job.entry.name)
+                try:
                     done()
                 except Exception:  # noqa: BLE001
                     log.exception("after the load of adapter %s", job.entry.name)
@@ -196,8 +207,15 @@ class EmulatedLink(DeviceLink):
 
 
 class CudaLink(DeviceLink):
+    # Layer groups queued on the link's stream before the link thread waits for the oldest. On the
+    # H200 one host round trip per group (wake-up, event wait) took longer than a layer's copy, so
+    # waiting for every group left the link idle most of a load; a few in flight keep it busy,
+    # and a load that a waiting request needs still overtakes a prefetch within this many groups.
+    IN_FLIGHT = 4
+
     def __init__(self, pool: AdapterPool, group_size: int):
         self.stream = torch.cuda.Stream(device=pool.device)
+        self._in_flight: collections.deque = collections.deque()  # events of queued groups, oldest first
         super().__init__(pool, group_size)
 
     def new_residency(self):
@@ -216,7 +234,13 @@ class CudaLink(DeviceLink):
             self.bytes_moved += copy_layers(self.pool, job.entry, job.host, layers, non_blocking=True)
             event = self.stream.record_event()
         job.entry.residency.mark(layers, event)
-        event.synchronize()  # this thread only: keeps one group in flight so priorities apply
+        self._in_flight.append(event)
+        while len(self._in_flight) > self.IN_FLIGHT:
+            self._in_flight.popleft().synchronize()  # this thread only
+
+    def _drain(self) -> None:
+        while self._in_flight:
+            self._in_flight.popleft().synchronize()
 
 
 LINKS = {
