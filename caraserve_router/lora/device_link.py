@@ -142,6 +142,8 @@ class DeviceLink(ABC):
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._drain()  # the copies of an unfinished load still read its host copy
 
     def _next_group(self):
         with self._cv:
