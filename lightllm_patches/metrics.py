@@ -49,9 +49,9 @@ class InstanceMetrics:
                                    registry=self.registry)
         self.evictions = Gauge("caraserve_instance_adapter_evictions", "Adapter evictions since start by place "
                                "(host cache, device pool)", ("instance", "place"), registry=self.registry)
-        self.host_maps = Gauge("caraserve_instance_adapter_host_maps", "Adapter bytes mapped into host memory since "
-                               "start, by source: 'file' (read from the adapter's file) or 'shared' (the copy "
-                               "another instance of this host had mapped)", ("instance", "source"),
+        self.host_maps = Gauge("caraserve_instance_adapter_host_maps", "Adapters mapped into host memory since start, "
+                               "by source: 'file' (read from the adapter's file) or 'shared' (the copy another "
+                               "instance of this host had mapped)", ("instance", "source"),
                                registry=self.registry)
         self.hit_rate = Gauge("caraserve_instance_adapter_device_hit_rate", "Share of adapter requests that found "
                               "their adapter resident on the device", ("instance",), registry=self.registry)

@@ -91,10 +91,8 @@ class OfflineEngine:
 
     def _attach(self, name):
         self._next_id += 1
-        if name is not None:
-            self.runtime.map_host(name)  # the file read here: there is no serving loop to wait in
-        if name is not None and not self.runtime.admit(name):
-            raise RuntimeError(f"adapter {name!r} does not fit in the pool")
+        # attach_request reads the file and places the adapter itself (there is no serving loop
+        # here to wait in); an adapter that does not fit is an AdapterError (503)
         self.runtime.attach_request(self._next_id, AdapterRequest(name) if name is not None else None)
         return types.SimpleNamespace(r_id=self._next_id)
 

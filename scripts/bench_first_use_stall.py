@@ -30,7 +30,6 @@ from caraserve_router.evaluation.bench_adapters import DISTINCT_DIR, have_adapte
 from caraserve_router.evaluation.server_process import RunningServer
 
 
-
 def stream(url: str, tokens: int, stamps: list) -> None:
     body = {"inputs": "Tell me a long story about a lighthouse keeper.", "adapter": None,
             "parameters": {"max_new_tokens": tokens, "ignore_eos": True}}

@@ -2,8 +2,9 @@
 """First-use read of adapters into host shared memory (`AdapterStore.materialize`).
 
 An adapter's bytes are read from its file the first time it is used (registration reads only
-the header). That read runs on the instance's router thread, so its time is a stall of the
-running batch; this script measures it per adapter: the best of `--rounds` reads (the segment
+the header). The read runs on the store's reader thread, so it no longer stalls the running
+batch (scripts/bench_first_use_stall.py measures that), but a cold adapter's device copy cannot
+start before it ends; this script measures it per adapter: the best of `--rounds` reads (the segment
 unmapped in between, the file in the page cache), and, for scale, the time the kernel takes to
 allocate the same number of fresh shared-memory pages with nothing copied into them.
 
@@ -29,7 +30,6 @@ from caraserve_router.evaluation.bench_adapters import DISTINCT_DIR, have_adapte
 from caraserve_router.lora import host_segments
 from caraserve_router.lora.adapter_store import AdapterStore
 from caraserve_router.lora.shapes import ModelShapes
-
 
 
 def page_allocation_s(nbytes: int, prefix: str, rounds: int) -> float:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         remove_shm(prefix)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores",
               "statistic": f"best of {args.rounds} reads per adapter, file in the page cache",
-              "where": "the instance's router thread: a running batch waits this long when an adapter is first used",
+              "where": "the store's reader thread: a cold adapter's device copy starts this long after its first use",
               "adapters": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

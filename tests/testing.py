@@ -1,9 +1,12 @@
-"""Numerical helpers shared by every test: one `assert_close`, one tolerance table.
+"""Helpers shared by every test: one `assert_close` with one tolerance table, one `wait_until`.
 
 Tolerances are per dtype of the *computed* tensor; the reference is always computed in
 float64 (or is an independent implementation in float32 where noted by the caller).
 """
 from __future__ import annotations
+
+import time
+from typing import Callable
 
 import torch
 
@@ -36,3 +39,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert a.shape == e.shape, f"{msg}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
     assert torch.isfinite(a).all(), f"{msg}: non-finite values in result"
     torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.02) -> bool:
+    """Poll `predicate` every `interval_s` until it is true (True) or `timeout_s` has passed (its
+    value then, one last time)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())

@@ -88,11 +88,11 @@ LORA_MODES = values(LoraMode)  # the CLI strings; code uses LoraMode(config.mode
 DECODE_KERNELS = values(DecodeKernel)
 
 
-
 def check_shm_prefix(flag: str, prefix: str) -> None:
     """A /dev/shm name prefix: letters, digits, '_' and '-' (ValueError otherwise)."""
     if not prefix.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"{flag} may hold letters, digits, '_' and '-' only, got {prefix!r}")
+
 
 @dataclass
 class LoRAConfig:

@@ -20,6 +20,7 @@ from caraserve_router.evaluation.server_process import RunningServer
 from caraserve_router.frontend.perf_bootstrap import cache_path
 from caraserve_router.scheduling.perf_model import PerfModel
 from tests import fixtures
+from tests.testing import wait_until
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
@@ -230,15 +231,6 @@ def _held(server, stream=True) -> Held:
     return Held(server, stream)
 
 
-def _wait(predicate, timeout_s):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _running(server) -> int:
     inst = stats(server)["instances"][0]["stats"]
     return len(inst.get("running", [])) + len(inst.get("queued", []))
@@ -247,10 +239,11 @@ def _running(server) -> int:
 def test_waiting_queue_is_bounded_429(server):
     # batch limit 2 (running-max-req-size) + 2 waiting: beyond that, 429 with Retry-After.
     held = [_held(server) for _ in range(2)]
-    assert _wait(lambda: all(h.started() for h in held), 60)  # running
+    assert wait_until(lambda: all(h.started() for h in held), 60, interval_s=0.1)  # running
     held += [_held(server) for _ in range(2)]
     try:
-        assert _wait(lambda: stats(server)["waiting"] == 2, 60), json.dumps(stats(server))[:2000]
+        assert wait_until(lambda: stats(server)["waiting"] == 2, 60, interval_s=0.1), \
+            json.dumps(stats(server))[:2000]
         for _ in range(3):
             r = _long(server, timeout=60)
             assert_openai_error(r, 429)
@@ -258,31 +251,31 @@ def test_waiting_queue_is_bounded_429(server):
     finally:
         for sock in held:
             sock.close()
-    assert _wait(lambda: _running(server) == 0 and stats(server)["waiting"] == 0, 20)
+    assert wait_until(lambda: _running(server) == 0 and stats(server)["waiting"] == 0, 20, interval_s=0.1)
 
 
 def test_disconnects_cancel_running_and_waiting_requests(server):
     cancelled = metric(server, "caraserve_requests_total", outcome="cancelled")
     # Two streams fill the batch, a third request waits in the front end; then all leave.
     streams = [_held(server) for _ in range(2)]
-    assert _wait(lambda: all(h.started() for h in streams), 60)
+    assert wait_until(lambda: all(h.started() for h in streams), 60, interval_s=0.1)
     waiting = _held(server, stream=False)
-    assert _wait(lambda: stats(server)["waiting"] == 1, 30)
+    assert wait_until(lambda: stats(server)["waiting"] == 1, 30, interval_s=0.1)
     waiting.close()
-    assert _wait(lambda: stats(server)["waiting"] == 0, 10), "a departed client's queued request was not dropped"
-    assert _wait(lambda: _running(server) == 2, 10), "the two streams run on"  # stats lag a poll
+    assert wait_until(lambda: stats(server)["waiting"] == 0, 10, interval_s=0.1), "a departed client's queued request was not dropped"
+    assert wait_until(lambda: _running(server) == 2, 10, interval_s=0.1), "the two streams run on"  # stats lag a poll
     t0 = time.time()
     for sock in streams:
         sock.close()
     # Each would run for LONG tokens; the instance must free their slots within a few steps.
-    assert _wait(lambda: _running(server) == 0, 15), "departed streams still run at the instance"
+    assert wait_until(lambda: _running(server) == 0, 15, interval_s=0.1), "departed streams still run at the instance"
     assert time.time() - t0 < 15
     # A non-streaming client that leaves mid-generation frees its slot too.
     sock = _held(server, stream=False)
-    assert _wait(lambda: _running(server) == 1, 30)
+    assert wait_until(lambda: _running(server) == 1, 30, interval_s=0.1)
     sock.close()
-    assert _wait(lambda: _running(server) == 0, 15), "a departed non-streaming request still runs"
-    assert _wait(lambda: metric(server, "caraserve_requests_total", outcome="cancelled") >= cancelled + 4, 10)
+    assert wait_until(lambda: _running(server) == 0, 15, interval_s=0.1), "a departed non-streaming request still runs"
+    assert wait_until(lambda: metric(server, "caraserve_requests_total", outcome="cancelled") >= cancelled + 4, 10, interval_s=0.1)
 
 
 def test_latency_histograms_filled_however_requests_end(server):

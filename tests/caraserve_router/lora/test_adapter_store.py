@@ -14,6 +14,7 @@ from caraserve_router.lora.adapter_store import AdapterError, AdapterStore
 from caraserve_router.lora.shapes import ModelShapes
 from caraserve_router.contracts.processes import remove_shm
 from tests import fixtures
+from tests.testing import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +131,6 @@ def test_non_finite_data_is_refused_on_first_use(store, base, tmp_path, which, v
     assert [n for n in os.listdir("/dev/shm") if n.startswith(store.shm_prefix)] == []
 
 
-def _wait_until(predicate, timeout=30.0):
-    import time
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
-
-
 def test_background_read_never_blocks_the_caller(store, base, monkeypatch):
     """start_read returns at once while the file is read on the store's reader thread (here held
     until released); finish_read maps the bytes on the caller's thread when it is done."""
@@ -162,7 +153,7 @@ def test_background_read_never_blocks_the_caller(store, base, monkeypatch):
     assert store.start_read("a") is False  # one read, not two
     assert store.finish_read("a") is False and not host.mapped
     release.set()
-    assert _wait_until(lambda: store.finish_read("a"))
+    assert wait_until(lambda: store.finish_read("a"), 30)
     assert threads == ["adapter-read_0"] and mapped == [("a", threading.current_thread().name)]
     assert host.mapped and not store.reading("a") and store.counters["host_reads"] == 1
     ref = AdapterStore(store.shapes, torch.float32, store.shm_prefix + "_ref", max_rank=16, pin=False)
@@ -189,7 +180,7 @@ def test_background_read_of_a_bad_file_fails_on_finish(store, base, tmp_path):
             finished.error = e
             return True
 
-    assert _wait_until(finished)
+    assert wait_until(finished, 30)
     assert "layer 0 down_proj holds NaN or inf" in str(finished.error)
     assert not store.get("bad").mapped and not store.reading("bad")
 

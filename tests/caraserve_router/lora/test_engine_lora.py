@@ -9,7 +9,7 @@ import pytest
 
 from tests import fixtures
 from tests.caraserve_router.lora.lora_harness import lora_engine, peft_logits
-from tests.testing import assert_close
+from tests.testing import assert_close, wait_until
 
 STEPS = 4
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27], [30, 31], [40, 41, 42, 43], [50]]
@@ -171,7 +171,6 @@ def test_prefetch_reads_in_the_background_then_copies(adapters, monkeypatch):
     returns at once; the admission check says no until the read is done; the next step's
     poll starts the device copy, and the outputs equal a synchronous first use."""
     import threading
-    import time
 
     from caraserve_router.lora import adapter_store
 
@@ -193,10 +192,8 @@ def test_prefetch_reads_in_the_background_then_copies(adapters, monkeypatch):
         runtime.poll_prefetches()
         assert key not in runtime.pool and key in runtime._prefetching  # still reading
         release.set()
-        deadline = time.monotonic() + 30
-        while key not in runtime.pool and time.monotonic() < deadline:
-            runtime.poll_prefetches()  # what every step's build_batch does
-            time.sleep(0.01)
+        # poll_prefetches: what every step's build_batch does
+        assert wait_until(lambda: runtime.poll_prefetches() or key in runtime.pool, 30)
         assert key in runtime.pool and runtime.store.get(key).mapped and not runtime._prefetching
         assert runtime.admit(name)
         background = engine.run(PROMPTS[:1], [name], 2)
@@ -215,7 +212,6 @@ def test_prefetched_bad_file_refuses_the_adapter_not_the_step(adapters, tmp_path
     """A prefetched adapter whose file holds NaN: the step's poll drops the adapter (its
     requests then fail as unknown) instead of raising out of the step."""
     import shutil
-    import time
 
     import torch
     from safetensors.torch import load_file, save_file
@@ -232,10 +228,7 @@ def test_prefetched_bad_file_refuses_the_adapter_not_the_step(adapters, tmp_path
         runtime = engine.runtime
         key = runtime.names.key("bad-nan")
         runtime.prefetch("bad-nan")
-        deadline = time.monotonic() + 30
-        while runtime.is_known("bad-nan") and time.monotonic() < deadline:
-            runtime.poll_prefetches()  # must not raise
-            time.sleep(0.01)
+        assert wait_until(lambda: runtime.poll_prefetches() or not runtime.is_known("bad-nan"), 30)  # never raises
         assert not runtime.is_known("bad-nan") and key not in runtime.store and key not in runtime.pool
         assert engine.run(PROMPTS[:1], [dirs[0].name], 1)  # the others still serve
     finally:

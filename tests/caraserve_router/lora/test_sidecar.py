@@ -26,7 +26,7 @@ from caraserve_router.contracts.configs import SidecarConfig
 from caraserve_router.lora.adapter_store import AdapterStore
 from caraserve_router.lora.shapes import GROUP_MODULES, GROUPS, MODULE_PARENT, ModelShapes
 from caraserve_router.lora.sidecar import CpuLoraSidecar, split_rows, workers_for
-from tests.testing import assert_close
+from tests.testing import assert_close, wait_until
 
 SHAPES = ModelShapes(num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate=128)
 MAX_TOKENS = 64
@@ -58,15 +58,6 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie of a foreign parent
     except FileNotFoundError:
         return True
-
-
-def _wait_for(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # ---------------------------------------------------------------------------------- adapters
@@ -343,7 +334,7 @@ def test_unregister_detaches_workers(env2, adapter_dirs):
     assert env2.sidecar.unregister_adapter("extra")
     assert not env2.sidecar.unregister_adapter("extra")
     env2.store.remove("extra")
-    assert _wait_for(lambda: not mapped(), 5.0), "workers keep an unregistered adapter mapped"
+    assert wait_until(lambda: not mapped(), 5.0), "workers keep an unregistered adapter mapped"
 
 
 def test_failing_job_falls_back_without_restart(env2):
@@ -477,6 +468,6 @@ def test_workers_exit_when_the_engine_dies():
         engine.kill()
         engine.wait(10)
         engine.stdout.close()
-    assert _wait_for(lambda: _gone(worker), 10.0), "an orphaned worker kept running"
+    assert wait_until(lambda: _gone(worker), 10.0), "an orphaned worker kept running"
     # the engine's resource tracker unlinks the segment it can no longer clean up itself
-    assert _wait_for(lambda: _shm_entries(prefix) == [], 10.0)
+    assert wait_until(lambda: _shm_entries(prefix) == [], 10.0)
