@@ -1,5 +1,18 @@
 """CaraServe: CPU-assisted, rank-aware multi-LoRA serving on a patched LightLLM."""
+import importlib.util
+import sys
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# Refuse, with what to do, an environment where another distribution provides a top-level
+# `kernels` (Hugging Face's): otherwise setuptools loads that distribution's entry points with
+# this directory first on sys.path, finds our kernels/ instead, and fails deep in egg_info.
+_spec = importlib.util.spec_from_file_location("check_install", Path(__file__).parent / "scripts" / "check_install.py")
+_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_check)
+if _check.foreign_kernels():
+    sys.exit("error: " + _check.kernels_message(_check.foreign_kernels()))
 
 setup(
     name="caraserve",
@@ -9,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lightllm_patches*", "caraserve_router*", "kernels*"]),
-    # Exact pins live in constraints.txt; `make setup` installs with `-c constraints.txt`.
+    # Exact pins of everything live in lock/cp3XY.txt (`make lock`); `make setup` installs that.
     install_requires=[
         "torch==2.13.0",
         "triton==3.7.1",

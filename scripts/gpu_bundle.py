@@ -15,7 +15,8 @@ What the project needs is computed, not listed by hand:
 3. closed over the installed distributions' `Requires-Dist` (markers evaluated for the device:
    CPython 3.12 on x86-64 Linux, no extras);
 4. minus the device's list and `NOT_BUNDLED` (with the reason), plus `ALSO_BUNDLED`.
-Versions are the ones installed here, i.e. the ones the project is tested with.
+Versions are the device Python's lock (`lock/cp312.txt`, written by `make lock`), never the
+day's newest release; a needed distribution that lock does not pin is an error.
 
     python scripts/gpu_bundle.py need                 # name==version of every wheel the bundle holds
     python scripts/gpu_bundle.py build [--dir .whl]   # pip download them (--no-deps), write MANIFEST.json
@@ -42,6 +43,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_PACKAGES_FILE = REPO / "scripts" / "gpu_device_packages.txt"
+DEVICE_LOCK = REPO / "lock" / "cp312.txt"  # the device's Python (DEVICE_PYTHON below)
 DEFAULT_DIR = REPO / ".whl"
 MANIFEST = "MANIFEST.json"
 SIZE_LIMIT_BYTES = 40 * 2**20  # the working tree that travels is capped at 64 MiB
@@ -195,8 +197,29 @@ def compute_need(imports: dict[str, set[str]], roots: list[str], device: set[str
     return need
 
 
+def lock_versions(path: Path = DEVICE_LOCK) -> dict[str, str]:
+    """distribution -> version of every `name==version` line of a lock file."""
+    pins = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[normalize(name)] = version.strip()
+    return pins
+
+
+def locked_version_of(pins: dict[str, str], lock: Path = DEVICE_LOCK):
+    def version_of(dist: str) -> str:
+        if dist not in pins:
+            raise LookupError(f"{dist} is needed on the device but {lock.name} does not pin it: "
+                              f"add it to requirements.txt and run `make lock`")
+        return pins[dist]
+    return version_of
+
+
 def project_need(device: set[str] | None = None) -> Need:
-    return compute_need(project_imports(), requirement_names(), device if device is not None else device_packages())
+    return compute_need(project_imports(), requirement_names(), device if device is not None else device_packages(),
+                        version_of=locked_version_of(lock_versions()))
 
 
 # ---- the folder ---------------------------------------------------------------------------------

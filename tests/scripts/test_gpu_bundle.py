@@ -164,3 +164,13 @@ def test_gpu_check_dry_run_on_the_cpu(bundle, tmp_path):
     assert bench["coldstart"]["cpu-assist"]["counters"]["loads_cold"] >= 1
     files = sorted(p.name for p in out.iterdir())
     assert files == ["bench_gpu.json", "check.log", "env.json", "imports.json", "pytest_cuda.xml", "summary.json"]
+
+
+def test_bundle_versions_come_from_the_device_lock():
+    pins = gb.lock_versions()
+    need = gb.project_need(gb.device_packages())
+    assert need.wheels, "the bundle needs something"
+    for dist, version in need.wheels.items():
+        assert pins[dist] == version, dist
+    with pytest.raises(LookupError, match="does not pin it"):
+        gb.locked_version_of({})("anything")
