@@ -27,7 +27,7 @@ import torch
 
 from caraserve_router.contracts.processes import remove_shm
 from caraserve_router.evaluation.bench_adapters import DISTINCT_DIR, have_adapters
-from caraserve_router.lora import host_segments
+from caraserve_router.contracts import host_segments
 from caraserve_router.lora.adapter_store import AdapterStore
 from caraserve_router.lora.shapes import ModelShapes
 

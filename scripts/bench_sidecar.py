@@ -30,7 +30,7 @@ def _percentiles_ms(samples: list) -> dict:
 
 def _bench_inline(shapes: ModelShapes, rank: int, tokens: int, repeats: int) -> dict:
     """The worker's kernel (`lora_delta`) in this process, one thread: compute with no IPC."""
-    from caraserve_router.lora.sidecar_worker import lora_delta
+    from caraserve_router.lora.sidecar.worker import lora_delta
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
