@@ -1,5 +1,5 @@
 """Drive the real model worker (`CaraBackend`) in process, the way LightLLM's router does
-(tests of chunked prefill, scripts/bench_chunked_prefill.py).
+(tests of chunked prefill, scripts/bench/chunked_prefill.py).
 
 `BackendDriver.run` plays the router's part for a schedule of requests that arrive at given
 steps: without chunked prefill it prefills each arriving group and merges it into the running

@@ -202,7 +202,7 @@ class InstanceConfig:
     cpu_weight_layout: str = option(
         "lightllm", "CPU device only: base projection weights as LightLLM keeps them ('lightllm': [in, out], "
         "x @ W), or 'both': also nn.Linear's [out, in] copy, used for batches of 2+ rows (matmuls 2-2.6x "
-        "faster at 2-4 rows, 1.2-1.3x at 16-32 here: scripts/bench_cpu_matmul_layout.py) for twice the "
+        "faster at 2-4 rows, 1.2-1.3x at 16-32 here: scripts/bench/cpu_matmul_layout.py) for twice the "
         "weights' memory", choices=tuple(WEIGHT_LAYOUTS))
     log_level: str = option("info", "Log level", choices=("debug", "info", "warning", "error"))
     shm_prefix: str = option("", "Prefix of this instance's /dev/shm names (default: derived, unique)")

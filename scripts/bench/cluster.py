@@ -15,7 +15,7 @@ namespace with only loopback (the script re-executes itself under `unshare -n`; 
 With `--cluster ray` and no `--ray-address` the front end starts its own local Ray runtime:
 one node, so this measures Ray's control path and the front end, not a network.
 
-    python scripts/bench_cluster.py --out results/cluster/bench_cluster.json
+    python scripts/bench/cluster.py --out results/cluster/bench_cluster.json
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NETNS_ENV = "CARASERVE_BENCH_NETNS"
 KINDS = ("local", "ray")
 PATH_ARGS = ("out", "model_dir", "perf_model", "trace", "lengths")

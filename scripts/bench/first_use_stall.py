@@ -8,9 +8,9 @@ inter-token gaps (at the client) are compared between the quiet part and the win
 cold arrival. Before the reads moved to a reader thread, the router thread read the file (tens
 to hundreds of ms per adapter) while the running batch waited.
 
-    python scripts/bench_first_use_stall.py --out docs/results/first_use_stall.json
+    python scripts/bench/first_use_stall.py --out docs/results/first_use_stall.json
 
-Adapters: `--adapters-dir` (default: the distinct adapters of scripts/bench_many_adapters.py),
+Adapters: `--adapters-dir` (default: the distinct adapters of scripts/bench/many_adapters.py),
 the largest ones used first. The link is emulated on a machine without a GPU.
 """
 from __future__ import annotations

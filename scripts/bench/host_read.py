@@ -3,15 +3,15 @@
 
 An adapter's bytes are read from its file the first time it is used (registration reads only
 the header). The read runs on the store's reader thread, so it no longer stalls the running
-batch (scripts/bench_first_use_stall.py measures that), but a cold adapter's device copy cannot
+batch (scripts/bench/first_use_stall.py measures that), but a cold adapter's device copy cannot
 start before it ends; this script measures it per adapter: the best of `--rounds` reads (the segment
 unmapped in between, the file in the page cache), and, for scale, the time the kernel takes to
 allocate the same number of fresh shared-memory pages with nothing copied into them.
 
-    python scripts/bench_host_read.py --out docs/results/host_read.json
-    python scripts/bench_host_read.py --adapters-dir DIR     # DIR/<name>/: PEFT adapters
+    python scripts/bench/host_read.py --out docs/results/host_read.json
+    python scripts/bench/host_read.py --adapters-dir DIR     # DIR/<name>/: PEFT adapters
 
-Default adapters: the 16 distinct ones `scripts/bench_many_adapters.py` makes (run it first).
+Default adapters: the 16 distinct ones `scripts/bench/many_adapters.py` makes (run it first).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from caraserve_router.contracts.configs import WEIGHT_LAYOUTS, LoRAConfig
 from lightllm_patches.offline import OfflineEngine

@@ -22,7 +22,7 @@
 On a machine without a GPU the instance runs on the CPU with the emulated host->device link
 (`--lora-link-bandwidth-mbps`, default 2000 MB/s): load times and TTFT are **emulated**.
 
-    python scripts/bench_many_adapters.py --out many.json            # JSON + many.png
+    python scripts/bench/many_adapters.py --out many.json            # JSON + many.png
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from caraserve_router.evaluation.replay_client import ReplayConfig, replay
 from caraserve_router.evaluation.server_process import RunningServer
 from caraserve_router.evaluation.workload import WorkloadConfig, generate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RANKS = (8, 16, 32, 64, 128)
 RANK_WEIGHTS = (0.35, 0.3, 0.2, 0.1, 0.05)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -1,7 +1,7 @@
 """Benchmark the CPU LoRA sidecar on this machine: synchronisation round trips, per-group call
 latency per rank and worker count, the worker kernel inline (no IPC), and the profiled `c`.
 
-    python scripts/bench_sidecar.py [--workers 1 2] [--ranks 8 16 32 64] [--tokens 128] [--json out.json]
+    python scripts/bench/sidecar.py [--workers 1 2] [--ranks 8 16 32 64] [--tokens 128] [--json out.json]
 """
 from __future__ import annotations
 

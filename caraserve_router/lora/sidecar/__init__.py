@@ -33,7 +33,7 @@ Modules, one concern each:
 | `worker.py` | the worker process (`python -m caraserve_router.lora.sidecar.worker`): wait policy, adapter mappings, `lora_delta` |
 | `shm.py` | the shared segment: layout, control words, descriptor, adapter table, buffers |
 
-The benchmark CLI is `scripts/bench_sidecar.py`.
+The benchmark CLI is `scripts/bench/sidecar.py`.
 """
 from __future__ import annotations
 
