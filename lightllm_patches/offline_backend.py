@@ -99,7 +99,7 @@ class BackendDriver:
         """Run `jobs`, yielding after every step (so callers can interleave two drivers step by
         step); afterwards `self.tokens` holds the generated tokens per job."""
         be = self.backend
-        chunked = self.config.prefill_chunk_tokens > 0
+        chunked = self.config.chunked_prefill
         self.ids = list(range(BackendDriver._ids, BackendDriver._ids + len(jobs)))
         BackendDriver._ids += len(jobs)
         tokens = {r: [] for r in self.ids}
