@@ -28,12 +28,20 @@ def _flag(name: str, prefix: str) -> str:
     return "--" + (prefix + name).replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple = ()) -> None:
-    """Add one flag per field of dataclass `cls` (nested dataclasses are not expanded)."""
+def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple = (),
+                  only: Optional[tuple] = None) -> None:
+    """Add one flag per field of dataclass `cls` (nested dataclasses are not expanded; with `only`,
+    just those fields). `cls` may be an instance: its values are then the flags' defaults (a
+    benchmark passing a server flag through with its own default)."""
+    instance = None if isinstance(cls, type) else cls
+    cls = type(cls) if instance is not None else cls
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if f.name in skip or dataclasses.is_dataclass(default) or f.metadata.get("cli") is False:
+        if instance is not None:
+            default = getattr(instance, f.name)
+        if f.name in skip or (only is not None and f.name not in only) or dataclasses.is_dataclass(default) \
+                or f.metadata.get("cli") is False:
             continue
         kwargs = {"dest": prefix + f.name, "help": f"{f.metadata.get('help', '')} (default: {default})"}
         if f.metadata.get("choices"):

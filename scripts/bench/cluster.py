@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -31,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from common import write_result
 
 REPO = Path(__file__).resolve().parents[2]
 NETNS_ENV = "CARASERVE_BENCH_NETNS"
@@ -246,8 +246,7 @@ def run(args, model_dir: str, ranks: tuple, work: Path) -> int:
             "throughput_tokens_s": (runs["ray"]["replay"]["throughput_tokens_s"] or 0)
             - (runs["local"]["replay"]["throughput_tokens_s"] or 0)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     plot(result, args.out.with_suffix(".png"))
     print(f"{'':24}{'local':>12}{'ray':>12}")
     rows = [("added p50 (ms)", lambda r: r["overhead"]["added_ms_p50"]),

@@ -16,7 +16,6 @@ Default adapters: the 16 distinct ones `scripts/bench/many_adapters.py` makes (r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from caraserve_router.evaluation.bench_adapters import DISTINCT_DIR, have_adapte
 from caraserve_router.contracts import host_segments
 from caraserve_router.lora.adapter_store import AdapterStore
 from caraserve_router.lora.shapes import ModelShapes
+from common import write_result
 
 
 def page_allocation_s(nbytes: int, prefix: str, rounds: int) -> float:
@@ -85,8 +85,7 @@ def main(argv=None) -> int:
               "statistic": f"best of {args.rounds} reads per adapter, file in the page cache",
               "where": "the store's reader thread: a cold adapter's device copy starts this long after its first use",
               "adapters": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_result(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

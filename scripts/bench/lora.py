@@ -17,7 +17,6 @@ Writes `--out` JSON with `caraserve_lora_tokens_per_s`, `caraserve_base_tokens_p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 from caraserve_router.contracts.configs import WEIGHT_LAYOUTS, LoRAConfig
 from lightllm_patches.offline import OfflineEngine
+from common import write_result
 
 RANKS = (8, 16, 32, 64)
 
@@ -166,8 +166,7 @@ def main() -> int:
         print(f"CaraServe with LoRA is {tps['caraserve_lora'] / tps['hf_peft']:.2f}x HF + PEFT (same requests, same "
               f"statistic); greedy tokens equal to HF+PEFT's: {100 * same / (args.batch * per_request):.1f}%",
               flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(Path(args.out), result, indent=2)
     print(f"wrote {args.out}")
     return 0
 

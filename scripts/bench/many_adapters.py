@@ -42,6 +42,7 @@ import requests
 from caraserve_router.evaluation.replay_client import ReplayConfig, replay
 from caraserve_router.evaluation.server_process import RunningServer
 from caraserve_router.evaluation.workload import WorkloadConfig, generate
+from common import write_result
 
 REPO = Path(__file__).resolve().parents[2]
 RANKS = (8, 16, 32, 64, 128)
@@ -326,7 +327,7 @@ def main(argv=None) -> dict:
         "memory_samples": sampler.samples,
         "replay": {"requests": reqs},
     }
-    args.out.write_text(json.dumps(report, indent=1, default=str))
+    write_result(args.out, report)
     plot(report, args.out.with_suffix(".png"))
     summary = {k: report[k] for k in ("startup_s", "device_bytes_vs_file_bytes", "memory_per_adapter_mib",
                                       "host", "host_sharing", "requests", "ttft_ms")}
