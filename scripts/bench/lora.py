@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 from caraserve_router.contracts.configs import WEIGHT_LAYOUTS, LoRAConfig
 from lightllm_patches.offline import OfflineEngine
-from common import write_result
+from common import add_server_arguments, write_result
 
 RANKS = (8, 16, 32, 64)
 
@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--zipf", type=float, default=1.0, help="zipf exponent of adapter popularity")
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps")
-    parser.add_argument("--decode-kernel", default="mbgmv", choices=("mbgmv", "bgmv"), help="CaraServe decode kernel")
+    add_server_arguments(parser, LoRAConfig(), ("decode_kernel",))  # CaraServe's --lora-decode-kernel, here unprefixed
     parser.add_argument("--skip-hf", action="store_true", help="skip the HF+PEFT baseline (slow)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine, interleaved (median kept)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the popularity draw")
