@@ -28,11 +28,15 @@ def add_server_arguments(parser: argparse.ArgumentParser, defaults, fields: tupl
     add_arguments(parser, defaults, prefix=prefix, only=fields)
 
 
-def server_flags(args: argparse.Namespace, defaults, fields: tuple[str, ...], prefix: str = "") -> list[str]:
+def server_flags(args: argparse.Namespace, defaults, fields: tuple[str, ...], prefix: str = "",
+                 server_prefix: Optional[str] = None) -> list[str]:
     """The server command line of the parsed values of `fields` (the config dataclass checks
-    and types them, `to_cli` writes them back: `--lora-mode cached`, `--no-lora-prefetch`)."""
+    and types them, `to_cli` writes them back: `--lora-mode cached`, `--no-lora-prefetch`).
+    `server_prefix` (default: `prefix`) is the server's, where the benchmark's flags are shorter
+    (`--mode` here, `--lora-mode` there)."""
     config = dataclasses.replace(defaults, **{f: getattr(args, prefix + f) for f in fields})
-    return to_cli(config, prefix=prefix, skip=tuple(f for f in vars(config) if f not in fields))
+    skip = tuple(f for f in vars(config) if f not in fields)
+    return to_cli(config, prefix=prefix if server_prefix is None else server_prefix, skip=skip)
 
 
 def start_server(flags: list[str], log: Path, startup_s: float = 300.0) -> RunningServer:

@@ -55,6 +55,15 @@ def test_given_values_come_back_checked_and_typed(common):
         parsed(common, ["--lora-pool-mb", "4"])  # not a field this benchmark passes through
 
 
+def test_short_benchmark_flags_give_the_servers_long_ones(common):
+    defaults, fields = LoRAConfig(mode="cpu-assist", pool_mb=2048.0), ("mode", "pool_mb")
+    parser = argparse.ArgumentParser()
+    common.add_server_arguments(parser, defaults, fields)  # --mode, --pool-mb
+    args = parser.parse_args(["--mode", "cached"])
+    assert common.server_flags(args, defaults, fields, server_prefix="lora_") == [
+        "--lora-mode", "cached", "--lora-pool-mb", "2048.0"]
+
+
 def test_write_result_makes_folders_and_writes_enums_as_their_strings(common, tmp_path):
     path = common.write_result(tmp_path / "a" / "b.json", {"mode": LoraMode.CPU_ASSIST, "where": tmp_path / "x"})
     assert json.loads(path.read_text()) == {"mode": "cpu-assist", "where": str(tmp_path / "x")}
