@@ -56,16 +56,17 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: fl
 
 
 def generate(url: str, prompt: Union[str, list[int]], adapter: Optional[str] = None, max_new_tokens: int = 6,
-             timeout_s: float = 300.0, **parameters) -> dict:
+             timeout_s: float = 300.0, headers: Optional[dict] = None, **parameters) -> dict:
     """POST LightLLM's `/generate` body to `url` (a front end or one instance): text or token ids,
     an optional adapter, `max_new_tokens` with `ignore_eos` (unless `parameters` say otherwise)
     and any other sampling `parameters`; asserts 200 and returns the reply's JSON (the front end
-    answers `token_ids`, `finish_reason`; an instance `tokens` with `return_details=True`)."""
+    answers `token_ids`, `finish_reason`; an instance `tokens` with `return_details=True`).
+    `headers`: e.g. the key an instance asks of its callers."""
     body = {"inputs" if isinstance(prompt, str) else "input_ids": prompt,
             "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos": True, **parameters}}
     if adapter is not None:
         body["adapter"] = adapter
-    r = requests.post(url + "/generate", json=body, timeout=timeout_s)
+    r = requests.post(url + "/generate", json=body, headers=headers, timeout=timeout_s)
     assert r.status_code == 200, r.text
     return r.json()
 
