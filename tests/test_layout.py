@@ -2,7 +2,8 @@
 package is a row of its table and every row a path of the tree, the files a row names exist,
 imports run only the way its "imports" column allows (the front end tier never reaches the
 engine, nothing imports the front end but its entry point, `lightllm_patches` ->
-`caraserve_router` -> `kernels` and never back), and no Python file passes 600 lines."""
+`caraserve_router` -> `kernels` and never back), no Python file passes 600 lines, and every
+`scripts/...` path the docs and the code name exists."""
 from __future__ import annotations
 
 import ast
@@ -146,3 +147,18 @@ def test_no_python_file_over_600_lines():
             if lines > MAX_LINES:
                 long.append(f"{path.relative_to(REPO)}: {lines}")
     assert long == [], long
+
+
+def test_the_scripts_the_docs_name_exist():
+    """A moved script leaves no stale command behind (`python scripts/bench_X.py`) in the docs,
+    the scripts' own usage lines, the packages' comments or the Makefile."""
+    stale = []
+    sources = [REPO / "README.md", REPO / "Makefile", *sorted((REPO / "docs").glob("*.md"))]
+    for folder in (*PACKAGES, "scripts"):  # (tests name made-up scripts of their own)
+        sources += sorted((REPO / folder).rglob("*.py")) + sorted((REPO / folder).rglob("*.sh"))
+    for doc in sources:
+        text = doc.read_text(encoding="utf-8")
+        for path in sorted(set(re.findall(r"(?<![\w/.])scripts/[\w/]+\.(?:py|sh)\b", text))):
+            if not (REPO / path).is_file():
+                stale.append(f"{doc.relative_to(REPO)}: {path}")
+    assert stale == [], stale

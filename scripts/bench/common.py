@@ -2,7 +2,7 @@
 benchmark passes through (generated from the config dataclasses, with the server's own names,
 help and checks), the machine a result was measured on, and writing the result.
 
-A benchmark imports it by file name (`from common import ...`): `python scripts/bench/X.py`
+A benchmark imports it by file name (`from common import ...`): `python scripts/bench/<name>.py`
 puts `scripts/bench/` first on `sys.path`.
 """
 from __future__ import annotations
