@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 @pytest.fixture(scope="module")
 def common():
-    sys.path.insert(0, str(BENCH))  # as `python scripts/bench/X.py` has it
+    sys.path.insert(0, str(BENCH))  # as `python scripts/bench/<name>.py` has it
     try:
         import common as module
         yield module
