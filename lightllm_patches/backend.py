@@ -25,7 +25,6 @@ from lightllm.server.router.model_infer.mode_backend.continues_batch.impl import
 from lightllm.server.router.model_infer.model_rpc import ModelRpcClient, ModelRpcServer
 
 from caraserve_router.contracts.configs import InstanceConfig
-from caraserve_router.contracts.names import LoraMode
 from lightllm_patches import chunked_prefill
 from lightllm_patches.device import resolve_device, resolve_dtype
 from caraserve_router.lora.runtime import LoraRuntime
@@ -98,7 +97,7 @@ def split_cpu_cores(config: InstanceConfig, device: torch.device) -> None:
     """When the CPU is the device *and* hosts the cpu-assist sidecar, give each its own cores
     (half each by default): spinning sidecar workers and torch's thread team on the same cores
     slow both down badly. Explicit settings are kept."""
-    if device.type != "cpu" or not LoraMode(config.lora.mode).uses_sidecar:
+    if device.type != "cpu" or not config.lora.mode.uses_sidecar:
         return
     cores = len(os.sched_getaffinity(0))
     if config.sidecar.workers == 0:
@@ -115,6 +114,8 @@ class CaraBackend(ContinuesBatchBackend):
         self.config = config
         self.tp_rank, self.world_size = 0, 1
         self.is_multimodal = False
+        # Upstream's SplitFuseBackend is never used: with `config.chunked_prefill` this backend
+        # plans the mixed steps itself (forward), so its inherited splitfuse switch stays off.
         self.is_splitfuse_mode = False
         self.return_all_prompt_logprobs = False
         self.use_dynamic_prompt_cache = False
@@ -168,7 +169,7 @@ class CaraBackend(ContinuesBatchBackend):
         return ans
 
     def forward(self, batch_id, is_prefill):
-        if not is_prefill and self.config.prefill_chunk_tokens > 0:
+        if not is_prefill and self.config.chunked_prefill:
             reqs = [requests_mapping[r_id] for r_id in self.cache[batch_id].request_ids]
             plan = chunked_prefill.plan_step(reqs, self.config.prefill_chunk_tokens)
             if plan.has_prefill:

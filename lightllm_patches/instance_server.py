@@ -52,7 +52,7 @@ from lightllm_patches.detokenizer import start_detokenization_process
 from lightllm_patches.httpserver_manager import CaraHttpServerManager, ClientGone, RequestError, check_text
 from lightllm_patches.lightllm_args import lightllm_args
 from caraserve_router.lora.adapter_store import AdapterError
-from caraserve_router.lora.host_segments import remove_idle
+from caraserve_router.contracts.host_segments import remove_idle
 from lightllm_patches.metrics import InstanceMetrics
 from caraserve_router.contracts.processes import (
     Terminated, free_ports, raise_terminated, remove_shm, start_children, stop_processes,

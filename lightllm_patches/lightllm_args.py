@@ -52,7 +52,7 @@ def lightllm_args(config: InstanceConfig) -> argparse.Namespace:
         # new requests with the worker and every step is a (mixed) decode step; SplitFuseReq
         # accounts a step's KV need as at most one chunk per request.
         splitfuse_block_size=config.prefill_chunk_tokens or 256,
-        splitfuse_mode=config.prefill_chunk_tokens > 0,
+        splitfuse_mode=config.chunked_prefill,
         beam_mode=False,
         diverse_mode=False,
         token_healing_mode=False,

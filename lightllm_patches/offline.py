@@ -30,7 +30,7 @@ class OfflineEngine:
                  max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64,
                  cpu_weight_layout: str = "lightllm", shm_prefix: str = "caraserve_offline",
                  dtype: str = "float32", model_class: type = CaraLlamaModel):
-        # model_class: CaraLlamaModel or a subclass (scripts/bench_gpu.py builds random weights
+        # model_class: CaraLlamaModel or a subclass (scripts/bench/gpu.py builds random weights
         # on the device instead of reading safetensors)
         self.shm_prefix = f"{shm_prefix}_{uuid.uuid4().hex[:8]}"  # unique per engine
         self.model = model_class({

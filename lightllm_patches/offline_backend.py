@@ -1,5 +1,5 @@
 """Drive the real model worker (`CaraBackend`) in process, the way LightLLM's router does
-(tests of chunked prefill, scripts/bench_chunked_prefill.py).
+(tests of chunked prefill, scripts/bench/chunked_prefill.py).
 
 `BackendDriver.run` plays the router's part for a schedule of requests that arrive at given
 steps: without chunked prefill it prefills each arriving group and merges it into the running
@@ -99,7 +99,7 @@ class BackendDriver:
         """Run `jobs`, yielding after every step (so callers can interleave two drivers step by
         step); afterwards `self.tokens` holds the generated tokens per job."""
         be = self.backend
-        chunked = self.config.prefill_chunk_tokens > 0
+        chunked = self.config.chunked_prefill
         self.ids = list(range(BackendDriver._ids, BackendDriver._ids + len(jobs)))
         BackendDriver._ids += len(jobs)
         tokens = {r: [] for r in self.ids}

@@ -7,7 +7,7 @@ dropped*: it stays in the queue, in order, and later requests may go ahead of it
 head-of-line blocking by one big adapter); upstream stops at the first request that does
 not fit, which is kept for the KV-token check.
 
-With chunked prefill (`args.splitfuse_mode`, from `--prefill-chunk-tokens`), the admitted
+With chunked prefill (`InstanceConfig.chunked_prefill`, from `--prefill-chunk-tokens`), the admitted
 requests' prompts are not run in one prefill: they run a chunk per step, so the prefill-token
 limit of one admission (`batch_max_tokens`) does not apply; the KV-token check does.
 """
@@ -21,11 +21,12 @@ from lightllm.server.router.req_queue.continues_batch.impl import ContinuesBatch
 
 
 class CaraReqQueue(ContinuesBatchQueue):
-    def __init__(self, args, router, admit_adapter: Callable[[str], bool], begin_admission: Callable[[], None]):
+    def __init__(self, args, router, admit_adapter: Callable[[str], bool], begin_admission: Callable[[], None],
+                 chunked: bool):
         super().__init__(args, router)
         self.admit_adapter = admit_adapter  # adapter name -> placeable now (loads start)
         self.begin_admission = begin_admission
-        self.chunked = bool(args.splitfuse_mode)
+        self.chunked = chunked  # InstanceConfig.chunked_prefill
 
     def _adapter_ok(self, req) -> bool:
         adapter = req.sample_params.adapter_name  # the request's AdapterRequest, checked at the HTTP server

@@ -42,7 +42,6 @@ from caraserve_router.contracts.configs import InstanceConfig
 from caraserve_router.contracts.control import (
     AdapterCall, ControlReply, ControlRequest, GetSamples, GetStats, Ping, RequestFailed,
 )
-from caraserve_router.contracts.names import DecodeKernel, LoraMode
 from caraserve_router.contracts.stats import InstanceStats, RequestView, ResidentAdapter
 from caraserve_router.contracts.processes import die_with_parent, remove_shm
 from lightllm_patches.lightllm_args import lightllm_args
@@ -73,7 +72,7 @@ class CaraRouterManager(RouterManager):
         })
         self.lora = self.model_rpc.lora  # the worker's AdapterManager (in process, tp = 1)
         self.req_queue = CaraReqQueue(self.args, self, admit_adapter=self.lora.admit,
-                                      begin_admission=self.lora.begin_admission)
+                                      begin_admission=self.lora.begin_admission, chunked=self.config.chunked_prefill)
         if self.config.lora.adapters:
             self._register_adapter_dir(self.config.lora.adapters)
 
@@ -96,8 +95,8 @@ class CaraRouterManager(RouterManager):
         return InstanceStats(
             name=self.config.display_name,
             healthy=True,
-            lora_mode=LoraMode(self.config.lora.mode),
-            kernel=DecodeKernel(self.config.lora.decode_kernel),
+            lora_mode=self.config.lora.mode,
+            kernel=self.config.lora.decode_kernel,
             device=str(self.model_rpc.backend.device) if self.model_rpc.backend else "",
             max_batch=self.config.running_max_req_size,
             resident_adapters=[ResidentAdapter(e["name"], e["rank"]) for e in lora["resident"]],
@@ -189,7 +188,7 @@ class CaraRouterManager(RouterManager):
 
     async def _step(self):
         self.steps += 1
-        if self.is_splitfuse_mode:  # set from config.prefill_chunk_tokens > 0 (lightllm_args)
+        if self.config.chunked_prefill:  # = upstream's is_splitfuse_mode (lightllm_args)
             await self._chunked_step()
         else:
             await super()._step()

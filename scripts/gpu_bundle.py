@@ -104,8 +104,9 @@ def project_imports(root: Path = REPO, sources=SOURCES) -> dict[str, set[str]]:
             files.append(path)
         elif path.is_dir():
             files.extend(sorted(path.rglob("*.py")))
-            # modules of a script folder import each other by file name (`import bench_kernels`)
-            local.update(p.stem for p in path.glob("*.py"))
+            # modules of a script folder (no __init__.py: scripts/, scripts/bench/) import each
+            # other by file name (`from common import write_result`)
+            local.update(p.stem for p in path.rglob("*.py") if not (p.parent / "__init__.py").exists())
     for path in files:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):

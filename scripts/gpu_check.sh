@@ -7,12 +7,12 @@
 # 1. installs the bundle without network into $GPU_SITE (--no-deps; torch/triton untouched),
 # 2. imports every module of the project,
 # 3. runs `pytest -m cuda` (tests/cuda),
-# 4. runs the GPU benchmarks (scripts/bench_gpu.py),
+# 4. runs the GPU benchmarks (scripts/bench/gpu.py),
 # writing check.log, env.json, imports.json, pytest_cuda.xml, bench_gpu.json and summary.json
 # under $OUT (default results/gpu_check). Time limits: $GPU_CHECK_PYTEST_S and
 # $GPU_CHECK_BENCH_S (defaults 300 s and 150 s: the whole check stays under 8 minutes).
 # A partial rerun: GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-k sidecar") and
-# GPU_CHECK_BENCH_ARGS (extra bench_gpu.py arguments, e.g. "--parts kernels").
+# GPU_CHECK_BENCH_ARGS (extra bench/gpu.py arguments, e.g. "--parts kernels").
 #
 # Without CUDA (CI, a laptop) it says so, checks what it can -- the bundle installs for
 # CPython 3.12, every module imports, `pytest -m cuda` collects and skips every test, the
@@ -108,10 +108,10 @@ fi
 
 # 4. the benchmarks (without CUDA: tiny shapes, emulated link, one repeat: proves the script runs)
 if [ "$CUDA" = "1" ]; then
-    step bench timeout -k 10 "$BENCH_S" $PY scripts/bench_gpu.py --out "$OUT/bench_gpu.json" \
+    step bench timeout -k 10 "$BENCH_S" $PY scripts/bench/gpu.py --out "$OUT/bench_gpu.json" \
         --budget-s $(( BENCH_S * 2 / 3 )) "${BENCH_EXTRA[@]}"
 else
-    step bench timeout -k 10 "$BENCH_S" $PY scripts/bench_gpu.py --device cpu --dry-run --repeats 1 \
+    step bench timeout -k 10 "$BENCH_S" $PY scripts/bench/gpu.py --device cpu --dry-run --repeats 1 \
         --sidecar-workers 1 --out "$OUT/bench_gpu.json" "${BENCH_EXTRA[@]}"
 fi
 

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from caraserve_router.scheduling.perf_model import PerfModel
-from caraserve_router.scheduling.profiler import FULL_GRID, QUICK_GRID, collect_profile
+from caraserve_router.frontend.profiler import FULL_GRID, QUICK_GRID, collect_profile
 
 
 async def profile_url(url: str, grid, seed: int) -> dict:

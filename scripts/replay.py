@@ -25,14 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from caraserve_router.evaluation.replay_client import ReplayConfig, ReplayError, replay
-from caraserve_router.evaluation.workload import ARRIVALS, LENGTHS, POPULARITY, WorkloadConfig, WorkloadError, generate
+from caraserve_router.evaluation.workload import WorkloadConfig, WorkloadError, generate
+from caraserve_router.evaluation.workload_flags import add_workload_arguments, workload_from_args
 
-
-def csv_ints(text):
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+# A short run against a small real server: trace arrivals at 1 req/s, ShareGPT lengths clipped
+# to what a CPU instance serves in time (the simulator's defaults are the paper's scale instead).
+WORKLOAD_DEFAULTS = WorkloadConfig(arrival="trace", rate=1.0, duration_s=60.0, num_requests=100, prompt_len=64,
+                                   output_len=32, max_prompt_tokens=512, max_output_tokens=64, num_adapters=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,31 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--make-adapters", action="store_true",
                    help="create --adapters-dir with scripts/make_adapters.py if it does not exist")
     s.add_argument("--base-model", action="store_true", help="send every request to the base model, no adapters")
-    w = p.add_argument_group("workload")
-    w.add_argument("--arrival", choices=ARRIVALS, default="trace",
-                   help="arrivals: Azure trace timestamps rescaled to --rate, poisson or gamma (default trace)")
-    w.add_argument("--rate", type=float, default=1.0, help="requests per second (default 1)")
-    w.add_argument("--cv", type=float, default=1.0, help="gap coefficient of variation for --arrival gamma")
-    w.add_argument("--trace", default=None,
-                   help="Azure-format trace CSV (default ../shared/traces/AzureLLMInferenceTrace_conv.csv)")
-    w.add_argument("--length-source", choices=LENGTHS, default="sharegpt",
-                   help="prompt/output lengths from sharegpt, the trace, or fixed (default sharegpt)")
-    w.add_argument("--lengths", default=None,
-                   help="ShareGPT length CSV (default ../shared/traces/sharegpt_v3_firstturn_lengths_cl100k.csv)")
-    w.add_argument("--prompt-scale", type=float, default=1.0, help="multiply prompt lengths (default 1)")
-    w.add_argument("--output-scale", type=float, default=1.0, help="multiply output lengths (default 1)")
-    w.add_argument("--max-prompt", type=int, default=512, help="clip prompts to this many tokens (default 512)")
-    w.add_argument("--max-output", type=int, default=64, help="clip outputs to this many tokens (default 64)")
-    w.add_argument("--prompt-len", type=int, default=64, help="prompt tokens with --length-source fixed")
-    w.add_argument("--output-len", type=int, default=32, help="output tokens with --length-source fixed")
-    w.add_argument("--max-requests", type=int, default=100, help="send at most this many requests (default 100)")
-    w.add_argument("--duration", type=float, default=60.0, help="send requests for at most this many seconds (default 60)")
-    w.add_argument("--num-adapters", type=int, default=16, help="distinct workload adapters (default 16)")
-    w.add_argument("--ranks", type=csv_ints, default=(8, 16, 32, 64),
-                   help="ranks assigned round robin by adapter index (default 8,16,32,64)")
-    w.add_argument("--popularity", choices=POPULARITY, default="power", help="adapter popularity (default power)")
-    w.add_argument("--alpha", type=float, default=0.5, help="power-law alpha, < 1 skews to low indices (default 0.5)")
-    w.add_argument("--seed", type=int, default=0, help="seed of the workload and the prompt ids (default 0)")
+    add_workload_arguments(p, WORKLOAD_DEFAULTS, help_overrides={"--seed": "seed of the workload and the prompt ids"})
     o = p.add_argument_group("SLO and output")
     o.add_argument("--slo-tpot-ms", type=float, default=40.0, help="per-token latency SLO in ms (default 40)")
     o.add_argument("--slo-ttft-ms", type=float, default=None, help="optional TTFT SLO in ms")
@@ -87,13 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def workload_config(args) -> WorkloadConfig:
-    return WorkloadConfig(arrival=args.arrival, rate=args.rate, cv=args.cv, duration_s=args.duration,
-                          num_requests=args.max_requests, lengths=args.length_source, trace_path=args.trace,
-                          lengths_path=args.lengths, prompt_len=args.prompt_len, output_len=args.output_len,
-                          prompt_scale=args.prompt_scale, output_scale=args.output_scale,
-                          max_prompt_tokens=args.max_prompt, max_output_tokens=args.max_output,
-                          num_adapters=args.num_adapters, popularity=args.popularity, alpha=args.alpha,
-                          ranks=tuple(args.ranks), seed=args.seed)
+    return workload_from_args(args, WORKLOAD_DEFAULTS)
 
 
 def print_summary(label: str, s: dict) -> None:

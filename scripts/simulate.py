@@ -26,10 +26,15 @@ from caraserve_router.scheduling.perf_model import PerfModel, PerfModelError
 from caraserve_router.scheduling.policies import POLICIES, PolicyConfig, PolicyError
 from caraserve_router.evaluation.sim_config import SimConfig, SimulatorError
 from caraserve_router.evaluation.sim_sweep import SweepSpec, run_sweep
-from caraserve_router.evaluation.workload import ARRIVALS, LENGTHS, POPULARITY, WorkloadConfig, WorkloadError
+from caraserve_router.evaluation.workload import WorkloadConfig, WorkloadError
+from caraserve_router.evaluation.workload_flags import add_workload_arguments, workload_from_args
 
 DEFAULT_PERF_MODEL = REPO / "data" / "perf_models" / "paper_a100_llama2_7b.json"
 PAPER_POLICIES = tuple(POLICIES)
+# The paper's scale: ten minutes of trace arrivals, ShareGPT lengths halved and clipped to a 7B
+# model's context, 128 adapters (the replay client's defaults are a short run on a small server).
+WORKLOAD_DEFAULTS = WorkloadConfig(arrival="trace", rate=1.0, duration_s=600.0, prompt_scale=0.5, output_scale=0.5,
+                                   max_prompt_tokens=1024, max_output_tokens=512, num_adapters=128)
 
 
 def csv_list(kind):
@@ -54,32 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated cluster sizes (default 64)")
     g.add_argument("--perf-model", type=Path, default=DEFAULT_PERF_MODEL,
                    help="PerfModel JSON: the shipped reference GPU model (default) or any profiled one")
-    w = p.add_argument_group("workload")
-    w.add_argument("--duration", type=float, default=600.0, help="seconds of arrivals (default 600)")
-    w.add_argument("--max-requests", type=int, default=None, help="cap on requests per run (default: none)")
-    w.add_argument("--arrival", choices=ARRIVALS, default="trace",
-                   help="arrival process: Azure trace timestamps rescaled to the rate, poisson, gamma (default trace)")
-    w.add_argument("--cv", type=float, default=1.0, help="gap coefficient of variation for --arrival gamma")
-    w.add_argument("--trace", default=None,
-                   help="Azure-format trace CSV (default ../shared/traces/AzureLLMInferenceTrace_conv.csv)")
-    w.add_argument("--length-source", choices=LENGTHS, default="sharegpt",
-                   help="where prompt/output lengths come from (default sharegpt)")
-    w.add_argument("--lengths", default=None,
-                   help="ShareGPT length CSV (default ../shared/traces/sharegpt_v3_firstturn_lengths_cl100k.csv)")
-    w.add_argument("--prompt-scale", type=float, default=0.5,
-                   help="multiply prompt lengths (default 0.5: see docs/SCHEDULER.md, paper-scale workload)")
-    w.add_argument("--output-scale", type=float, default=0.5, help="multiply output lengths (default 0.5)")
-    w.add_argument("--max-prompt", type=int, default=1024, help="clip prompts to this many tokens (default 1024)")
-    w.add_argument("--max-output", type=int, default=512, help="clip outputs to this many tokens (default 512)")
-    w.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for --length-source fixed")
-    w.add_argument("--output-len", type=int, default=128, help="output tokens for --length-source fixed")
-    w.add_argument("--num-adapters", type=int, default=128, help="distinct adapters (default 128)")
-    w.add_argument("--popularity", choices=POPULARITY, default="power", help="adapter popularity (default power)")
-    w.add_argument("--alpha", type=float, default=0.5, help="power-law alpha, < 1 skews to low indices (default 0.5)")
-    w.add_argument("--zipf-s", type=float, default=1.0, help="zipf exponent for --popularity zipf")
-    w.add_argument("--ranks", type=csv_list(int), default=(8, 16, 32, 64),
-                   help="ranks assigned round robin by adapter index (default 8,16,32,64)")
-    w.add_argument("--seed", type=int, default=0, help="workload and random-policy seed (default 0)")
+    # --rate is the sweep's (--rates); the workload is generated at 1 req/s and rescaled per run
+    add_workload_arguments(p, WORKLOAD_DEFAULTS, skip=("--rate",),
+                           help_overrides={"--seed": "workload and random-policy seed",
+                                           "--prompt-scale": "multiply prompt lengths (docs/SCHEDULER.md: the "
+                                                             "paper-scale workload)"})
     c = p.add_argument_group("cluster")
     c.add_argument("--lora-mode", choices=values(LoraMode), default="cached",
                    help="adapter loading mode of every instance (default cached)")
@@ -115,13 +99,7 @@ def configs(args):
     for name in args.policies:
         if name not in POLICIES:
             raise PolicyError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
-    wl = WorkloadConfig(arrival=args.arrival, rate=1.0, cv=args.cv, duration_s=args.duration,
-                        num_requests=args.max_requests, lengths=args.length_source, trace_path=args.trace,
-                        lengths_path=args.lengths, prompt_len=args.prompt_len, output_len=args.output_len,
-                        prompt_scale=args.prompt_scale, output_scale=args.output_scale,
-                        max_prompt_tokens=args.max_prompt, max_output_tokens=args.max_output,
-                        num_adapters=args.num_adapters, popularity=args.popularity, alpha=args.alpha,
-                        zipf_s=args.zipf_s, ranks=tuple(args.ranks), seed=args.seed)
+    wl = workload_from_args(args, WORKLOAD_DEFAULTS)
     sim = SimConfig(max_batch=args.max_batch, max_wait_steps=args.max_wait_steps,
                     max_prefill_tokens=args.max_prefill_tokens, lora_mode=args.lora_mode, kernel=args.kernel,
                     adapter_capacity_ranks=args.adapter_capacity_ranks, sync_interval_s=args.sync_interval,

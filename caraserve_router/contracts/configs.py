@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -27,12 +28,20 @@ def _flag(name: str, prefix: str) -> str:
     return "--" + (prefix + name).replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple = ()) -> None:
-    """Add one flag per field of dataclass `cls` (nested dataclasses are not expanded)."""
+def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple = (),
+                  only: Optional[tuple] = None) -> None:
+    """Add one flag per field of dataclass `cls` (nested dataclasses are not expanded; with `only`,
+    just those fields). `cls` may be an instance: its values are then the flags' defaults (a
+    benchmark passing a server flag through with its own default)."""
+    instance = None if isinstance(cls, type) else cls
+    cls = type(cls) if instance is not None else cls
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if f.name in skip or dataclasses.is_dataclass(default) or f.metadata.get("cli") is False:
+        if instance is not None:
+            default = getattr(instance, f.name)
+        if f.name in skip or (only is not None and f.name not in only) or dataclasses.is_dataclass(default) \
+                or f.metadata.get("cli") is False:
             continue
         kwargs = {"dest": prefix + f.name, "help": f"{f.metadata.get('help', '')} (default: {default})"}
         if f.metadata.get("choices"):
@@ -51,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: 
 
 
 def _field_type(f, default):
+    if isinstance(default, enum.Enum):  # the flag keeps the typed string (argparse checks choices);
+        return str                      # the dataclass parses it into the enum (parse_enum)
     if default is None:
         return {"Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
     return type(default)
@@ -84,8 +95,18 @@ def to_cli(config, prefix: str = "", skip: tuple = ()) -> list[str]:
     return args
 
 
-LORA_MODES = values(LoraMode)  # the CLI strings; code uses LoraMode(config.mode) and its capabilities
+LORA_MODES = values(LoraMode)  # the CLI strings; config.mode is the LoraMode, code asks its capabilities
 DECODE_KERNELS = values(DecodeKernel)
+
+
+def parse_enum(enum_cls: type[enum.Enum], value: Any, what: str):
+    """`value` (a member or its string) as a member of `enum_cls`; ValueError naming the choices.
+    Config dataclasses call it once, in `__post_init__`, so a field holds the enum whatever
+    built it (flags, keyword arguments, `vars()` of another config)."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise ValueError(f"{what} must be one of {values(enum_cls)}, got {value!r}") from None
 
 
 def check_shm_prefix(flag: str, prefix: str) -> None:
@@ -98,7 +119,7 @@ def check_shm_prefix(flag: str, prefix: str) -> None:
 class LoRAConfig:
     """LoRA serving: adapter pool, loading mode and kernels of one instance."""
 
-    mode: str = option("cpu-assist", "How cold adapters are brought to the device: cached (all "
+    mode: LoraMode = option(LoraMode.CPU_ASSIST, "How cold adapters are brought to the device: cached (all "
                        "preloaded: the ideal), on-demand (load fully, then prefill; running batch waits: "
                        "S-LoRA), pipeline (layer-wise async load, device waits per layer: vLLM/SGLang), "
                        "cpu-assist (CaraServe: CPU computes the LoRA term of layers not yet loaded)",
@@ -117,7 +138,7 @@ class LoRAConfig:
                                         "registers DIR/NAME on first use (NAME: a plain directory name)",
                                         aliases=("--adapter-dir",))
     max_rank: int = option(64, "Largest adapter rank accepted")
-    decode_kernel: str = option("mbgmv", "Decode kernel: mbgmv (heterogeneous ranks, no padding) or "
+    decode_kernel: DecodeKernel = option(DecodeKernel.MBGMV, "Decode kernel: mbgmv (heterogeneous ranks, no padding) or "
                                 "bgmv (Punica: padded to the batch's max rank)",
                                 choices=DECODE_KERNELS)
     layer_group_size: int = option(1, "Layers per copy in pipelined loading (1 = layer by layer)")
@@ -130,11 +151,11 @@ class LoRAConfig:
     prefetch: bool = option(True, "Start loading a cold adapter when its request arrives (it may wait in "
                             "the queue for several decode steps) instead of at admission into a batch")
 
+    def __post_init__(self) -> None:
+        self.mode = parse_enum(LoraMode, self.mode, "lora mode")
+        self.decode_kernel = parse_enum(DecodeKernel, self.decode_kernel, "decode kernel")
+
     def validate(self) -> None:
-        if self.mode not in LORA_MODES:
-            raise ValueError(f"lora mode must be one of {LORA_MODES}, got {self.mode!r}")
-        if self.decode_kernel not in DECODE_KERNELS:
-            raise ValueError(f"decode kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
         if self.pool_mb < 0 or not 0 < self.pool_fraction < 1 or self.host_cache_mb < 0:
             raise ValueError("lora pool_mb and host_cache_mb must be >= 0 and pool_fraction in (0, 1)")
         if self.adapter_dir is not None and not os.path.isdir(self.adapter_dir):
@@ -202,7 +223,7 @@ class InstanceConfig:
     cpu_weight_layout: str = option(
         "lightllm", "CPU device only: base projection weights as LightLLM keeps them ('lightllm': [in, out], "
         "x @ W), or 'both': also nn.Linear's [out, in] copy, used for batches of 2+ rows (matmuls 2-2.6x "
-        "faster at 2-4 rows, 1.2-1.3x at 16-32 here: scripts/bench_cpu_matmul_layout.py) for twice the "
+        "faster at 2-4 rows, 1.2-1.3x at 16-32 here: scripts/bench/cpu_matmul_layout.py) for twice the "
         "weights' memory", choices=tuple(WEIGHT_LAYOUTS))
     log_level: str = option("info", "Log level", choices=("debug", "info", "warning", "error"))
     shm_prefix: str = option("", "Prefix of this instance's /dev/shm names (default: derived, unique)")
@@ -231,6 +252,12 @@ class InstanceConfig:
                 check_shm_prefix(flag, getattr(self, flag))
         self.lora.validate()
         self.sidecar.validate()
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Chunked prefill is on (the one test of it: LightLLM's `splitfuse_mode`, the router's
+        mixed step, the backend's step planning and the request queue all read this)."""
+        return self.prefill_chunk_tokens > 0
 
     @property
     def display_name(self) -> str:

@@ -22,7 +22,7 @@ from caraserve_router.contracts.processes import free_ports, kill_groups, remove
 
 from caraserve_router.frontend.gpu_assignment import gpu_env
 from caraserve_router.frontend.instance_client import InstanceClient
-from caraserve_router.lora.host_segments import remove_idle
+from caraserve_router.contracts.host_segments import remove_idle
 
 log = logging.getLogger("caraserve.cluster")
 
@@ -73,7 +73,7 @@ class LocalLauncher:
     def __init__(self, log_dir: str, shm_prefix: str = "caraserve"):
         self.log_dir = log_dir
         self.shm_prefix = shm_prefix
-        # one host copy of each adapter for all instances of this run (see lora.host_segments)
+        # one host copy of each adapter for all instances of this run (see contracts.host_segments)
         self.host_store = f"{shm_prefix}_hs{uuid.uuid4().hex[:8]}"
         os.makedirs(log_dir, exist_ok=True)
 

@@ -56,7 +56,7 @@ def save_cached(model: PerfModel, path: Optional[Path]) -> None:
 
 async def profile_instance(client, tokenizer, adapters: dict, kernel: str) -> PerfModel:
     """The quick start-up profile of one instance, with progress in the log."""
-    from caraserve_router.scheduling.profiler import quick_profile
+    from caraserve_router.frontend.profiler import quick_profile
 
     start = time.monotonic()
     log.info("taking a quick profile of instance 0 in the background (about a minute; "

@@ -34,7 +34,7 @@ from typing import Optional
 
 from caraserve_router.contracts.configs import InstanceConfig, to_cli
 from caraserve_router.contracts.processes import kill_groups, remove_shm
-from caraserve_router.lora.host_segments import SharedDir, remove_idle
+from caraserve_router.contracts.host_segments import SharedDir, remove_idle
 
 log = logging.getLogger("caraserve.ray_actor")
 

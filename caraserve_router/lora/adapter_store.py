@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from caraserve_router.lora import host_segments
+from caraserve_router.contracts import host_segments
 from caraserve_router.lora.peft_files import AdapterError, AdapterSpec, parse_adapter, read_into, weights_path
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
 

@@ -78,6 +78,6 @@ class CpuAssistMode(Mode):
 MODES: dict[LoraMode, Mode] = {m.kind: m() for m in (CachedMode, OnDemandMode, PipelineMode, CpuAssistMode)}
 
 
-def mode_for(kind) -> Mode:
-    """The mode policy of `kind` (a LoraMode or its CLI string)."""
-    return MODES[LoraMode(kind)]
+def mode_for(mode: LoraMode) -> Mode:
+    """The policy of `mode` (`LoRAConfig.mode`, parsed once into the enum)."""
+    return MODES[mode]

@@ -44,16 +44,16 @@ class LoraRuntime:
         self.store = AdapterStore(self.shapes, model.data_type, config.adapter_store_prefix,
                                   lora.max_rank, pin=self.device.type == "cuda",
                                   cache_bytes=int(lora.host_cache_mb * 2**20) if lora.host_cache_mb else None)
-        self.kind = LoraMode(lora.mode)
-        self.decode_kernel = DecodeKernel(lora.decode_kernel)
+        self.mode: LoraMode = lora.mode  # the configured mode; `policy` is its decisions (lora/modes.py)
+        self.decode_kernel: DecodeKernel = lora.decode_kernel
         self.pool = AdapterPool(self.shapes, model.data_type, self.device, pool_mb(lora, self.device), lora.max_rank)
         self.resolver = AdapterResolver(lora.adapter_dir) if lora.adapter_dir else None
         self.link = make_link(self.pool, lora)
-        self.mode = mode_for(self.kind)
+        self.policy = mode_for(self.mode)
         self.slice_offsets = {
             g: torch.tensor(self.shapes.group(g).slice_offsets, dtype=torch.int32, device=self.device) for g in GROUPS
         }
-        self.sidecar = self._start_sidecar(config, model) if self.kind.uses_sidecar else None
+        self.sidecar = self._start_sidecar(config, model) if self.mode.uses_sidecar else None
         if self.sidecar is not None:  # the workers read an adapter's host bytes while they are mapped
             self.store.max_mapped = self.sidecar.layout.max_adapters
             self.store.on_map = self.sidecar.register_adapter
@@ -67,7 +67,7 @@ class LoraRuntime:
         self._prefetching: set = set()  # keys whose host read a request's arrival started (prefetch)
         self._last_batch: Optional[LoraBatch] = None  # the next decode step may reuse its prepared ops
         log.info("LoRA pool: %.1f MiB (%d units of %d elements per layer), mode %s, decode %s",
-                 self.pool.bytes_total / 2**20, self.pool.num_units, self.pool.unit, self.kind, self.decode_kernel)
+                 self.pool.bytes_total / 2**20, self.pool.num_units, self.pool.unit, self.mode, self.decode_kernel)
 
     def _start_sidecar(self, config, model):
         from caraserve_router.lora.sidecar import CpuLoraSidecar
@@ -106,7 +106,7 @@ class LoraRuntime:
         except AdapterError as e:
             raise scrub(e, name, paths) from None
         try:  # (the sidecar learns of the host bytes when they are mapped: store.on_map)
-            if self.kind.preloads:
+            if self.mode.preloads:
                 self._preload(host)
         except Exception:
             self._drop(key)
@@ -176,7 +176,7 @@ class LoraRuntime:
 
     def unpin(self, name: str) -> bool:
         key = self.names.key(name)
-        if self.pool.get(key) is not None and not self.kind.preloads:
+        if self.pool.get(key) is not None and not self.mode.preloads:
             self.pool.set_pinned(key, False)
         return True
 
@@ -307,7 +307,7 @@ class LoraRuntime:
         seg_lens = None
         if kwargs["is_prefill"]:
             seg_lens = (kwargs["b_seq_len"] - kwargs["b_ready_cache_len"]).tolist()
-        batch = LoraBatch(self, entries, kwargs["is_prefill"], seg_lens, self.mode, self.sidecar,
+        batch = LoraBatch(self, entries, kwargs["is_prefill"], seg_lens, self.policy, self.sidecar,
                           previous=self._last_batch)
         self._last_batch = batch
         batch.start()
@@ -327,7 +327,7 @@ class LoraRuntime:
             for e in self.pool.entries.values() for name in self.names.names_of(e.name)
         ]
         return {
-            "mode": self.kind.value,
+            "mode": self.mode.value,
             "link": "emulated" if self.link.emulated else "cuda",
             "registered": self.names.names(),
             "host_copies": len(self.store.names()),

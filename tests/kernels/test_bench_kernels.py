@@ -1,4 +1,4 @@
-"""scripts/bench_kernels.py end to end on a tiny grid: JSON layout, speed-ups, fits, plot."""
+"""scripts/bench/decode_kernels.py end to end on a tiny grid: JSON layout, speed-ups, fits, plot."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "decode_kernels.py"
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import requests
 
 from caraserve_router.evaluation.server_process import RunningServer, port_free
 from tests import fixtures
+from tests.testing import generate
 
 pytestmark = pytest.mark.slow
 
@@ -37,35 +38,30 @@ def server(tmp_path_factory):
     assert port_free(srv.port)
 
 
-def bodies(adapters):
+def jobs_of(adapters) -> list[dict]:
+    """Keyword arguments of `tests.testing.generate` (ignore_eos: each runs its max_new_tokens)."""
     long_ids = [100 + (7 * k) % 900 for k in range(45)]  # 6 chunks of 8
     return [
-        {"input_ids": long_ids, "adapter": adapters[0],
-         "parameters": {"max_new_tokens": 10, "ignore_eos": True, "do_sample": True, "temperature": 1.2,
-                        "seed": 11}},
-        {"input_ids": long_ids[::-1][:30], "adapter": adapters[1],
-         "parameters": {"max_new_tokens": 12, "ignore_eos": True}},
-        {"input_ids": [5, 6, 7], "parameters": {"max_new_tokens": 16, "ignore_eos": True, "do_sample": True,
-                                                "temperature": 1.0, "seed": 3}},
-        {"input_ids": long_ids[:20], "adapter": adapters[0],
-         "parameters": {"max_new_tokens": 14, "ignore_eos": True, "do_sample": True, "temperature": 1.5,
-                        "seed": 5}},
+        {"prompt": long_ids, "adapter": adapters[0], "max_new_tokens": 10, "do_sample": True, "temperature": 1.2,
+         "seed": 11},
+        {"prompt": long_ids[::-1][:30], "adapter": adapters[1], "max_new_tokens": 12},
+        {"prompt": [5, 6, 7], "max_new_tokens": 16, "do_sample": True, "temperature": 1.0, "seed": 3},
+        {"prompt": long_ids[:20], "adapter": adapters[0], "max_new_tokens": 14, "do_sample": True,
+         "temperature": 1.5, "seed": 5},
     ]
 
 
-def generate(url, body):
-    r = requests.post(url + "/generate", json=body, timeout=300)
-    assert r.status_code == 200, r.text
-    out = r.json()
-    return out["token_ids"], out["finish_reason"]
+def run(url, job: dict) -> tuple[list, str]:
+    reply = generate(url, **job)
+    return reply["token_ids"], reply["finish_reason"]
 
 
 def test_concurrent_chunked_requests_match_running_alone(server):
     srv, adapters, _ = server
-    jobs = bodies(adapters)
-    alone = [generate(srv.url, b) for b in jobs]
+    jobs = jobs_of(adapters)
+    alone = [run(srv.url, job) for job in jobs]
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(lambda b: generate(srv.url, b), jobs))
+        together = list(pool.map(lambda job: run(srv.url, job), jobs))
     assert [t[0] for t in together] == [a[0] for a in alone]
     instance = requests.get(srv.url + "/stats", timeout=30).json()["instances"][0]["url"]
     steps = requests.get(instance + "/step_samples", timeout=30).json()
@@ -78,12 +74,11 @@ def test_stop_sequence_with_chunked_prompt(server):
 
     srv, adapters, model_dir = server
     tok = AutoTokenizer.from_pretrained(model_dir)
-    body = bodies(adapters)[0]  # a 45-token prompt: 6 chunks
-    tokens, _ = generate(srv.url, body)
+    job = jobs_of(adapters)[0]  # a 45-token prompt: 6 chunks
+    tokens, _ = run(srv.url, job)
     texts = [tok.decode([t]) for t in tokens]
     # the first token that is a word of its own, encodes back to itself and did not occur before
     k = next(i for i in range(2, len(texts)) if texts[i].strip().isalnum() and tokens[i] not in tokens[:i]
              and tok.encode(texts[i], add_special_tokens=False) == [tokens[i]])
-    stopped = {**body, "parameters": {**body["parameters"], "stop_sequences": [texts[k]]}}
-    tokens2, reason = generate(srv.url, stopped)
+    tokens2, reason = run(srv.url, {**job, "stop_sequences": [texts[k]]})
     assert reason == "stop" and tokens2 == tokens[: k + 1]

@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from caraserve_router.evaluation.server_process import RunningServer, group_alive
+from tests.testing import generate
 
 pytestmark = pytest.mark.slow
 FLAGS = ["--lora-mode", "pipeline", "--max-total-token-num", "4096", "--max-req-input-len", "512",
@@ -61,11 +62,10 @@ def stats(srv) -> dict:
     return requests.get(srv.url + "/stats", timeout=30).json()
 
 
-def generate(srv, adapter, prompt="hello there", n=6) -> list:
-    r = requests.post(srv.url + "/generate", json={"inputs": prompt, "adapter": adapter, "parameters": {
-        "max_new_tokens": n, "ignore_eos": True, "return_details": True}}, timeout=120)
-    assert r.status_code == 200, r.text
-    return [t["id"] for t in r.json()["tokens"]]
+def token_ids(srv, adapter, n=6) -> list:
+    """The instance's greedy tokens for one prompt (an instance names them in `tokens`, with details)."""
+    reply = generate(srv.url, "hello there", adapter, n, timeout_s=120, return_details=True)
+    return [t["id"] for t in reply["tokens"]]
 
 
 def load(srv, name, path) -> requests.Response:
@@ -101,12 +101,12 @@ def test_one_directory_under_several_names_is_held_once(instance, tiny_llama_ada
     assert second.status_code == 200 and second.json()["rank"] == 4, second.text
     assert stats(instance)["lora"]["host_copies"] == copies + 1
     assert load(instance, "x1", src).status_code == 409
-    expected = generate(instance, adapters[1].name)
-    assert generate(instance, "x1") == expected and generate(instance, "x2") == expected
-    assert generate(instance, None) != expected
+    expected = token_ids(instance, adapters[1].name)
+    assert token_ids(instance, "x1") == expected and token_ids(instance, "x2") == expected
+    assert token_ids(instance, None) != expected
     assert {"x1", "x2"} <= {r["name"] for r in stats(instance)["resident_adapters"]}
     assert unload(instance, "x1").status_code == 200
-    assert generate(instance, "x2") == expected  # the copy stays while a name holds it
+    assert token_ids(instance, "x2") == expected  # the copy stays while a name holds it
     assert unload(instance, "x2").status_code == 200
     assert stats(instance)["lora"]["host_copies"] == copies
     assert requests.post(instance.url + "/generate", json={"inputs": "hi", "adapter": "x2"}, timeout=60).status_code == 404
@@ -136,7 +136,7 @@ def test_bad_adapter_config_is_a_4xx_naming_the_field(instance, tiny_llama_adapt
     assert "'bad'" in message and str(tmp_path) not in message
     if isinstance(edit, dict):
         assert next(iter(edit)) in message
-    assert generate(instance, adapters[0].name)  # still serving
+    assert token_ids(instance, adapters[0].name)  # still serving
 
 
 def test_loader_errors_name_the_adapter_not_the_path(instance, tiny_llama_adapters, tmp_path):
@@ -226,7 +226,7 @@ def test_finished_requests_fill_the_latency_histograms(instance):
     before = {m: metric(instance, f"caraserve_instance_{m}_count") for m in ("ttft_seconds", "tpot_seconds",
                                                                            "e2e_seconds")}
     finished = metric(instance, "caraserve_instance_requests_total", outcome="finished")
-    generate(instance, None, n=4)
+    token_ids(instance, None, n=4)
     with requests.post(instance.url + "/generate_stream", json={"inputs": "hi", "parameters": {
             "max_new_tokens": 3, "ignore_eos": True}}, stream=True, timeout=60) as r:
         events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith(b"data:")]

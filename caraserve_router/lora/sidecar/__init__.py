@@ -3,8 +3,8 @@
 While a cold adapter is copied to the device, the engine asks the sidecar, layer by layer and
 group by group, for the LoRA delta `x @ A^T @ B^T` (scale folded into B) of the rows whose
 adapter layer is not resident yet, and adds it to the base projection's output. The work is
-done by k worker processes (`caraserve_router/lora/sidecar_worker.py`), each pinned to a core,
-which poll integer flags in one shared-memory segment (`caraserve_router/lora/sidecar_shm.py`);
+done by k worker processes (`caraserve_router/lora/sidecar/worker.py`), each pinned to a core,
+which poll integer flags in one shared-memory segment (`caraserve_router/lora/sidecar/shm.py`);
 no pipe, queue or lock is on the per-call path.
 
 Per call (`compute`): pack the rows of the segments into the shared input buffer (CPU: a
@@ -30,10 +30,22 @@ Modules, one concern each:
 | `cuda_path.py` | the device half of a call when `x` lives on a CUDA device |
 | `call_stats.py` | call counters and latency percentiles |
 | `profiling.py` | measuring `c` (tokens per core) and the synchronisation round trip |
+| `worker.py` | the worker process (`python -m caraserve_router.lora.sidecar.worker`): wait policy, adapter mappings, `lora_delta` |
+| `shm.py` | the shared segment: layout, control words, descriptor, adapter table, buffers |
 
-The benchmark CLI is `scripts/bench_sidecar.py`.
+The benchmark CLI is `scripts/bench/sidecar.py`.
 """
-from caraserve_router.lora.sidecar.engine import CpuLoraSidecar
-from caraserve_router.lora.sidecar.workers import split_rows, workers_for
+from __future__ import annotations
 
 __all__ = ["CpuLoraSidecar", "split_rows", "workers_for"]
+
+# Resolved on first use (PEP 562) so that a worker process, started as
+# `python -m caraserve_router.lora.sidecar.worker`, does not import the engine side with its package.
+_EXPORTS = {"CpuLoraSidecar": "engine", "split_rows": "workers", "workers_for": "workers"}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

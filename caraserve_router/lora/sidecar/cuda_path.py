@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from caraserve_router.lora.sidecar.jobs import Job, runs
-from caraserve_router.lora.sidecar_shm import ControlBlock
+from caraserve_router.lora.sidecar.shm import ControlBlock
 
 
 class CudaPath:

@@ -24,7 +24,7 @@ from caraserve_router.lora.sidecar.cuda_path import CudaPath
 from caraserve_router.lora.sidecar.jobs import Job, Ticket, add_rows, copy_rows
 from caraserve_router.lora.sidecar.profiling import SidecarMeasurement
 from caraserve_router.lora.sidecar.workers import START_TIMEOUT_S, STOP_GRACE_S, WorkerProcess, split_rows, workers_for
-from caraserve_router.lora.sidecar_shm import H_ARM_SEQ, H_ARMED, H_STOP, ControlBlock, ControlLayout, flat_slice_ranks, max_features
+from caraserve_router.lora.sidecar.shm import H_ARM_SEQ, H_ARMED, H_STOP, ControlBlock, ControlLayout, flat_slice_ranks, max_features
 
 log = logging.getLogger("caraserve.sidecar")
 
@@ -116,7 +116,7 @@ class CpuLoraSidecar(SidecarMeasurement):
         return self.cores[index % len(self.cores)] if self.config.pin_cores and self.cores else -1
 
     def _command(self, index: int) -> list:
-        return [sys.executable, "-m", "caraserve_router.lora.sidecar_worker", "--control", self.segment_name,
+        return [sys.executable, "-m", "caraserve_router.lora.sidecar.worker", "--control", self.segment_name,
                 "--index", str(index), "--cpu", str(self._core(index)), "--spin-iters",
                 str(self.config.spin_iters), "--shapes", json.dumps(dataclasses.asdict(self.shapes))]
 

@@ -9,11 +9,11 @@ from typing import Optional
 
 import torch
 
-from caraserve_router.lora import host_segments
+from caraserve_router.contracts import host_segments
 from caraserve_router.lora.adapter_store import AdapterSpec, HostAdapter, HostLayout
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
 from caraserve_router.lora.sidecar.jobs import Job
-from caraserve_router.lora.sidecar_shm import H_ARM_SEQ, H_ARMED
+from caraserve_router.lora.sidecar.shm import H_ARM_SEQ, H_ARMED
 
 log = logging.getLogger("caraserve.sidecar")
 

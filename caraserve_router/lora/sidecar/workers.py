@@ -8,7 +8,7 @@ import os
 import subprocess
 from typing import Optional
 
-from caraserve_router.lora.sidecar_shm import ControlBlock
+from caraserve_router.lora.sidecar.shm import ControlBlock
 
 log = logging.getLogger("caraserve.sidecar")
 

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM
 from caraserve_router.assets.demo_adapters import make_random_adapter
 from caraserve_router.evaluation.server_process import RunningServer, port_free
 from tests import fixtures
+from tests.testing import decisions, generate
 
 if os.environ.get("CARASERVE_RAY_NETNS") != "1":
     pytest.skip("run through test_ray_cluster.py (inside a private network namespace)", allow_module_level=True)
@@ -98,21 +99,6 @@ def peft_greedy(model_dir, adapter, ids, n=NEW_TOKENS) -> list:
     return out[0, len(ids):].tolist()
 
 
-def generate(url, adapter, ids, n=NEW_TOKENS) -> list:
-    r = requests.post(url + "/generate", json={"input_ids": ids, "adapter": adapter,
-                                               "parameters": {"max_new_tokens": n, "ignore_eos": True}}, timeout=300)
-    assert r.status_code == 200, r.text
-    return r.json()["token_ids"]
-
-
-def decisions(url) -> dict:
-    out = {}
-    for family in text_string_to_metric_families(requests.get(url + "/metrics", timeout=30).text):
-        if family.name == "caraserve_scheduler_decisions":
-            out.update({s.labels["instance"]: s.value for s in family.samples if s.name.endswith("_total")})
-    return out
-
-
 def instances(url) -> list:
     return requests.get(url + "/stats", timeout=30).json()["instances"]
 
@@ -145,8 +131,8 @@ def test_one_instance_per_node_and_outputs_equal_peft(tiny, server, nodes):
         name = adapter.name if adapter is not None else None
         expected = peft_greedy(model_dir, adapter, PROMPTS[0])
         # round-robin: consecutive requests go to instance0 and instance1 in turn; both agree with PEFT
-        assert generate(server.url, name, PROMPTS[0]) == expected, name
-        assert generate(server.url, name, PROMPTS[0]) == expected, name
+        assert generate(server.url, PROMPTS[0], name, NEW_TOKENS)["token_ids"] == expected, name
+        assert generate(server.url, PROMPTS[0], name, NEW_TOKENS)["token_ids"] == expected, name
     after = decisions(server.url)
     assert {k: after[k] - before.get(k, 0) for k in after} == {"instance0": 3.0, "instance1": 3.0}
     outs = {peft_greedy(model_dir, a, PROMPTS[0]).__repr__() for a in [None] + adapters}
@@ -155,10 +141,8 @@ def test_one_instance_per_node_and_outputs_equal_peft(tiny, server, nodes):
     # instance is asked directly: the round robin above may skip one whose load looked full.)
     for h in instances(server.url):
         for adapter in adapters:
-            r = requests.post(h["url"] + "/generate", json={"input_ids": PROMPTS[0], "adapter": adapter.name,
-                              "parameters": {"max_new_tokens": 2, "return_details": True}}, timeout=300)
-            assert r.status_code == 200, r.text
-            assert [t["id"] for t in r.json()["tokens"]] == peft_greedy(model_dir, adapter, PROMPTS[0], 2)
+            reply = generate(h["url"], PROMPTS[0], adapter.name, 2, return_details=True)
+            assert [t["id"] for t in reply["tokens"]] == peft_greedy(model_dir, adapter, PROMPTS[0], 2)
     residency = [requests.get(h["url"] + "/stats", timeout=30).json()["lora"]["residency"]
                  for h in instances(server.url)]
     assert sum(r["host_reads"] for r in residency) == 2, residency
@@ -177,7 +161,7 @@ def test_adapter_from_a_directory_only_the_front_end_knows(tiny, server):
         assert entry["path"] != str(late) and not entry["path"].startswith(str(late.parent))
     expected = peft_greedy(model_dir, late, PROMPTS[1])
     before = decisions(server.url)
-    assert [generate(server.url, "late", PROMPTS[1]) for _ in range(2)] == [expected, expected]
+    assert [generate(server.url, PROMPTS[1], "late", NEW_TOKENS)["token_ids"] for _ in range(2)] == [expected, expected]
     after = decisions(server.url)
     assert {k: after[k] - before.get(k, 0) for k in after} == {"instance0": 1.0, "instance1": 1.0}
     # a path the front end cannot read is a clear 400, nothing is registered
@@ -264,7 +248,7 @@ def test_killed_instance_is_restarted_by_ray(tiny, server):
         new[1]["url"] + "/v1/models", timeout=30).json()["data"]}, 60, "adapters on the restarted instance")
     before = decisions(server.url)
     for _ in range(2):
-        assert len(generate(server.url, "late", PROMPTS[1])) == NEW_TOKENS
+        assert len(generate(server.url, PROMPTS[1], "late", NEW_TOKENS)["token_ids"]) == NEW_TOKENS
     after = decisions(server.url)
     assert after["instance1"] - before.get("instance1", 0) == 1
 
@@ -277,7 +261,7 @@ def test_instances_removed_and_added_at_run_time(tiny, server):
     assert [i["url"] for i in actor_infos()] == [instances(server.url)[0]["url"]], "instance 1's actor is gone"
     before = decisions(server.url)
     for _ in range(2):
-        assert len(generate(server.url, None, PROMPTS[0])) == NEW_TOKENS
+        assert len(generate(server.url, PROMPTS[0], None, NEW_TOKENS)["token_ids"]) == NEW_TOKENS
     after = decisions(server.url)
     assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {"instance0": 2.0}
     assert requests.delete(server.url + "/admin/instances/1", timeout=30).status_code == 409
@@ -294,7 +278,7 @@ def test_instances_removed_and_added_at_run_time(tiny, server):
              "the run-time adapter restored on the added instance")
     expected = peft_greedy(model_dir, late, PROMPTS[1])
     before = decisions(server.url)
-    assert [generate(server.url, "late", PROMPTS[1]) for _ in range(2)] == [expected, expected]
+    assert [generate(server.url, PROMPTS[1], "late", NEW_TOKENS)["token_ids"] for _ in range(2)] == [expected, expected]
     after = decisions(server.url)
     assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {
         "instance0": 1.0, "instance2": 1.0}

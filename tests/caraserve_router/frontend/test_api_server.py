@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caraserve_router.evaluation.server_process import RunningServer, port_free
+from tests.testing import generate
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +45,8 @@ def hf_greedy(model_dir, prompt, n):
 
 def test_greedy_tokens_match_hf(server, default_model_dir):
     for prompt in PROMPTS:
-        r = requests.post(server.url + "/generate", json={
-            "inputs": prompt, "parameters": {"max_new_tokens": NEW_TOKENS, "ignore_eos": True}}, timeout=120)
-        assert r.status_code == 200, r.text
-        assert r.json()["token_ids"] == hf_greedy(default_model_dir, prompt, NEW_TOKENS), prompt
+        reply = generate(server.url, prompt, max_new_tokens=NEW_TOKENS, timeout_s=120)
+        assert reply["token_ids"] == hf_greedy(default_model_dir, prompt, NEW_TOKENS), prompt
 
 
 def _complete(url, i):

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import fixtures
 from caraserve_router.evaluation.server_process import RunningServer
+from tests.testing import decisions, generate
 
 pytestmark = pytest.mark.slow
 
@@ -33,24 +34,6 @@ def start(tiny, tmp_path, policy, *extra):
 
 def lora_adapters_dir_flag(tiny):
     return ["--adapters", str(tiny[1][0].parent)]
-
-
-def decisions(url) -> dict:
-    text = requests.get(url + "/metrics", timeout=30).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "caraserve_scheduler_decisions":
-            for s in family.samples:
-                if s.name.endswith("_total"):
-                    out[s.labels["instance"]] = s.value
-    return out
-
-
-def complete(url, adapter, prompt_ids, n=6):
-    r = requests.post(url + "/generate", json={"input_ids": prompt_ids, "adapter": adapter,
-                                               "parameters": {"max_new_tokens": n, "ignore_eos": True}}, timeout=300)
-    assert r.status_code == 200, r.text
-    return r.json()["token_ids"]
 
 
 def logprobs(url, adapter, prompt_ids, n=4):
@@ -75,9 +58,7 @@ def test_round_robin_spreads_and_outputs_agree(tiny, tmp_path):
         urls = [h["url"] for h in requests.get(srv.url + "/stats", timeout=30).json()["instances"]]
         for url in urls:
             for name in adapter_names:
-                r = requests.post(url + "/generate", json={"input_ids": [5, 6, 7, 8], "adapter": name,
-                                                           "parameters": {"max_new_tokens": 1}}, timeout=300)
-                assert r.status_code == 200, r.text
+                generate(url, [5, 6, 7, 8], name, max_new_tokens=1)
         segments = [n for n in os.listdir("/dev/shm") if n.startswith(srv.shm_prefix + "_hs")]
         assert len(segments) == 3, segments
         lora = [requests.get(url + "/stats", timeout=30).json()["lora"]["residency"] for url in urls]
@@ -104,7 +85,7 @@ def test_rank_aware_with_quick_profile(tiny, tmp_path):
         assert stats["perf_model"] and stats["slo_tpot_ms"] > 0
         assert list((tmp_path / "perf_cache").iterdir()), "the finished profile is cached"
         with cf.ThreadPoolExecutor(6) as pool:
-            outs = list(pool.map(lambda i: complete(srv.url, tiny[1][i % 3].name, [9, 10, 11], 12), range(6)))
+            outs = list(pool.map(lambda i: generate(srv.url, [9, 10, 11], tiny[1][i % 3].name, 12)["token_ids"], range(6)))
         assert all(len(o) == 12 for o in outs)
         assert sum(decisions(srv.url).values()) == 6
 
@@ -171,4 +152,4 @@ def test_killing_an_instance_loses_no_waiting_request(tiny, tmp_path):
         assert health.get("healthy") == 2, "the killed local instance must be restarted"
         assert stats["instances"][1]["restarts"] == 0
         assert requests.get(srv.url + "/stats", timeout=30).json()["instances"][1]["restarts"] == 1
-        assert len(complete(srv.url, None, [1, 2, 3])) == 6
+        assert len(generate(srv.url, [1, 2, 3])["token_ids"]) == 6

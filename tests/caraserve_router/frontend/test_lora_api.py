@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caraserve_router.assets.demo_adapters import make_random_adapter
 from caraserve_router.evaluation.server_process import RunningServer
+from tests.testing import generate
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 8
@@ -76,12 +77,9 @@ def peft_greedy(model_dir, adapter, prompt):
     return out[0, ids.shape[1]:].tolist()
 
 
-def generate(url, adapter, prompt):
-    r = requests.post(url + "/generate", json={"inputs": prompt, "adapter": adapter,
-                                               "parameters": {"max_new_tokens": NEW_TOKENS, "ignore_eos": True}},
-                      timeout=600)
-    assert r.status_code == 200, r.text
-    return r.json()["token_ids"]
+def greedy(url, adapter, prompt) -> list:
+    """The server's NEW_TOKENS greedy tokens (the counterpart of `peft_greedy`)."""
+    return generate(url, prompt, adapter, NEW_TOKENS, timeout_s=600)["token_ids"]
 
 
 def test_models_lists_adapters_with_ranks(server):
@@ -96,7 +94,7 @@ def test_concurrent_mixed_adapters_match_peft(server, default_model_dir, adapter
             enumerate((k, r) for k in ("all", "attn") for r in RANKS)]
     jobs += [(None, PROMPTS[1]), (None, PROMPTS[2]), ("all-r64", PROMPTS[5]), ("attn-r8", PROMPTS[6])]
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
-        got = list(pool.map(lambda job: generate(server.url, *job), jobs))
+        got = list(pool.map(lambda job: greedy(server.url, *job), jobs))
     for (adapter, prompt), tokens in zip(jobs, got):
         ref = peft_greedy(default_model_dir, adapter_dir / adapter if adapter else None, prompt)
         assert tokens == ref, (adapter, prompt)
@@ -106,8 +104,8 @@ def test_concurrent_mixed_adapters_match_peft(server, default_model_dir, adapter
 
 
 def test_adapters_change_the_output(server):
-    base = generate(server.url, None, PROMPTS[0])
-    assert generate(server.url, "all-r64", PROMPTS[0]) != base
+    base = greedy(server.url, None, PROMPTS[0])
+    assert greedy(server.url, "all-r64", PROMPTS[0]) != base
 
 
 def test_runtime_load_use_unload(server, adapter_dir, tmp_path):
@@ -116,7 +114,7 @@ def test_runtime_load_use_unload(server, adapter_dir, tmp_path):
     r = requests.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "extra", "lora_path": str(path)},
                       timeout=120)
     assert r.status_code == 200 and r.json()["rank"] == 16, r.text
-    assert generate(server.url, "extra", PROMPTS[3]) == generate(server.url, "attn-r16", PROMPTS[3])
+    assert greedy(server.url, "extra", PROMPTS[3]) == greedy(server.url, "attn-r16", PROMPTS[3])
     # Unloading while a long request uses it: refused (409) unless told to wait for it.
     with cf.ThreadPoolExecutor(1) as pool:
         long = pool.submit(requests.post, server.url + "/generate", json={
@@ -172,7 +170,7 @@ def test_bad_adapters_are_refused(server, adapter_dir, tmp_path, case):
                       timeout=120)
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"]["message"]
-    assert generate(server.url, "attn-r8", PROMPTS[0])  # still serving
+    assert greedy(server.url, "attn-r8", PROMPTS[0])  # still serving
 
 
 def test_resolver_registers_on_first_use_and_refuses_walks(server, default_model_dir, resolver_dir):
@@ -180,14 +178,14 @@ def test_resolver_registers_on_first_use_and_refuses_walks(server, default_model
     PEFT's tokens; names that walk out of the directory, missing names and a directory that is
     no adapter are 4xx answers, and the server keeps serving."""
     prompt = PROMPTS[0]
-    assert generate(server.url, "resolved-r8", prompt) == peft_greedy(default_model_dir, resolver_dir / "resolved-r8",
+    assert greedy(server.url, "resolved-r8", prompt) == peft_greedy(default_model_dir, resolver_dir / "resolved-r8",
                                                                        prompt)
     # the same files registered by the admin route give the same tokens on every prompt
     r = requests.post(server.url + "/v1/load_lora_adapter",
                       json={"lora_name": "resolved-copy", "lora_path": str(resolver_dir / "resolved-r8")}, timeout=300)
     assert r.status_code == 200, r.text
     for other in PROMPTS[1:4]:
-        assert generate(server.url, "resolved-r8", other) == generate(server.url, "resolved-copy", other), other
+        assert greedy(server.url, "resolved-r8", other) == greedy(server.url, "resolved-copy", other), other
     for name, status in (("../resolver/resolved-r8", 400), ("/etc", 400), ("a/b", 400), ("..", 400),
                          ("missing-adapter", 404), ("not-an-adapter", 400)):
         r = requests.post(server.url + "/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 2},
@@ -195,4 +193,4 @@ def test_resolver_registers_on_first_use_and_refuses_walks(server, default_model
         assert r.status_code == status, (name, r.status_code, r.text)
         assert r.json()["error"]["code"] == status
         assert str(resolver_dir) not in r.text, "no server path in the message"
-    assert generate(server.url, "resolved-r8", prompt) == generate(server.url, "resolved-r8", prompt)
+    assert greedy(server.url, "resolved-r8", prompt) == greedy(server.url, "resolved-r8", prompt)

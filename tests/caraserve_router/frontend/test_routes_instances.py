@@ -7,29 +7,14 @@ import time
 import pytest
 import requests
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
 from caraserve_router.evaluation.server_process import RunningServer, port_free
+from tests.testing import decisions, generate
 
 pytestmark = pytest.mark.slow
 PROMPT = [5, 6, 7, 8]
 NEW_TOKENS = 5
-
-
-def decisions(url) -> dict:
-    out = {}
-    for family in text_string_to_metric_families(requests.get(url + "/metrics", timeout=30).text):
-        if family.name == "caraserve_scheduler_decisions":
-            out.update({s.labels["instance"]: s.value for s in family.samples if s.name.endswith("_total")})
-    return out
-
-
-def generate(url) -> list:
-    r = requests.post(url + "/generate", json={"input_ids": PROMPT, "parameters": {
-        "max_new_tokens": NEW_TOKENS, "ignore_eos": True}}, timeout=300)
-    assert r.status_code == 200, r.text
-    return r.json()["token_ids"]
 
 
 def delta(before, after) -> dict:
@@ -56,7 +41,7 @@ def test_add_then_remove_a_local_instance(tiny_llama_dir, tmp_path):
             assert time.time() < deadline, "the added instance never became healthy"
             time.sleep(0.5)
         before = decisions(srv.url)
-        assert [generate(srv.url) for _ in range(4)] == [expected] * 4
+        assert [generate(srv.url, PROMPT, max_new_tokens=NEW_TOKENS)["token_ids"] for _ in range(4)] == [expected] * 4
         assert delta(before, decisions(srv.url)) == {"instance0": 2.0, "instance1": 2.0}
 
         first_url = requests.get(admin, timeout=30).json()["instances"][0]["url"]
@@ -64,7 +49,7 @@ def test_add_then_remove_a_local_instance(tiny_llama_dir, tmp_path):
         assert r.status_code == 200 and r.json()["removed"] and r.json()["requests_cut"] == 0, r.text
         assert port_free(int(first_url.rsplit(":", 1)[1])), "the removed instance still listens"
         before = decisions(srv.url)
-        assert [generate(srv.url) for _ in range(2)] == [expected] * 2
+        assert [generate(srv.url, PROMPT, max_new_tokens=NEW_TOKENS)["token_ids"] for _ in range(2)] == [expected] * 2
         assert delta(before, decisions(srv.url)) == {"instance1": 2.0}
         assert requests.delete(admin + "/0", timeout=30).status_code == 409  # removed already
         assert requests.delete(admin + "/1", timeout=30).status_code == 409  # the last one

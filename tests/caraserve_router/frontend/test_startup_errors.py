@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -20,11 +21,12 @@ def test_instance_start_failure_is_a_clear_error(tiny_llama_dir, tmp_path):
     (adapters / "broken" / "adapter_config.json").write_text(json.dumps(
         {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "peft_type": "LORA"}))
     (adapters / "broken" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    shm_before = set(os.listdir("/dev/shm"))
+    # its own /dev/shm names: other servers on the machine make "caraserve..." names meanwhile
+    prefix = f"cs_startup_{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "caraserve_router.api_server", "--model-dir", str(tiny_llama_dir),
          "--adapters", str(adapters), "--adapter-roots", str(tmp_path), "--port", str(free_ports(1)[0]),
-         "--policy", "round-robin", "--log-dir", str(tmp_path / "logs")],
+         "--policy", "round-robin", "--log-dir", str(tmp_path / "logs"), "--shm-prefix", prefix],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=300)
@@ -35,7 +37,7 @@ def test_instance_start_failure_is_a_clear_error(tiny_llama_dir, tmp_path):
     assert "caraserve: error: instance 0 exited during start-up" in stderr
     assert "broken" in stderr, "the instance's reason (the adapter it could not read) is shown"
     assert "CancelledError" not in stderr
-    left = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("caraserve")}
+    left = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
     assert not left, left
     ps = subprocess.run(["ps", "-eo", "pgid="], capture_output=True, text=True).stdout.split()
     assert not any(int(g) == proc.pid for g in ps), "its process group is gone"

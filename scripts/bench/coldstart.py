@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,12 @@ from pathlib import Path
 import requests
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from caraserve_router.contracts.configs import InstanceConfig, SidecarConfig
+from common import add_server_arguments, server_flags, start_server, write_result
+
+REPO = Path(__file__).resolve().parents[2]
+SERVER_FLAGS = ((InstanceConfig(), ("prefill_chunk_tokens",), ""),  # passed through to the server
+                (SidecarConfig(workers=1), ("workers",), "sidecar_"))  # one worker: the 'host CPUs'
 
 MODES = ("cached", "on-demand", "pipeline", "cpu-assist")
 
@@ -103,17 +107,15 @@ def stream(url: str, body: dict) -> list[float]:
 
 
 def run_mode(mode: str, args, model_dir: str, adapters_dir: Path, bandwidth_mbps: float) -> dict:
-    from caraserve_router.evaluation.server_process import RunningServer
-
     flags = ["--model-dir", model_dir, "--adapters", str(adapters_dir), "--policy", "round-robin",
              "--lora-mode", mode, "--lora-pool-mb", "1024", "--lora-link", "emulated",
              "--lora-link-bandwidth-mbps", f"{bandwidth_mbps:.3f}", "--no-lora-prefetch",
              "--router-max-wait-tokens", "1", "--torch-threads", str(args.engine_threads),
-             "--prefill-chunk-tokens", str(args.prefill_chunk_tokens),
-             "--sidecar-workers", str(args.sidecar_workers), "--log-dir", str(Path(args.out).parent / "logs")]
+             *(flag for d, fields, prefix in SERVER_FLAGS for flag in server_flags(args, d, fields, prefix)),
+             "--log-dir", str(Path(args.out).parent / "logs")]
     log = Path(args.out).parent / f"coldstart_{mode}.log"
     prompt = [1000 + (i * 37) % 20000 for i in range(args.prompt_len)]
-    with RunningServer("caraserve_router.api_server", flags, log) as srv:
+    with start_server(flags, log) as srv:
         warm = {"input_ids": prompt[:16], "adapter": "warm-r8",
                 "parameters": {"max_new_tokens": args.inflight_tokens, "ignore_eos": True}}
         stream(srv.url, {**warm, "parameters": {"max_new_tokens": 2, "ignore_eos": True}})  # load the warm adapter
@@ -175,9 +177,9 @@ def main() -> int:
     parser.add_argument("--gap-s", type=float, default=0.5, help="pause between cold requests")
     parser.add_argument("--settle-s", type=float, default=3.0, help="warm-up of the in-flight batch")
     parser.add_argument("--engine-threads", type=int, default=1, help="torch threads of the model (the 'device')")
-    parser.add_argument("--sidecar-workers", type=int, default=1, help="CPU sidecar workers (the 'host CPUs')")
     parser.add_argument("--targets", default="q,k,v", help="adapter target modules (the paper's headline: q,k,v)")
-    parser.add_argument("--prefill-chunk-tokens", type=int, default=256, help="chunked prefill of the server (0 = off)")
+    for defaults, fields, prefix in SERVER_FLAGS:
+        add_server_arguments(parser, defaults, fields, prefix)
     args = parser.parse_args()
     from caraserve_router.assets.model_prep import prepare_default_model
 
@@ -221,7 +223,7 @@ def main() -> int:
                               f"{100 * cal['lora_share_of_prefill']:.1f}% of a prefill on this emulated device; on a "
                               f"GPU (a few percent, device far faster than the CPU) expect cpu-assist at or just above cached")
             print("note:", result["note"], flush=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result(out, result, indent=2)
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} (all numbers: emulated link, CPU as the device)")
     return 0

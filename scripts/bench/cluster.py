@@ -15,13 +15,12 @@ namespace with only loopback (the script re-executes itself under `unshare -n`; 
 With `--cluster ray` and no `--ray-address` the front end starts its own local Ray runtime:
 one node, so this measures Ray's control path and the front end, not a network.
 
-    python scripts/bench_cluster.py --out results/cluster/bench_cluster.json
+    python scripts/bench/cluster.py --out results/cluster/bench_cluster.json
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -31,8 +30,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from common import write_result
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NETNS_ENV = "CARASERVE_BENCH_NETNS"
 KINDS = ("local", "ray")
 PATH_ARGS = ("out", "model_dir", "perf_model", "trace", "lengths")
@@ -246,8 +246,7 @@ def run(args, model_dir: str, ranks: tuple, work: Path) -> int:
             "throughput_tokens_s": (runs["ray"]["replay"]["throughput_tokens_s"] or 0)
             - (runs["local"]["replay"]["throughput_tokens_s"] or 0)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     plot(result, args.out.with_suffix(".png"))
     print(f"{'':24}{'local':>12}{'ray':>12}")
     rows = [("added p50 (ms)", lambda r: r["overhead"]["added_ms_p50"]),

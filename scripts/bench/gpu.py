@@ -15,8 +15,8 @@ measured side by side in one run (medians over repeats; CUDA events on the GPU):
 4. sidecar: the CPU sidecar's synchronisation round trip and one CUDA-path call (device->host
    x, workers, host->device delta) per size.
 
-    python scripts/bench_gpu.py --out results/bench_gpu.json              # on the GPU machine
-    python scripts/bench_gpu.py --device cpu --dry-run --out /tmp/b.json  # rehearsal, tiny shapes
+    python scripts/bench/gpu.py --out results/bench_gpu.json              # on the GPU machine
+    python scripts/bench/gpu.py --device cpu --dry-run --out /tmp/b.json  # rehearsal, tiny shapes
 
 On the CPU (`--device cpu`) the link is the emulated one and the JSON says so ("emulated").
 `--layers` below 32 shortens the model (the JSON records it); `--budget-s` skips what would not

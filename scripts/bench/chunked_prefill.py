@@ -19,11 +19,11 @@ The CPU stands in for the device (`--threads` torch threads). Writes `--out` (JS
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from common import write_result
 
 
 def make_driver(model_dir: str, chunk: int, args, long_prompt: bool):
@@ -136,7 +136,7 @@ def main() -> int:
               flush=True)
     result = {"device": "cpu", "threads": args.threads, "model_dir": Path(model_dir).name, "date": time.strftime("%Y-%m-%d %H:%M"),
               "args": {**vars(args), "out": out.name, "model_dir": Path(model_dir).name}, "decode_cost": cost, "stall_by_chunk": table}
-    out.write_text(json.dumps(result, indent=2))
+    write_result(out, result, indent=2)
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

@@ -1,9 +1,9 @@
 """One CPU LoRA sidecar worker: a process pinned to a core that computes LoRA deltas of jobs
-posted in the sidecar's shared-memory segment (see `sidecar_shm.py` for the protocol).
+posted in the sidecar's shared-memory segment (see `shm.py` for the protocol).
 
 Started by `CpuLoraSidecar` as
 
-    python -m caraserve_router.lora.sidecar_worker --control NAME --index W --cpu C \
+    python -m caraserve_router.lora.sidecar.worker --control NAME --index W --cpu C \
         --spin-iters N --shapes JSON
 
 Everything heavy (torch, the adapter store) is imported once at start; the per-job path is
@@ -26,7 +26,7 @@ import torch
 
 from caraserve_router.lora.adapter_store import AdapterSpec, HostAdapter
 from caraserve_router.lora.shapes import GROUPS, GroupShape, ModelShapes
-from caraserve_router.lora.sidecar_shm import H_ARM_SEQ, H_ARMED, H_STOP, H_TABLE_EPOCH, ControlBlock, group_slice_ranks
+from caraserve_router.lora.sidecar.shm import H_ARM_SEQ, H_ARMED, H_STOP, H_TABLE_EPOCH, ControlBlock, group_slice_ranks
 
 log = logging.getLogger("caraserve.sidecar.worker")
 

@@ -1,7 +1,7 @@
 """Benchmark the CPU LoRA sidecar on this machine: synchronisation round trips, per-group call
 latency per rank and worker count, the worker kernel inline (no IPC), and the profiled `c`.
 
-    python scripts/bench_sidecar.py [--workers 1 2] [--ranks 8 16 32 64] [--tokens 128] [--json out.json]
+    python scripts/bench/sidecar.py [--workers 1 2] [--ranks 8 16 32 64] [--tokens 128] [--json out.json]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _percentiles_ms(samples: list) -> dict:
 
 def _bench_inline(shapes: ModelShapes, rank: int, tokens: int, repeats: int) -> dict:
     """The worker's kernel (`lora_delta`) in this process, one thread: compute with no IPC."""
-    from caraserve_router.lora.sidecar_worker import lora_delta
+    from caraserve_router.lora.sidecar.worker import lora_delta
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

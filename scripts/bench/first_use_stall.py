@@ -8,9 +8,9 @@ inter-token gaps (at the client) are compared between the quiet part and the win
 cold arrival. Before the reads moved to a reader thread, the router thread read the file (tens
 to hundreds of ms per adapter) while the running batch waited.
 
-    python scripts/bench_first_use_stall.py --out docs/results/first_use_stall.json
+    python scripts/bench/first_use_stall.py --out docs/results/first_use_stall.json
 
-Adapters: `--adapters-dir` (default: the distinct adapters of scripts/bench_many_adapters.py),
+Adapters: `--adapters-dir` (default: the distinct adapters of scripts/bench/many_adapters.py),
 the largest ones used first. The link is emulated on a machine without a GPU.
 """
 from __future__ import annotations
@@ -26,8 +26,11 @@ from pathlib import Path
 
 import requests
 
+from caraserve_router.contracts.configs import LoRAConfig
 from caraserve_router.evaluation.bench_adapters import DISTINCT_DIR, have_adapters
-from caraserve_router.evaluation.server_process import RunningServer
+from common import add_server_arguments, server_flags, start_server, write_result
+
+LORA_FLAGS = (LoRAConfig(mode="cpu-assist"), ("mode",), "lora_")  # the server's --lora-mode
 
 
 def stream(url: str, tokens: int, stamps: list) -> None:
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--every-s", type=float, default=3.0, help="seconds between cold arrivals (default 3)")
     p.add_argument("--window-s", type=float, default=1.0, help="gaps counted after each arrival (default 1 s)")
     p.add_argument("--tokens", type=int, default=400, help="tokens of the running stream (default 400)")
-    p.add_argument("--lora-mode", default="cpu-assist", help="--lora-mode of the server (default cpu-assist)")
+    add_server_arguments(p, *LORA_FLAGS)
     p.add_argument("--out", type=Path, default=Path("first_use_stall.json"), help="JSON result")
     args = p.parse_args(argv)
     if not have_adapters(args.adapters_dir):
@@ -64,9 +67,9 @@ def main(argv=None) -> int:
                      key=lambda n: -(args.adapters_dir / n / "adapter_model.safetensors").stat().st_size)
     cold = by_size[: args.cold]
     log = args.out.with_suffix(".server.log")
-    server_args = ["--adapters", str(args.adapters_dir), "--lora-mode", args.lora_mode, "--policy", "most-idle",
+    server_args = ["--adapters", str(args.adapters_dir), *server_flags(args, *LORA_FLAGS), "--policy", "most-idle",
                    "--lora-max-rank", "128", "--lora-pool-mb", "2048"]
-    with RunningServer("caraserve_router.api_server", server_args, log, startup_s=600) as server:
+    with start_server(server_args, log, startup_s=600) as server:
         stamps: list = []
         streamer = threading.Thread(target=stream, args=(server.url, args.tokens, stamps))
         streamer.start()
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
     quiet = [g for t, g in gaps if not any(s - 0.2 <= t <= s + args.window_s + 1.0 for s in sent)]
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores",
-        "lora_mode": args.lora_mode, "link": "emulated (no GPU)" if not os.path.exists("/dev/nvidia0") else "cuda",
+        "lora_mode": str(args.lora_mode), "link": "emulated (no GPU)" if not os.path.exists("/dev/nvidia0") else "cuda",
         "cold_adapters": cold, "cold_requests": results,
         "quiet_gap_ms": {"median": 1e3 * statistics.median(quiet), "max": 1e3 * max(quiet), "n": len(quiet)},
         "after_cold_arrival_gap_ms": {"median": 1e3 * statistics.median(in_window), "max": 1e3 * max(in_window),
@@ -97,8 +100,7 @@ def main(argv=None) -> int:
                                    for s in sent],
         "stream_tokens": len(stamps),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_result(args.out, report)
     print(json.dumps({k: report[k] for k in ("quiet_gap_ms", "after_cold_arrival_gap_ms", "per_arrival_max_gap_ms",
                                              "lora_mode")}, indent=1))
     return 0

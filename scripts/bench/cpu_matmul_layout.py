@@ -9,7 +9,7 @@ this effect. This script measures both for the default model's projection shapes
 weights rotated through more memory than the caches hold (as in a decode step), and prints
 which layout wins per batch size.
 
-    python scripts/bench_cpu_matmul_layout.py --out results/matmul_layout.json
+    python scripts/bench/cpu_matmul_layout.py --out results/matmul_layout.json
 """
 from __future__ import annotations
 

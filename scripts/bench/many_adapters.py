@@ -22,7 +22,7 @@
 On a machine without a GPU the instance runs on the CPU with the emulated host->device link
 (`--lora-link-bandwidth-mbps`, default 2000 MB/s): load times and TTFT are **emulated**.
 
-    python scripts/bench_many_adapters.py --out many.json            # JSON + many.png
+    python scripts/bench/many_adapters.py --out many.json            # JSON + many.png
 """
 from __future__ import annotations
 
@@ -42,8 +42,14 @@ import requests
 from caraserve_router.evaluation.replay_client import ReplayConfig, replay
 from caraserve_router.evaluation.server_process import RunningServer
 from caraserve_router.evaluation.workload import WorkloadConfig, generate
+from caraserve_router.contracts.configs import LoRAConfig
+from common import add_server_arguments, server_flags, start_server, write_result
 
-REPO = Path(__file__).resolve().parents[1]
+# The pool: 2048 MiB, where the CPU default of 256 MiB holds one rank-128 all-module adapter of
+# this model (149 MiB in fp32).
+LORA_FLAGS = (LoRAConfig(mode="cpu-assist", host_cache_mb=1024.0, pool_mb=2048.0), ("mode", "host_cache_mb", "pool_mb"))
+
+REPO = Path(__file__).resolve().parents[2]
 RANKS = (8, 16, 32, 64, 128)
 RANK_WEIGHTS = (0.35, 0.3, 0.2, 0.1, 0.05)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -227,11 +233,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-output", type=int, default=32, help="output tokens clipped to this (default 32)")
     p.add_argument("--instances", type=int, default=1,
                    help="instances on this host (default 1); they share one host copy of each adapter")
-    p.add_argument("--mode", default="cpu-assist", help="--lora-mode of the instance (default cpu-assist)")
-    p.add_argument("--host-cache-mb", type=float, default=1024.0, help="--lora-host-cache-mb (default 1024)")
-    p.add_argument("--pool-mb", type=float, default=2048.0,
-                   help="--lora-pool-mb (default 2048; the CPU default of 256 MiB holds one rank-128 all-module "
-                   "adapter of this model, 149 MiB in fp32)")
+    # --mode, --host-cache-mb, --pool-mb: the server's --lora-* flags
+    add_server_arguments(p, *LORA_FLAGS)
     p.add_argument("--work-dir", type=Path, default=REPO / ".cache" / "bench" / "many",
                    help="adapters are made (once) under this directory")
     p.add_argument("--model-dir", type=Path, default=None, help="base model (default: the prepared SmolLM2-135M)")
@@ -254,15 +257,13 @@ def main(argv=None) -> dict:
                                        # adapter i's own rank: the replay maps workload adapters onto
                                        # served ones of the same rank, one to one
                                        ranks=tuple(per_adapter[f"ad{i}"]["max_rank"] for i in range(args.adapters))))
-    server_args = ["--model-dir", str(model_dir), "--adapters", str(root), "--lora-mode", args.mode,
-                   "--instances", str(args.instances),
+    server_args = ["--model-dir", str(model_dir), "--adapters", str(root), "--instances", str(args.instances),
                    "--policy", "most-idle",  # no start-up profile running beside the replay
-                   "--lora-max-rank", str(max(RANKS)),
-                   "--lora-host-cache-mb", str(args.host_cache_mb), "--lora-pool-mb", str(args.pool_mb)]
+                   "--lora-max-rank", str(max(RANKS)), *server_flags(args, *LORA_FLAGS, server_prefix="lora_")]
     log_path = args.out.with_suffix(".server.log")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     launched = time.monotonic()
-    with RunningServer("caraserve_router.api_server", server_args, log_path, startup_s=900) as server:
+    with start_server(server_args, log_path, startup_s=900) as server:
         healthy = time.monotonic()  # /health answered (RunningServer waited for it)
         ready = wait_models(server, args.adapters, 900)
         log(f"start-up: /health after {healthy - launched:.1f} s, {args.adapters} adapters listed after "
@@ -326,7 +327,7 @@ def main(argv=None) -> dict:
         "memory_samples": sampler.samples,
         "replay": {"requests": reqs},
     }
-    args.out.write_text(json.dumps(report, indent=1, default=str))
+    write_result(args.out, report)
     plot(report, args.out.with_suffix(".png"))
     summary = {k: report[k] for k in ("startup_s", "device_bytes_vs_file_bytes", "memory_per_adapter_mib",
                                       "host", "host_sharing", "requests", "ttft_ms")}

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import requests as http
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODES = ("cached", "on-demand", "pipeline", "cpu-assist")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import os
 import platform
 import statistics
@@ -25,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from caraserve_router.contracts.configs import WEIGHT_LAYOUTS
 from lightllm_patches.offline import OfflineEngine
+from common import write_result
 
 
 def matmul_gflops(repeats: int = 20) -> float:
@@ -183,8 +183,7 @@ def main() -> int:
     for entry in results.values():
         entry["machine"] = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
         entry["date"] = time.strftime("%Y-%m-%d %H:%M")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    write_result(Path(args.out), results, indent=2)
     print(f"wrote {args.out}")
     return 0
 

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from caraserve_router.scheduling.perf_model import PerfModel
-from caraserve_router.scheduling.profiler import ProfileGrid, collect_profile
+from caraserve_router.frontend.profiler import ProfileGrid, collect_profile
 
 OVERHEAD_MS = 5.0
 ADAPTERS = {"a8": 8, "b8": 8, "c32": 32}

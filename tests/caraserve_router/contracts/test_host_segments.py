@@ -1,4 +1,4 @@
-"""One host copy of each adapter: the shared-segment protocol (lora.host_segments), and two
+"""One host copy of each adapter: the shared-segment protocol (contracts.host_segments), and two
 AdapterStores of one host given the same prefix mapping one segment per adapter."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from caraserve_router.contracts.processes import remove_shm
-from caraserve_router.lora import host_segments
+from caraserve_router.contracts import host_segments
 from caraserve_router.lora.adapter_store import AdapterStore, HostAdapter
 from caraserve_router.lora.shapes import ModelShapes
 from tests import fixtures

@@ -17,7 +17,6 @@ Writes `--out` JSON with `caraserve_lora_tokens_per_s`, `caraserve_base_tokens_p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from caraserve_router.contracts.configs import WEIGHT_LAYOUTS, LoRAConfig
 from lightllm_patches.offline import OfflineEngine
+from common import add_server_arguments, write_result
 
 RANKS = (8, 16, 32, 64)
 
@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--zipf", type=float, default=1.0, help="zipf exponent of adapter popularity")
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps")
-    parser.add_argument("--decode-kernel", default="mbgmv", choices=("mbgmv", "bgmv"), help="CaraServe decode kernel")
+    add_server_arguments(parser, LoRAConfig(), ("decode_kernel",))  # CaraServe's --lora-decode-kernel, here unprefixed
     parser.add_argument("--skip-hf", action="store_true", help="skip the HF+PEFT baseline (slow)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine, interleaved (median kept)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the popularity draw")
@@ -166,8 +166,7 @@ def main() -> int:
         print(f"CaraServe with LoRA is {tps['caraserve_lora'] / tps['hf_peft']:.2f}x HF + PEFT (same requests, same "
               f"statistic); greedy tokens equal to HF+PEFT's: {100 * same / (args.batch * per_request):.1f}%",
               flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(Path(args.out), result, indent=2)
     print(f"wrote {args.out}")
     return 0
 

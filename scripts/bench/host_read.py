@@ -3,20 +3,19 @@
 
 An adapter's bytes are read from its file the first time it is used (registration reads only
 the header). The read runs on the store's reader thread, so it no longer stalls the running
-batch (scripts/bench_first_use_stall.py measures that), but a cold adapter's device copy cannot
+batch (scripts/bench/first_use_stall.py measures that), but a cold adapter's device copy cannot
 start before it ends; this script measures it per adapter: the best of `--rounds` reads (the segment
 unmapped in between, the file in the page cache), and, for scale, the time the kernel takes to
 allocate the same number of fresh shared-memory pages with nothing copied into them.
 
-    python scripts/bench_host_read.py --out docs/results/host_read.json
-    python scripts/bench_host_read.py --adapters-dir DIR     # DIR/<name>/: PEFT adapters
+    python scripts/bench/host_read.py --out docs/results/host_read.json
+    python scripts/bench/host_read.py --adapters-dir DIR     # DIR/<name>/: PEFT adapters
 
-Default adapters: the 16 distinct ones `scripts/bench_many_adapters.py` makes (run it first).
+Default adapters: the 16 distinct ones `scripts/bench/many_adapters.py` makes (run it first).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,9 +26,10 @@ import torch
 
 from caraserve_router.contracts.processes import remove_shm
 from caraserve_router.evaluation.bench_adapters import DISTINCT_DIR, have_adapters
-from caraserve_router.lora import host_segments
+from caraserve_router.contracts import host_segments
 from caraserve_router.lora.adapter_store import AdapterStore
 from caraserve_router.lora.shapes import ModelShapes
+from common import write_result
 
 
 def page_allocation_s(nbytes: int, prefix: str, rounds: int) -> float:
@@ -85,8 +85,7 @@ def main(argv=None) -> int:
               "statistic": f"best of {args.rounds} reads per adapter, file in the page cache",
               "where": "the store's reader thread: a cold adapter's device copy starts this long after its first use",
               "adapters": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_result(args.out, report)
     print(f"wrote {args.out}")
     return 0
 
