@@ -148,7 +148,7 @@ def test_sidecar_worker_and_scripts_import_our_kernels(tmp_path):
     proc = subprocess.run([sys.executable, "spawn_check.py"], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip()) == REPO / "kernels" / "__init__.py"
-    script = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_kernels.py"), "--help"], cwd=cwd,
+    script = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "decode_kernels.py"), "--help"], cwd=cwd,
                             capture_output=True, text=True, timeout=120)
     assert script.returncode == 0, script.stderr[-2000:]
 
