@@ -363,6 +363,9 @@ def fit_decode(points: Sequence[Mapping[str, Any]], kernel: str) -> LinearFit:
     rows = [decode_features(p["ranks"], kernel) for p in points]
     features = DECODE_FEATURES[kernel]
     best = least_squares(rows, y, features)
+    # A fit already exact to rounding has nothing left for a term to explain: what a further
+    # term "removes" then is floating-point noise (it differs between BLAS builds).
+    exact_ss = (1e-9 * max(abs(v) for v in y)) ** 2 * len(y)
     for name, indicator in OPTIONAL_DECODE_FEATURES.items():
         flags = [indicator(p["ranks"]) for p in points]
         if len(set(flags)) < 2 or len(points) < len(features) + 2:
@@ -370,7 +373,7 @@ def fit_decode(points: Sequence[Mapping[str, Any]], kernel: str) -> LinearFit:
         trial = least_squares([r + (f,) for r, f in zip(rows, flags)], y, features + (name,))
         ss_best = (best.rmse_ms or 0.0) ** 2 * best.n
         ss_trial = (trial.rmse_ms or 0.0) ** 2 * trial.n
-        if ss_best > 0 and (ss_best - ss_trial) / ss_best >= RANK_TERM_MIN_GAIN:
+        if ss_best > exact_ss and (ss_best - ss_trial) / ss_best >= RANK_TERM_MIN_GAIN:
             best, features = trial, features + (name,)
             rows = [r + (f,) for r, f in zip(rows, flags)]
     return best
