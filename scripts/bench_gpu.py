@@ -55,6 +55,7 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 DRY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4, vocab_size=512)
 QKV = ("q_proj", "k_proj", "v_proj")
+ALL_SEVEN = QKV + ("o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("cpu-assist", "pipeline", "on-demand")  # CaraServe first: the budget may cut the last
 
 
@@ -267,25 +268,25 @@ def write_model_dir(path: Path, config: dict) -> Path:
     return path
 
 
-def write_qkv_adapters(root: Path, shapes: ModelShapes, count: int, rank: int, device) -> dict:
-    """`count` PEFT adapters of `rank` on q, k, v (fp16 files; drawn on `device`)."""
-    g = torch.Generator(device=device).manual_seed(1)
+def write_qkv_adapters(root: Path, shapes: ModelShapes, count: int, rank: int, device, modules=QKV) -> dict:
+    """`count` PEFT adapters of `rank` on `modules` (default q, k, v; fp16 files; drawn on `device`)."""
+    g = torch.Generator(device=device).manual_seed(1 + rank + len(modules))
     dirs = {}
     for i in range(count):
         tensors = {}
         for layer in range(shapes.num_layers):
-            for module in QKV:
+            for module in modules:
                 in_f, out_f = shapes.module_shape(module)
                 key = f"base_model.model.model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
                 a = torch.randn(rank, in_f, generator=g, device=device) / in_f ** 0.5
                 b = 0.01 * torch.randn(out_f, rank, generator=g, device=device)
                 tensors[f"{key}.lora_A.weight"] = a.half().cpu()
                 tensors[f"{key}.lora_B.weight"] = b.half().cpu()
-        path = root / f"qkv-r{rank}-{i}"
+        path = root / f"{'qkv' if tuple(modules) == QKV else 'all'}-r{rank}-{i}"
         path.mkdir(parents=True)
         save_file(tensors, str(path / "adapter_model.safetensors"))
         (path / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(QKV)}))
+            {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(modules)}))
         dirs[path.name] = path
     return dirs
 

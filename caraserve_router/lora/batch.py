@@ -191,16 +191,15 @@ class LoraBatch:
 
         With `out_hi`, the group's output lives in two buffers (qkv: q, and k|v written into the
         KV staging rows): out [T, OUT_lo] holds the leading slices, out_hi [T, OUT - OUT_lo] the
-        rest, split at a slice boundary. The decode rows' expand then accumulates into both
-        directly on the Triton path (`DecodeStep.split`); the CPU path and prompt segments go
-        through one scratch [T, OUT] and two adds (their own fast route).
+        rest, split at a slice boundary. A decode step's expand then accumulates into both
+        directly on the Triton path (`DecodeStep.split`: two launches); the CPU's fused path,
+        prompt segments and loading steps go through one scratch [T, OUT] and two adds.
 
         Returns False when no row has an adapter targeting this group (outputs untouched).
         """
         if not self.any_rank[group]:
             return False
-        if out_hi is not None and (self.decode_rows < len(self.entries) or self.device.type == "cpu"
-                                   or self._loading):
+        if out_hi is not None and (self.decode_rows < len(self.entries) or self._loading):
             delta = torch.zeros((x.shape[0], out.shape[1] + out_hi.shape[1]), dtype=x.dtype, device=x.device)
             self.add_delta(layer, group, x, delta)
             out.add_(delta[:, : out.shape[1]])
@@ -209,7 +208,7 @@ class LoraBatch:
         skip = self._resolve(layer, group, x, out) if self._loading else ()
         w = self.pool.layer_pool(layer)  # [U, UNIT]
         k = self.decode_rows
-        if k and out_hi is not None:  # decode rows only, on the device: two launches, no scratch
+        if k and out_hi is not None:  # decode rows only: Triton's two launches (others: scratch + adds)
             self._decode_step(group, skip, w, x.shape[1]).split(x, w, out, out_hi)
             return True
         if k:  # decode rows: x[:k] and out[:k] are the leading rows (contiguous views)
@@ -227,7 +226,8 @@ class LoraBatch:
             k = self.decode_rows
             step = self._steps[key] = kernels.prepare_prefill(
                 self.seg_starts, *(t[k:] for t in self._masked(group, skip)), self.scales[group][k:],
-                self.ctx.slice_offsets[group], w, in_features, out_features=self.ctx.out_features(group))
+                self.ctx.slice_offsets[group], w, in_features, out_features=self.ctx.out_features(group),
+                backend=self.ctx.kernel_backend)
         return step
 
     def _decode_step(self, group: str, skip: tuple, w: torch.Tensor, in_features: int):
@@ -243,7 +243,7 @@ class LoraBatch:
                 descriptors = kernels.pad_to_max_rank(*descriptors, zero_unit=0)
             step = self._steps[key] = kernels.prepare_decode(
                 *descriptors, self.scales[group][:k], self.ctx.slice_offsets[group], w, in_features,
-                out_features=self.ctx.out_features(group))
+                out_features=self.ctx.out_features(group), backend=self.ctx.kernel_backend)
         return step
 
     def _masked(self, group: str, skip: tuple):

@@ -41,7 +41,7 @@ class StaticLoraDescriptors:
 
     def __init__(self, ctx: LoraStepContext, max_rows: int, backend: Optional[str] = None):
         self.ctx, self.max_rows, self.rank = ctx, max_rows, ctx.max_rank
-        self.backend = backend or ("reference" if ctx.device.type == "cpu" else None)
+        self.backend = backend or ctx.kernel_backend or ("reference" if ctx.device.type == "cpu" else None)
         self._offsets: dict[str, tuple[int, int, int]] = {}  # group -> where a_rows / b_rows / ranks start
         size = 0
         for g in GROUPS:

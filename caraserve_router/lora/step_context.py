@@ -10,6 +10,7 @@ context for the whole life of its captured graphs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,12 +26,15 @@ class LoraStepContext:
     slice_offsets: dict                        # group -> int32 [S + 1] on the pool's device
     host_slice_offsets: dict                   # group -> tuple of S + 1 ints (no device read to learn them)
     max_rank: int                              # the pool's max rank: the static R of graph descriptors
+    kernel_backend: Optional[str] = None       # None: the device's (kernels._registry); tests run the
+                                               # GPU path's Triton kernels on the CPU with "triton"
 
     @classmethod
-    def build(cls, pool, shapes: ModelShapes, decode_kernel: DecodeKernel) -> "LoraStepContext":
+    def build(cls, pool, shapes: ModelShapes, decode_kernel: DecodeKernel,
+              kernel_backend: Optional[str] = None) -> "LoraStepContext":
         host = {g: tuple(shapes.group(g).slice_offsets) for g in GROUPS}
         device = {g: torch.tensor(host[g], dtype=torch.int32, device=pool.device) for g in GROUPS}
-        return cls(pool, shapes, DecodeKernel(decode_kernel), device, host, pool.max_rank)
+        return cls(pool, shapes, DecodeKernel(decode_kernel), device, host, pool.max_rank, kernel_backend)
 
     @property
     def device(self) -> torch.device:
