@@ -143,7 +143,7 @@ class DecodeGraphRunner:
         m = self.model
         if getattr(self, "pad_req", None) is None:
             self.pad_req = int(m.req_manager.alloc(1)[0])
-        kv_key = (m.mem_manager.kv_buffer[0].data_ptr(), m.mem_manager.size)
+        kv_key = (m.mem_manager.generation, m.mem_manager.size)
         if getattr(self, "_kv_key", None) != kv_key:
             slot = m.mem_manager.alloc(1)
             if slot is None:
@@ -159,8 +159,9 @@ class DecodeGraphRunner:
         """Addresses the graphs read: a reallocation of any of them invalidates every graph."""
         m = self.model
         pool = self.lora_ctx.pool.W.data_ptr() if self.lora_ctx is not None else 0
-        return (m.mem_manager.kv_buffer[0].data_ptr(), m.mem_manager.size, m.req_manager.req_to_token_indexs.data_ptr(),
-                pool)
+        # generation: a resized KV cache may even reuse the old addresses, but forgot the pad slot
+        return (m.mem_manager.generation, m.mem_manager.kv_buffer[0].data_ptr(), m.mem_manager.size,
+                m.req_manager.req_to_token_indexs.data_ptr(), pool)
 
     def capture_all(self) -> None:
         """Capture every bucket, largest first (the pool's blocks are reused by the smaller),

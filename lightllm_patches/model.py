@@ -4,7 +4,7 @@ Overrides (one level of subclassing each):
 
 | ours | upstream | why |
 |---|---|---|
-| `CaraMemoryManager` | `lightllm.common.mem_manager.MemoryManager` | allocates the KV cache and its state on the configured device (upstream: `device="cuda"`), takes its shared-memory name explicitly (upstream: an environment variable). |
+| `CaraMemoryManager` | `lightllm.common.mem_manager.MemoryManager` | allocates the KV cache and its state on the configured device (upstream: `device="cuda"`), takes its shared-memory name explicitly (upstream: an environment variable); counts reallocations (`generation`: CUDA graphs are captured again after one). |
 | `CaraReqManager` | `lightllm.common.req_manager.ReqManager` | request -> token table on the configured device. |
 | `CaraTransformerLayerWeight`, `CaraPreAndPostLayerWeight` | `LlamaTransformerLayerWeight`, `LlamaPreAndPostLayerWeight` | `_cuda` moves weights to the configured device instead of `.cuda()`. |
 | `CaraInferState` | `LlamaInferStateInfo` | rotary tables gathered on the device; per-step (not per-layer) CPU attention plans; carries the step's LoRA batch. |
@@ -58,6 +58,7 @@ class CaraMemoryManager(MemoryManager):
         self.can_use_mem_size = size
         self.shared_can_use_token_num = SharedInt(can_use_token_shm_name(shm_prefix))
         self.shared_can_use_token_num.set_value(self.can_use_mem_size)
+        self.generation = 0  # bumped by resize_mem: the CUDA graphs' pad slot and addresses are void then
         self._init_buffers(size, dtype, head_num, head_dim, layer_num)
 
     def _init_buffers(self, size, dtype, head_num, head_dim, layer_num):
@@ -74,6 +75,7 @@ class CaraMemoryManager(MemoryManager):
         self.shared_can_use_token_num.set_value(self.can_use_mem_size)
         self._free_buffers()
         self._init_buffers(new_size, self.dtype, self.head_num, self.head_dim, self.layer_num)
+        self.generation += 1
 
 
 class CaraReqManager(ReqManager):
