@@ -79,6 +79,14 @@ class StaticDecodeInputs:
         heads = model.tp_k_head_num_ + model.tp_v_head_num_
         self.kv = torch.empty((max_rows, heads, model.head_dim_), dtype=model.data_type, device=device)  # [B, 2KVH, d]
 
+    def reset(self) -> None:
+        """Every row the pad row: a capture's warm-up runs the body, and must write KV only to
+        the pad slot (the last step's slots may belong to another request by now)."""
+        self.input_ids.zero_()
+        self.b_req_idx.fill_(self.pad_req)
+        self.b_seq_len.fill_(1)
+        self.mem_index.fill_(self.pad_slot)
+
     def load(self, kwargs: dict, mem_index: torch.Tensor, rows: int, bucket: int) -> None:
         """Rows 0..rows-1 from the step, rows..bucket-1 the pad row (non-blocking copies)."""
         for dst, src in ((self.input_ids, kwargs["input_ids"]), (self.b_req_idx, kwargs["b_req_idx"]),
@@ -185,6 +193,8 @@ class DecodeGraphRunner:
         if graph is None:
             lora = self.lora.graph_lora(key.bucket, key.lora_groups) if key.lora_groups else None
             body = self._body(key.bucket, lora)
+            if self.capture:
+                self.inputs.reset()
             graph = self.graphs[key] = _Captured(body, self.model.device, self._pool) if self.capture \
                 else _DirectCall(body)
             self.counters["captures"] += 1

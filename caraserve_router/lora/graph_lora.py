@@ -57,6 +57,7 @@ class StaticLoraDescriptors:
         self.scales = {g: torch.ones((max_rows, ctx.num_slices(g)), dtype=torch.float32, device=ctx.device)
                        for g in GROUPS}  # [B, S]: the store folds alpha / r into B
         self.loads = 0
+        self._copied = None  # CUDA event of the last copy out of the staging buffer
 
     def _views(self, flat: torch.Tensor) -> tuple[dict, dict, dict]:
         a, b, r = {}, {}, {}
@@ -79,8 +80,10 @@ class StaticLoraDescriptors:
         """Write the step's descriptors (rows 0..rows-1 of `batch`, a LoraBatch) into the static
         buffers; every other row gets rank 0. One host-side fill and one non-blocking copy.
 
-        The staging buffer is rewritten at the next step only after that step's sampled ids were
-        copied to the host (which waits for this step's work, the copy included)."""
+        The staging buffer is rewritten only once the previous copy out of it is done (its
+        event; in serving the step's sampled ids were copied to the host since, so it is)."""
+        if self._copied is not None:
+            self._copied.synchronize()
         self._reset_host()
         a, b, r = self._views(self.host)
         for g in GROUPS:
@@ -94,6 +97,9 @@ class StaticLoraDescriptors:
             b[g][:rows, :, :width] = b_rows
             r[g][:rows] = ranks
         self.device_buffer.copy_(self.host, non_blocking=True)
+        if self.device_buffer.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(self.device_buffer.device))
         self.loads += 1
 
     def graph_lora(self, bucket: int, groups: tuple) -> "GraphLora":

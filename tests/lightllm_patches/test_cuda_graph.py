@@ -4,8 +4,8 @@ direct call of the same body over the same static buffers.
 Padded buckets must give the dynamic (eager) path's tokens and logits in every LoRA mode and
 both decode kernels, while rows join and leave the running batch and adapters are loaded,
 evicted and reloaded between steps; and HF + PEFT's logits (an independent reference) for a
-mixed batch. The graphs must follow a reallocated KV cache (captured again, never replayed
-against the old addresses).
+mixed batch. The graphs must follow a reallocated KV cache or LoRA pool (captured again, never
+replayed against the old addresses).
 """
 from __future__ import annotations
 
@@ -118,11 +118,17 @@ def test_a_reallocated_kv_cache_is_captured_again(tiny):
         second = engine.run(prompts, names, 2)
         assert runner.counters["recaptures"] == 1 and runner.enabled
         assert engine.model.mem_manager.mem_state[runner.pad_slot] > 0  # the pad row's KV slot is held again
+        held = int((engine.model.mem_manager.mem_state > 0).sum())
+        engine.runtime.pool.W = engine.runtime.pool.W.clone()  # the LoRA pool moves (same bytes)
+        third = engine.run(prompts, names, 2)
+        assert runner.counters["recaptures"] == 2
+        assert int((engine.model.mem_manager.mem_state > 0).sum()) == held  # no second pad slot taken
     finally:
         engine.close()
     for s in range(3):
         assert_close(first[s], eager[s], msg=f"step {s}")
         assert_close(second[s], eager[s], msg=f"after the resize, step {s}")
+        assert_close(third[s], eager[s], msg=f"after the pool moved, step {s}")
 
 
 def test_buckets():
