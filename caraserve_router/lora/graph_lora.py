@@ -51,7 +51,6 @@ class StaticLoraDescriptors:
         pin = ctx.device.type == "cuda"
         self.host = torch.empty(size, dtype=I32, pin_memory=pin)  # staging: [size], page-locked on CUDA
         self.device_buffer = torch.empty(size, dtype=I32, device=ctx.device)  # what the graphs read
-        self._views(self.host)[0]  # layout check
         self._reset_host()
         self.device_buffer.copy_(self.host)
         self.scales = {g: torch.ones((max_rows, ctx.num_slices(g)), dtype=torch.float32, device=ctx.device)
