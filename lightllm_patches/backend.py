@@ -176,13 +176,17 @@ class CaraBackend(ContinuesBatchBackend):
             if plan.has_prefill:
                 return self._forward_mixed(batch_id, reqs, plan)
         batch: InferBatch = self.cache.pop(batch_id)
+        graphs = self.graphs is not None and not is_prefill
         prepare = prepare_prefill_inputs if is_prefill else prepare_decode_inputs
-        kwargs, reqs = prepare(batch, self.device)
+        # a graph step copies its inputs from the host itself (one staging copy, no wait)
+        kwargs, reqs = prepare(batch, torch.device("cpu") if graphs else self.device)
         start = time.perf_counter()
         lora_batch = self.lora.build_batch(reqs, kwargs)
         try:
-            logits = self.graphs.run(kwargs, lora_batch) if self.graphs is not None else None
+            logits = self.graphs.run(kwargs, lora_batch) if graphs else None
             if logits is None:  # prefill, a batch above the largest bucket, an adapter loading
+                if graphs:
+                    kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
                 logits = self.model.forward(**kwargs, lora=lora_batch)
         finally:
             self.lora.after_forward(lora_batch)

@@ -78,6 +78,11 @@ class StaticDecodeInputs:
         self.mem_index = torch.full((max_rows,), pad_slot, dtype=torch.int64, device=device)  # [B]
         heads = model.tp_k_head_num_ + model.tp_v_head_num_
         self.kv = torch.empty((max_rows, heads, model.head_dim_), dtype=model.data_type, device=device)  # [B, 2KVH, d]
+        # host-built inputs: ids, request slots, lengths in one page-locked staging copy (a copy from
+        # pageable memory would wait for the device's queue)
+        self.host = torch.empty((3, max_rows), dtype=torch.int64, pin_memory=device.type == "cuda")  # [3, B]
+        self.staged = torch.empty((3, max_rows), dtype=torch.int64, device=device)
+        self._copied = None  # CUDA event of the last copy out of `host`
 
     def reset(self) -> None:
         """Every row the pad row: a capture's warm-up runs the body, and must write KV only to
@@ -88,9 +93,19 @@ class StaticDecodeInputs:
         self.mem_index.fill_(self.pad_slot)
 
     def load(self, kwargs: dict, mem_index: torch.Tensor, rows: int, bucket: int) -> None:
-        """Rows 0..rows-1 from the step, rows..bucket-1 the pad row (non-blocking copies)."""
-        for dst, src in ((self.input_ids, kwargs["input_ids"]), (self.b_req_idx, kwargs["b_req_idx"]),
-                         (self.b_seq_len, kwargs["b_seq_len"]), (self.mem_index, mem_index)):
+        """Rows 0..rows-1 from the step, rows..bucket-1 the pad row (non-blocking copies). Inputs
+        built on the host (the backend's) go through the page-locked staging buffer in one copy."""
+        sources = (kwargs["input_ids"], kwargs["b_req_idx"], kwargs["b_seq_len"])
+        if sources[0].device.type == "cpu" and self.input_ids.device.type != "cpu":
+            if self._copied is not None:
+                self._copied.synchronize()  # the previous step's copy out of `host` is done
+            for k, src in enumerate(sources):
+                self.host[k, :rows].copy_(src)
+            self.staged.copy_(self.host, non_blocking=True)  # whole (contiguous): a strided one is staged pageable
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(self.staged.device))
+            sources = tuple(self.staged[k, :rows] for k in range(3))
+        for dst, src in zip((self.input_ids, self.b_req_idx, self.b_seq_len, self.mem_index), sources + (mem_index,)):
             dst[:rows].copy_(src, non_blocking=True)
         if rows < bucket:  # a row that left keeps its old values until reset
             self.input_ids[rows:bucket].zero_()
