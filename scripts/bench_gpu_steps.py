@@ -116,7 +116,8 @@ def bench(make_engine, device, timed_run, summary, log, qkv_names, all16_names, 
                     lab: summary([timed_run(engine, device, prompts, [None if n is None else n[0]] * len(prompts), 0)
                                   for _ in range(repeats + 1)][1:]) for lab, n in row_sets.items()}
             if graphs:
-                captured = engine.graphs is not None and (engine.graphs.capture or dry)
+                captured = engine.graphs is not None and engine.graphs.capture  # CPU: direct calls
+                result["graph_emulation"] = engine.graphs is not None and not engine.graphs.capture
                 result["graph_buckets"] = engine.graphs.buckets if engine.graphs is not None else []
             result["decode"][label] = decode_times(engine, device, timed_run, summary, batches, row_sets, repeats,
                                                    steps)
