@@ -53,7 +53,6 @@ class LoraRuntime:
         self.mode = mode_for(self.kind)
         # what every step's LoraBatch reads of this instance, frozen (step_context.py)
         self.step_context = LoraStepContext.build(self.pool, self.shapes, self.decode_kernel)
-        self.slice_offsets = self.step_context.slice_offsets
         self.sidecar = self._start_sidecar(config, model) if self.kind.uses_sidecar else None
         if self.sidecar is not None:  # the workers read an adapter's host bytes while they are mapped
             self.store.max_mapped = self.sidecar.layout.max_adapters
