@@ -13,7 +13,6 @@ import os
 import time
 from typing import Optional
 
-
 from caraserve_router.contracts.adapters import AdapterRequest, check_adapter_name
 from caraserve_router.lora.adapter_names import AdapterNames, preflight, scrub
 from caraserve_router.lora.adapter_pool import AdapterPool
