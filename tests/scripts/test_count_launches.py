@@ -3,7 +3,7 @@ CaraServe's Triton kernels interpreted on the CPU, fp16), in a child process (TR
 must be set before Triton is imported).
 
 Holds the GPU path's LoRA to two launches per layer group (shrink, expand straight into the
-projection outputs) in the eager and the graph step, the graph body to no host sync, and the
+projection outputs) in the eager and the graph step, the graph step to no host sync, and the
 graph's logits to the eager step's.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ def test_lora_is_two_launches_per_layer_group(tmp_path):
     assert before["torch_by_op"].get("zeros") == 1 and before["launches"] - after["launches"] == 3
     # LoRA adds exactly its launches to the graph's layer (2 per group); nothing waits on the device in it
     assert r["graph_lora"]["layer"]["launches"] - r["graph_base"]["layer"]["launches"] == 2 * groups
-    for path in ("graph_lora", "graph_base"):
+    for path in ("graph_lora", "graph_base"):  # nor in the step around it (KV slots found on the host)
         assert r[path]["graph_body"]["host_syncs"] == 0, r[path]["graph_body"]["syncs_by_op"]
+        assert r[path]["step"]["host_syncs"] == 0, r[path]["step"]["syncs_by_op"]
     assert r["graph_matches_eager"] and r["graph_max_abs_diff"] < 2e-2, r["graph_max_abs_diff"]
