@@ -46,7 +46,7 @@ I32 = torch.int32
 F32 = torch.float32
 
 __all__ = [
-    "sgmv_shrink", "sgmv_expand", "mbgmv_shrink", "mbgmv_expand", "plan_rows", "pad_to_max_rank", "RowPlan",
+    "sgmv_shrink", "sgmv_expand", "mbgmv_shrink", "mbgmv_expand", "mbgmv_expand_split", "plan_rows", "pad_to_max_rank", "RowPlan",
     "KernelArgumentError", "prepare_decode", "DecodeStep", "prepare_prefill", "PrefillStep",
 ]
 
@@ -164,6 +164,38 @@ def mbgmv_expand(y, W, b_rows, ranks, scales, slice_offsets, out, *, plan: RowPl
     _descriptors(op, "b_rows", b_rows, ranks, y.device, slices, rank, rows)
     _expand_common(op, W, scales, slice_offsets, out, rows, slices, rows)
     lookup(op, backend, y.device)(y, W, b_rows, ranks, scales, slice_offsets, out, plan=plan)
+
+
+def mbgmv_expand_split(y, W, b_rows, ranks, scales, slice_offsets, out_lo, out_hi, *,
+                       backend: str | None = None) -> None:
+    """mbgmv_expand whose output is two buffers, split at a slice boundary (the engine's qkv:
+    q in one, k|v in the KV staging rows), accumulated in place with no scratch on Triton.
+
+    Semantics (out = the columns of out_lo followed by those of out_hi):
+        delta = zeros(N, OUT_TOTAL); mbgmv_expand(y, W, b_rows, ranks, scales, slice_offsets, delta)
+        out_lo += delta[:, :OUT_lo]; out_hi += delta[:, OUT_lo:]
+    (columns of rank-0 slices and rows without adapter are left bit-identical on Triton.)
+
+    Shape:
+        y:             [N, S, R] f32
+        W:             [U, UNIT]
+        b_rows:        [N, S, R] int32
+        ranks, scales: [N, S] int32, f32
+        slice_offsets: [S + 1] int32
+        out_lo:        [N, OUT_lo]              unit column stride (rows may be strided)
+        out_hi:        [N, OUT_TOTAL - OUT_lo]  unit column stride
+    """
+    op = "mbgmv_expand_split"
+    rows, slices, rank = _data(op, "y", y, F32, y.device, (None, None, None))
+    _data(op, "W", W, DATA_DTYPES, y.device, (None, None))
+    _descriptors(op, "b_rows", b_rows, ranks, y.device, slices, rank, rows)
+    check.tensor(op, "scales", scales, (rows, slices), F32, W.device)
+    check.tensor(op, "slice_offsets", slice_offsets, (slices + 1,), I32, W.device)
+    for name, t in (("out_lo", out_lo), ("out_hi", out_hi)):
+        if t.dim() != 2 or t.shape[0] != rows or t.dtype != W.dtype or t.device != W.device or t.stride(1) != 1:
+            check.fail(op, f"{name} must be a {W.dtype} [{rows}, *] on {W.device} with unit column stride, got "
+                           f"{t.dtype} {list(t.shape)} strides {t.stride()}")
+    lookup(op, backend, y.device)(y, W, b_rows, ranks, scales, slice_offsets, out_lo, out_hi)
 
 
 # -- shared checks ---------------------------------------------------------------------------

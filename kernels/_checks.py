@@ -62,9 +62,13 @@ def prepared_call(op: str, prepared, rows: int, x, W, out) -> None:
         fail(op, f"x, W and out must be on {device}")
 
 
-def prepared_args(op: str, prepared, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features: int) -> int:
+def prepared_args(op: str, prepared, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features: int,
+                  out_features: int | None = None) -> int:
     """A prepared op's descriptors, checked once (as the launchers check them per call); sets
-    `prepared`'s in_features, out_features, w_shape, dtype and device; returns N (rows or segments)."""
+    `prepared`'s in_features, out_features, w_shape, dtype and device; returns N (rows or segments).
+
+    `out_features` (= slice_offsets[-1]) when the caller knows it: reading it from a device
+    tensor would wait for the device (a host sync in every step)."""
     int32 = torch.int32
     tensor(op, "W", W, (None, None), DATA_DTYPES, W.device)
     device = W.device
@@ -76,6 +80,27 @@ def prepared_args(op: str, prepared, a_rows, b_rows, ranks, scales, slice_offset
     tensor(op, "slice_offsets", slice_offsets, (slices + 1,), int32, device)
     if in_features <= 0:
         fail(op, f"in_features must be positive, got {in_features}")
-    prepared.in_features, prepared.out_features = in_features, int(slice_offsets[-1])
+    if out_features is None:
+        out_features = int(slice_offsets[-1])
+    prepared.in_features, prepared.out_features = in_features, out_features
     prepared.w_shape, prepared.dtype, prepared.device = tuple(W.shape), W.dtype, device
     return rows
+
+
+def prepared_split_call(op: str, prepared, rows: int, x, W, out_lo, out_hi) -> None:
+    """A prepared op's per-call check when its output is two buffers: out_lo [rows, OUT_lo] and
+    out_hi [rows, OUT_TOTAL - OUT_lo], each with unit column stride (rows may be strided)."""
+    dtype, device = prepared.dtype, prepared.device
+    if x.shape != (rows, prepared.in_features) or x.dtype != dtype or not x.is_contiguous():
+        fail(op, f"x must be a contiguous {dtype} [{rows}, {prepared.in_features}], got {x.dtype} {list(x.shape)}")
+    if W.shape != prepared.w_shape or W.dtype != dtype:
+        fail(op, f"W must be {dtype} {list(prepared.w_shape)} (as prepared), got {W.dtype} {list(W.shape)}")
+    for name, t in (("out_lo", out_lo), ("out_hi", out_hi)):
+        if t.dim() != 2 or t.shape[0] != rows or t.dtype != dtype or t.stride(1) != 1 or t.device != device:
+            fail(op, f"{name} must be a {dtype} [{rows}, *] on {device} with unit column stride, got {t.dtype} "
+                     f"{list(t.shape)} strides {t.stride()}")
+    if out_lo.shape[1] + out_hi.shape[1] != prepared.out_features:
+        fail(op, f"out_lo and out_hi must hold {prepared.out_features} columns together, got "
+                 f"{out_lo.shape[1]} + {out_hi.shape[1]}")
+    if x.device != device or W.device != device:
+        fail(op, f"x and W must be on {device}")

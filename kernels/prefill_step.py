@@ -42,9 +42,9 @@ class PrefillStep:
     """A prepared prefill LoRA op; call it as `step(x, W, out)` for each layer."""
 
     def __init__(self, seg_starts, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features: int, *,
-                 backend: str | None = None):
+                 backend: str | None = None, out_features: int | None = None):
         segments = check.prepared_args("prepare_prefill", self, a_rows, b_rows, ranks, scales, slice_offsets, W,
-                                       in_features)
+                                       in_features, out_features)
         device = self.device
         check.tensor("prepare_prefill", "seg_starts", seg_starts, (segments + 1,), I32, device)
         self.tokens = int(seg_starts[-1])
@@ -79,6 +79,7 @@ class _TwoOps:
 
 
 def prepare_prefill(seg_starts, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features: int, *,
-                    backend: str | None = None) -> PrefillStep:
+                    backend: str | None = None, out_features: int | None = None) -> PrefillStep:
     """A PrefillStep for one prefill batch and module group (see the module docstring)."""
-    return PrefillStep(seg_starts, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features, backend=backend)
+    return PrefillStep(seg_starts, a_rows, b_rows, ranks, scales, slice_offsets, W, in_features, backend=backend,
+                       out_features=out_features)

@@ -66,3 +66,11 @@ def mbgmv_shrink(x, W, a_rows, ranks, y, plan=None):
 
 def mbgmv_expand(y, W, b_rows, ranks, scales, slice_offsets, out, plan=None):
     sgmv_expand(y, W, _one_token_segments(y.shape[0], y.device), b_rows, ranks, scales, slice_offsets, out)
+
+
+def mbgmv_expand_split(y, W, b_rows, ranks, scales, slice_offsets, out_lo, out_hi, plan=None):
+    """mbgmv_expand into a scratch [N, OUT_TOTAL], added to out_lo (leading columns) and out_hi."""
+    delta = torch.zeros((y.shape[0], out_lo.shape[1] + out_hi.shape[1]), dtype=out_lo.dtype, device=y.device)
+    mbgmv_expand(y, W, b_rows, ranks, scales, slice_offsets, delta)
+    out_lo.add_(delta[:, : out_lo.shape[1]])
+    out_hi.add_(delta[:, out_lo.shape[1]:])

@@ -4,7 +4,7 @@
 |---|---|---|
 | `CaraBackend.init_model` | `ModeBackend.init_model` | builds `CaraLlamaModel` on the configured device (upstream: nccl + `torch.cuda.set_device`, a model-type if/elif over 20 models) and the instance's `LoraRuntime`. |
 | `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the `AdapterRequest` and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys) and attaches the adapter; upstream calls `torch.cuda.current_device()`. |
-| `CaraBackend.forward` | `ContinuesBatchBackend.forward` | inputs on the device, the step's `LoraBatch`, the seedable sampler. With `--prefill-chunk-tokens` a decode step that has prompts still to prefill runs as a mixed step (`_forward_mixed`, chunked prefill; replaces `SplitFuseBackend.decode_batch`, which is CUDA-bound and gives every prefilling request a whole block per step). |
+| `CaraBackend.forward` | `ContinuesBatchBackend.forward` | inputs on the device, the step's `LoraBatch`, the seedable sampler; a pure decode step replays a CUDA graph when it can (`cuda_graph.DecodeGraphRunner`, `--cuda-graphs`). With `--prefill-chunk-tokens` a decode step that has prompts still to prefill runs as a mixed step (`_forward_mixed`, chunked prefill; replaces `SplitFuseBackend.decode_batch`, which is CUDA-bound and gives every prefilling request a whole block per step). |
 | `CaraBackend.filter_batch` / `remove_batch` | `ModeBackend.*` | release per-request state (generator, adapter reference) of finished requests. |
 | `CaraModelRpcServer` / `CaraModelRpcClient` | `ModelRpcServer` / `ModelRpcClient` | select `CaraBackend`; give the router the worker's `LoraRuntime` (`client.lora`, an `AdapterManager`). |
 """
@@ -26,6 +26,7 @@ from lightllm.server.router.model_infer.model_rpc import ModelRpcClient, ModelRp
 
 from caraserve_router.contracts.configs import InstanceConfig
 from lightllm_patches import chunked_prefill
+from lightllm_patches.cuda_graph import decode_graphs_for
 from lightllm_patches.device import resolve_device, resolve_dtype
 from caraserve_router.lora.runtime import LoraRuntime
 from lightllm_patches.model import CaraLlamaModel
@@ -144,6 +145,7 @@ class CaraBackend(ContinuesBatchBackend):
         })
         self.generators: dict[int, torch.Generator] = {}
         self.lora = LoraRuntime(config, self.model)
+        self.graphs = decode_graphs_for(config, self.model, self.lora)  # None: every step eager
         # Step timings for profiling (scripts/profile_instance.py reads them through /step_samples).
         self.step_samples = collections.deque(maxlen=8192)
         log.info("model ready on %s (%s), LoRA mode %s", self.device, dtype, config.lora.mode)
@@ -175,12 +177,18 @@ class CaraBackend(ContinuesBatchBackend):
             if plan.has_prefill:
                 return self._forward_mixed(batch_id, reqs, plan)
         batch: InferBatch = self.cache.pop(batch_id)
+        graphs = self.graphs is not None and not is_prefill
         prepare = prepare_prefill_inputs if is_prefill else prepare_decode_inputs
-        kwargs, reqs = prepare(batch, self.device)
+        # a graph step copies its inputs from the host itself (one staging copy, no wait)
+        kwargs, reqs = prepare(batch, torch.device("cpu") if graphs else self.device)
         start = time.perf_counter()
         lora_batch = self.lora.build_batch(reqs, kwargs)
         try:
-            logits = self.model.forward(**kwargs, lora=lora_batch)
+            logits = self.graphs.run(kwargs, lora_batch) if graphs else None
+            if logits is None:  # prefill, a batch above the largest bucket, an adapter loading
+                if graphs:
+                    kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                logits = self.model.forward(**kwargs, lora=lora_batch)
         finally:
             self.lora.after_forward(lora_batch)
         next_ids, next_probs = sample(logits, reqs, self.eos_id, self.generators)

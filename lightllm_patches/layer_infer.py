@@ -6,7 +6,8 @@
   ours are plain methods that call the device's op set (`llama_ops.ops_for`), so nothing is
   bound there and `bind_ops` installs the op set.
 - `_get_qkv`, `_get_o`, `_ffn`: the base projections as upstream, plus the LoRA delta of the
-  step's `LoraBatch` (`infer_state.lora`) for every targeted projection, before rotary. With
+  step's `LoraBatch` (`infer_state.lora`; in a CUDA graph, its `GraphLora`) for every targeted
+  projection, accumulated straight into the projection's output, before rotary. With
   `--cpu-weight-layout both` a projection of 2+ rows reads nn.Linear's [out, in] copy of the
   weight (`<name>_linear`), which the CPU's BLAS multiplies much faster for small batches.
 - norms, KV copy and attention kernels: through the op set (upstream: Triton only).
@@ -68,12 +69,10 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
         kv = cache_kv.view(-1, kv_dim)  # kv: [tokens, 2 * kv_heads * head_dim]
         project(x, layer_weight, "kv_weight_", out=kv)
         if lora is not None:
-            # q and kv live in different buffers (kv is written straight into the KV cache),
-            # so the fused q|k|v delta goes through one scratch tensor.
-            delta = torch.zeros((x.shape[0], q.shape[1] + kv_dim), dtype=x.dtype, device=x.device)
-            if lora.add_delta(self.layer_num_, "qkv", x, delta):
-                q.add_(delta[:, : q.shape[1]])
-                kv.add_(delta[:, q.shape[1] :])
+            # q and kv live in different buffers (kv is written straight into the KV cache):
+            # the q|k|v delta accumulates into both (q: the q slice, kv: the k and v slices),
+            # after any bias was added, in one expand launch on the GPU's decode path.
+            lora.add_delta(self.layer_num_, "qkv", x, q, out_hi=kv)
         self.ops.rotary(
             q.view(-1, self.tp_q_head_num_, self.head_dim_),
             cache_kv[:, 0 : self.tp_k_head_num_, :],

@@ -4,7 +4,7 @@ Overrides (one level of subclassing each):
 
 | ours | upstream | why |
 |---|---|---|
-| `CaraMemoryManager` | `lightllm.common.mem_manager.MemoryManager` | allocates the KV cache and its state on the configured device (upstream: `device="cuda"`), takes its shared-memory name explicitly (upstream: an environment variable). |
+| `CaraMemoryManager` | `lightllm.common.mem_manager.MemoryManager` (through `kv_slots.HostMirroredSlots`: slots found on the host, no device wait) | allocates the KV cache and its state on the configured device (upstream: `device="cuda"`), takes its shared-memory name explicitly (upstream: an environment variable); counts reallocations (`generation`: CUDA graphs are captured again after one). |
 | `CaraReqManager` | `lightllm.common.req_manager.ReqManager` | request -> token table on the configured device. |
 | `CaraTransformerLayerWeight`, `CaraPreAndPostLayerWeight` | `LlamaTransformerLayerWeight`, `LlamaPreAndPostLayerWeight` | `_cuda` moves weights to the configured device instead of `.cuda()`. |
 | `CaraInferState` | `LlamaInferStateInfo` | rotary tables gathered on the device; per-step (not per-layer) CPU attention plans; carries the step's LoRA batch. |
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lightllm.common.mem_manager import MemoryManager
 from lightllm.common.req_manager import ReqManager
 from lightllm.models.llama.infer_struct import LlamaInferStateInfo
 from lightllm.models.llama.layer_infer.post_layer_infer import LlamaPostLayerInfer
@@ -32,6 +31,7 @@ from lightllm.server.router.dynamic_prompt.shared_arr import SharedInt
 
 from caraserve_router.contracts.configs import WEIGHT_LAYOUTS
 from caraserve_router.contracts.model_config import rope_scaling_problem
+from lightllm_patches.kv_slots import HostMirroredSlots
 from lightllm_patches.layer_infer import LINEAR_NAMES, CaraTransformerLayerInfer
 from lightllm_patches.llama_ops import cpu_decode_plan, ops_for
 from lightllm_patches.mixed_infer_state import CaraMixedInferState
@@ -42,8 +42,9 @@ def can_use_token_shm_name(shm_prefix: str) -> str:
     return f"{shm_prefix}_mem_manger_can_use_token_num"
 
 
-class CaraMemoryManager(MemoryManager):
-    """KV cache on `device`; overrides `MemoryManager.__init__`/`_init_buffers`/`resize_mem`."""
+class CaraMemoryManager(HostMirroredSlots):
+    """KV cache on `device`; overrides `MemoryManager.__init__`/`_init_buffers`/`resize_mem`
+    (slot allocation without device waits: kv_slots.py)."""
 
     def __init__(self, size, dtype, head_num, head_dim, layer_num, device: torch.device, shm_prefix: str):
         self.size = size
@@ -58,6 +59,8 @@ class CaraMemoryManager(MemoryManager):
         self.can_use_mem_size = size
         self.shared_can_use_token_num = SharedInt(can_use_token_shm_name(shm_prefix))
         self.shared_can_use_token_num.set_value(self.can_use_mem_size)
+        self.generation = 0  # bumped by resize_mem: the CUDA graphs' pad slot and addresses are void then
+        self._init_host_state()
         self._init_buffers(size, dtype, head_num, head_dim, layer_num)
 
     def _init_buffers(self, size, dtype, head_num, head_dim, layer_num):
@@ -70,10 +73,12 @@ class CaraMemoryManager(MemoryManager):
         self.mem_state = torch.zeros((new_size,), dtype=torch.int32, device=self.device)
         self.indexes = torch.arange(0, new_size, dtype=torch.long, device=self.device)
         self.size = new_size
+        self._init_host_state()
         self.can_use_mem_size = new_size
         self.shared_can_use_token_num.set_value(self.can_use_mem_size)
         self._free_buffers()
         self._init_buffers(new_size, self.dtype, self.head_num, self.head_dim, self.layer_num)
+        self.generation += 1
 
 
 class CaraReqManager(ReqManager):

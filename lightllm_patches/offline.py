@@ -20,6 +20,7 @@ import torch
 from caraserve_router.contracts.adapters import AdapterRequest
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig
 from caraserve_router.lora.runtime import LoraRuntime
+from lightllm_patches.cuda_graph import decode_graphs_for
 from lightllm_patches.model import CaraLlamaModel
 from caraserve_router.contracts.processes import remove_shm
 
@@ -29,7 +30,7 @@ class OfflineEngine:
                  sidecar: Optional[SidecarConfig] = None, adapters: Optional[dict] = None,
                  max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64,
                  cpu_weight_layout: str = "lightllm", shm_prefix: str = "caraserve_offline",
-                 dtype: str = "float32", model_class: type = CaraLlamaModel):
+                 dtype: str = "float32", model_class: type = CaraLlamaModel, cuda_graphs: bool = False):
         # model_class: CaraLlamaModel or a subclass (scripts/bench/gpu.py builds random weights
         # on the device instead of reading safetensors)
         self.shm_prefix = f"{shm_prefix}_{uuid.uuid4().hex[:8]}"  # unique per engine
@@ -39,11 +40,16 @@ class OfflineEngine:
             "data_type": dtype, "device": torch.device(device), "shm_prefix": self.shm_prefix,
             "cpu_weight_layout": cpu_weight_layout,
         })
+        # cuda_graphs: decode steps through DecodeGraphRunner (captured on CUDA, direct calls on
+        # the CPU) for batches of up to max_req - 8 rows (8 request slots stay spare, as the backend's)
         config = InstanceConfig(model_dir=str(model_dir), shm_prefix=self.shm_prefix, max_req_total_len=max_seq,
+                                running_max_req_size=max(1, max_req - 8), cuda_graphs=cuda_graphs,
+                                graph_emulation=cuda_graphs,
                                 lora=lora or LoRAConfig(mode="cached"), sidecar=sidecar or SidecarConfig(workers=1))
         self.runtime = LoraRuntime(config, self.model)
         for name, path in (adapters or {}).items():
             self.runtime.add(name, os.path.abspath(str(path)))
+        self.graphs = decode_graphs_for(config, self.model, self.runtime)
         self._next_id = 0
 
     def close(self) -> None:
@@ -102,7 +108,8 @@ class OfflineEngine:
         start = time.perf_counter()
         lora = self.runtime.build_batch(reqs, kwargs)
         try:
-            logits = self.model.forward(**kwargs, lora=lora).clone()
+            logits = self.graphs.run(kwargs, lora) if self.graphs is not None else None
+            logits = (logits if logits is not None else self.model.forward(**kwargs, lora=lora)).clone()
         finally:
             self.runtime.after_forward(lora)
         if on_step is not None:

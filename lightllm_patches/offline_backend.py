@@ -42,7 +42,10 @@ class BackendDriver:
 
     def __init__(self, model_dir, chunk_tokens: int, adapters: Optional[dict] = None, mode: str = "cached",
                  eos_id: int = 0, torch_threads: int = 1, max_batch: int = 16, max_total_tokens: int = 4096,
-                 max_input: int = 400, max_total_len: int = 512, **lora_kw):
+                 max_input: int = 400, max_total_len: int = 512, graphs: bool = False, device: str = "cpu",
+                 dtype: str = "auto", sidecar_workers: int = 1, **lora_kw):
+        # graphs: pure decode steps through the CUDA-graph runner (captured on CUDA; on the CPU a
+        # direct call, InstanceConfig.graph_emulation); device "cuda" runs it on the GPU
         lora_kw.setdefault("link_bandwidth_mbps", 1e5)
         lora_kw.setdefault("pool_mb", 16)
         lora_kw.setdefault("max_rank", 8)
@@ -51,9 +54,10 @@ class BackendDriver:
         self.prefix = f"csoffline_{uuid.uuid4().hex[:8]}"
         self.config = InstanceConfig(model_dir=str(model_dir), shm_prefix=self.prefix, max_total_token_num=max_total_tokens,
                                      max_req_input_len=max_input, max_req_total_len=max_total_len,
-                                     running_max_req_size=max_batch, prefill_chunk_tokens=chunk_tokens, device="cpu",
+                                     running_max_req_size=max_batch, prefill_chunk_tokens=chunk_tokens, device=device,
+                                     dtype=dtype, cuda_graphs=graphs, graph_emulation=graphs,
                                      torch_threads=torch_threads,
-                                     lora=LoRAConfig(mode=mode, **lora_kw), sidecar=SidecarConfig(workers=1))
+                                     lora=LoRAConfig(mode=mode, **lora_kw), sidecar=SidecarConfig(workers=sidecar_workers))
         self.backend = CaraBackend()
         self.backend.init_model({"cara_config": self.config, "eos_id": [eos_id], "shm_prefix": self.prefix})
         for name, path in (adapters or {}).items():

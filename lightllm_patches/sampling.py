@@ -143,11 +143,12 @@ def sample(logits: torch.Tensor, reqs, eos_id: list[int], generators: dict) -> t
     next_probs: list[float] = [0.0] * len(reqs)
     greedy = [i for i, r in enumerate(reqs) if r.sampling_param.top_k == 1]
     if greedy:
-        rows = torch.tensor(greedy, device=logits.device)
-        probs = torch.softmax(logits[rows], dim=-1)
-        best_p, best = probs.max(dim=-1)
+        # all greedy rows on the device, then one device-to-host copy of (ids, probabilities)
+        picked = logits if len(greedy) == len(reqs) else logits[torch.tensor(greedy, device=logits.device)]
+        best_p, best = torch.softmax(picked, dim=-1).max(dim=-1)
+        ids, probs = torch.stack([best.double(), best_p.double()]).cpu().tolist()  # [2, G] on the host
         for j, i in enumerate(greedy):
-            next_ids[i], next_probs[i] = int(best[j]), float(best_p[j])
+            next_ids[i], next_probs[i] = int(ids[j]), probs[j]
     for i, req in enumerate(reqs):
         p = req.sampling_param
         if p.top_k == 1:

@@ -33,6 +33,7 @@ import importlib.metadata as metadata
 import json
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 import traceback
@@ -296,6 +297,19 @@ def build(folder: Path, need: Need, timeout: float = 600) -> dict:
     return manifest
 
 
+def copy_tokenizer(folder: Path) -> None:
+    """The prepared default model's tokenizer files (3.5 MB) for scripts/gpu_serve_check.py: the
+    device has no default model, and the server stack needs a real tokenizer."""
+    from caraserve_router.assets import model_prep
+
+    source = Path(model_prep.prepare_default_model())
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja"):
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+
+
 # ---- the device's import check -------------------------------------------------------------------
 
 PACKAGES = ("lightllm_patches", "caraserve_router", "kernels")  # lightllm_patches first: it patches LightLLM
@@ -354,6 +368,7 @@ def main(argv=None) -> int:
         return 0
     if args.command == "build":
         build(args.dir, need)
+        copy_tokenizer(args.dir / "tokenizer")
     problems = check_folder(args.dir, need, device)
     for problem in problems:
         print(f"gpu bundle: {problem}", file=sys.stderr)

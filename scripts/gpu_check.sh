@@ -8,9 +8,13 @@
 # 2. imports every module of the project,
 # 3. runs `pytest -m cuda` (tests/cuda),
 # 4. runs the GPU benchmarks (scripts/bench/gpu.py),
-# writing check.log, env.json, imports.json, pytest_cuda.xml, bench_gpu.json and summary.json
-# under $OUT (default results/gpu_check). Time limits: $GPU_CHECK_PYTEST_S and
-# $GPU_CHECK_BENCH_S (defaults 300 s and 150 s: the whole check stays under 8 minutes).
+# 5. on CUDA (or with GPU_CHECK_SERVE=1): the server stack (scripts/gpu_serve_check.py: the
+#    api_server on a random-weight model with a real tokenizer, a short trace per LoRA mode,
+#    CUDA graphs on, shut down; TTFT / TPOT, errors and leftovers in serve.json),
+# writing check.log, env.json, imports.json, pytest_cuda.xml, bench_gpu.json, serve.json and
+# summary.json under $OUT (default results/gpu_check). Time limits: $GPU_CHECK_PYTEST_S,
+# $GPU_CHECK_BENCH_S and $GPU_CHECK_SERVE_S (defaults 300 s, 150 s and 200 s). GPU_CHECK_SERVE=0
+# skips step 5.
 # A partial rerun: GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-k sidecar") and
 # GPU_CHECK_BENCH_ARGS (extra bench/gpu.py arguments, e.g. "--parts kernels").
 #
@@ -26,6 +30,7 @@ WHL=${GPU_BUNDLE_DIR:-$REPO/.whl}
 SITE=${GPU_SITE:-/tmp/site}
 PYTEST_S=${GPU_CHECK_PYTEST_S:-300}
 BENCH_S=${GPU_CHECK_BENCH_S:-150}
+SERVE_S=${GPU_CHECK_SERVE_S:-200}
 read -r -a PYTEST_EXTRA <<< "${GPU_CHECK_PYTEST_ARGS:-}"
 read -r -a BENCH_EXTRA <<< "${GPU_CHECK_BENCH_ARGS:-}"
 # no network there: never let a library try the Hugging Face hub; logs as they come
@@ -115,18 +120,33 @@ else
         --sidecar-workers 1 --out "$OUT/bench_gpu.json" "${BENCH_EXTRA[@]}"
 fi
 
+# 5. the server stack (CUDA; on a CPU machine only with GPU_CHECK_SERVE=1: tiny shapes)
+STEPS=(install imports pytest bench)
+SERVE=${GPU_CHECK_SERVE:-$CUDA}
+if [ "$SERVE" = "1" ]; then
+    if [ "$CUDA" = "1" ]; then
+        step serve timeout -k 10 "$SERVE_S" $PY scripts/gpu_serve_check.py --out "$OUT/serve.json"
+    else
+        step serve timeout -k 10 "$SERVE_S" $PY scripts/gpu_serve_check.py --dry-run --out "$OUT/serve.json"
+    fi
+    STEPS+=(serve)
+fi
+
 TOTAL=$(( $(date +%s) - START ))
 STATUS=0
-for name in install imports pytest bench; do
+CODES=() SECONDS_=()
+for name in "${STEPS[@]}"; do
     [ "${RC[$name]:-1}" = "0" ] || STATUS=1
+    CODES+=("$name=${RC[$name]:-1}")
+    SECONDS_+=("$name=${DUR[$name]:-0}")
 done
-$PY - "$OUT/summary.json" "$CUDA" "$STATUS" "$TOTAL" "${RC[install]:-1}" "${RC[imports]:-1}" "${RC[pytest]:-1}" \
-    "${RC[bench]:-1}" "${DUR[install]:-0}" "${DUR[imports]:-0}" "${DUR[pytest]:-0}" "${DUR[bench]:-0}" <<'EOF'
+$PY - "$OUT/summary.json" "$CUDA" "$STATUS" "$TOTAL" "${#STEPS[@]}" "${CODES[@]}" "${SECONDS_[@]}" <<'EOF'
 import json, sys
-out, cuda, status, total, *rest = sys.argv[1:]
-names = ["install", "imports", "pytest", "bench"]
+out, cuda, status, total, n, *rest = sys.argv[1:]
+n = int(n)
+pairs = lambda items: {k: int(v) for k, v in (item.split("=") for item in items)}
 summary = {"cuda": cuda == "1", "ok": status == "0", "total_s": int(total),
-           "exit": dict(zip(names, map(int, rest[:4]))), "seconds": dict(zip(names, map(int, rest[4:])))}
+           "exit": pairs(rest[:n]), "seconds": pairs(rest[n:])}
 json.dump(summary, open(out, "w"), indent=1)
 print(json.dumps(summary))
 EOF

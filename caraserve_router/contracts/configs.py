@@ -218,6 +218,14 @@ class InstanceConfig:
         256, "Chunked prefill (SARATHI): most prompt tokens one forward step runs beside the running batch's "
         "decode tokens, so no decode step waits for more than one chunk of a prompt; 0 = off (LightLLM's "
         "whole-prompt prefill between decode steps). Default measured in docs/RESULTS.md (chunked prefill)")
+    cuda_graphs: bool = option(
+        True, "CUDA only: pure decode steps replay CUDA graphs captured at start, one per batch-size bucket "
+        "(powers of two and a few between, up to --running-max-req-size), with and without LoRA rows; batches "
+        "above the largest bucket, steps with a prefill chunk and steps with an adapter still loading run "
+        "eagerly (docs/GPU.md, CUDA graphs)")
+    graph_emulation: bool = field(default=False, metadata={
+        "help": "CPU tests only: run the CUDA-graph path's static buffers and bucket padding on the CPU, the "
+                "capture replaced by a direct call", "cli": False})
     torch_threads: int = option(0, "Intra-op threads of the model worker (0 = all cores, or the cores the "
                                 "cpu-assist sidecar leaves free when the CPU is the device)")
     cpu_weight_layout: str = option(

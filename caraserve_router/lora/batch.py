@@ -8,7 +8,12 @@ calls for each projection group.
 The batch owns the step's LoRA state: the adapters still loading, the sidecar jobs in flight,
 whether the sidecar is armed, and the step's counters (`counters`, folded into the runtime's
 by `LoraRuntime.after_forward`). It carries out the mode's decisions (`modes.py`); the mode
-itself writes nowhere.
+itself writes nowhere. What it needs of the instance comes from a frozen `LoraStepContext`
+(step_context.py), never from the runtime itself.
+
+The descriptors are built on the host (`host_rows`) and moved to the device once per step
+(`a_rows`, ...); a CUDA-graph step copies the host ones into its static buffers instead
+(`graph_lora.StaticLoraDescriptors`), so nothing is read back from the device.
 """
 from __future__ import annotations
 
@@ -24,15 +29,16 @@ import kernels
 from caraserve_router.lora.descriptors import group_rows, mask_rows
 from caraserve_router.lora.modes import LayerDecision, Mode, StepDecision
 from caraserve_router.lora.shapes import GROUPS
+from caraserve_router.lora.step_context import LoraStepContext
 
 log = logging.getLogger("caraserve.lora")
 
 
 class LoraBatch:
-    def __init__(self, runtime, entries: list, is_prefill: bool, seg_lens: Optional[list], mode: Mode,
+    def __init__(self, ctx: LoraStepContext, entries: list, is_prefill: bool, seg_lens: Optional[list], mode: Mode,
                  sidecar=None, previous: Optional["LoraBatch"] = None):
-        self.runtime = runtime
-        self.pool = runtime.pool
+        self.ctx = ctx
+        self.pool = ctx.pool
         self.entries = entries  # PoolEntry or None per row
         self.is_prefill = is_prefill
         self.device = self.pool.device
@@ -56,11 +62,11 @@ class LoraBatch:
 
     def _build_descriptors(self, seg_lens) -> None:
         n = len(self.entries)
-        self.a_rows, self.b_rows, self.ranks, self.any_rank = {}, {}, {}, {}
+        self.a_rows, self.b_rows, self.ranks, self.any_rank, self.host_rows = {}, {}, {}, {}, {}
         for g in GROUPS:
-            # a_rows / b_rows [N, S, R_g] pool units, ranks [N, S] (descriptors.py)
-            self.a_rows[g], self.b_rows[g], self.ranks[g] = group_rows(
-                self.entries, g, self.runtime.shapes.group(g).num_slices, self.device)
+            # a_rows / b_rows [N, S, R_g] pool units, ranks [N, S] (descriptors.py), built on the host
+            self.host_rows[g] = group_rows(self.entries, g, self.ctx.num_slices(g), torch.device("cpu"))
+            self.a_rows[g], self.b_rows[g], self.ranks[g] = (t.to(self.device) for t in self.host_rows[g])
             self.any_rank[g] = any(any(e.slice_ranks[g]) for e in self.entries if e is not None)
         # [N, S] ones: the store folds lora_alpha / r into B, so the kernels' multiplier is 1
         self.scales = {g: torch.ones(self.ranks[g].shape, dtype=torch.float32, device=self.device) for g in GROUPS}
@@ -89,8 +95,8 @@ class LoraBatch:
                 and all(a is b for a, b in zip(previous.entries, self.entries)))
 
     def _reuse(self, previous: "LoraBatch") -> None:
-        for name in ("a_rows", "b_rows", "ranks", "any_rank", "scales", "row_starts", "decode_rows", "_skip_cache",
-                     "_steps"):
+        for name in ("a_rows", "b_rows", "ranks", "any_rank", "host_rows", "scales", "row_starts", "decode_rows",
+                     "_skip_cache", "_steps"):
             setattr(self, name, getattr(previous, name))
 
     # ---- residency ----------------------------------------------------------------------
@@ -173,16 +179,38 @@ class LoraBatch:
         self._wait(layer, decision.sidecar)
         return ()
 
-    def add_delta(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> bool:
+    @property
+    def graphable(self) -> bool:
+        """Can this step replay a CUDA graph? Only when nothing is loading: the per-layer waits
+        and sidecar calls of a loading step are host work between launches."""
+        return not self.is_prefill and not self._loading and not self.armed
+
+    def add_delta(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor,
+                  out_hi: Optional[torch.Tensor] = None) -> bool:
         """out += LoRA delta of `group` at `layer` for every row. Shape: x [T, IN], out [T, OUT].
 
-        Returns False when no row has an adapter targeting this group (out untouched).
+        With `out_hi`, the group's output lives in two buffers (qkv: q, and k|v written into the
+        KV staging rows): out [T, OUT_lo] holds the leading slices, out_hi [T, OUT - OUT_lo] the
+        rest, split at a slice boundary. A decode step's expand then accumulates into both
+        directly on the Triton path (`DecodeStep.split`: two launches); the CPU's fused path,
+        prompt segments and loading steps go through one scratch [T, OUT] and two adds.
+
+        Returns False when no row has an adapter targeting this group (outputs untouched).
         """
         if not self.any_rank[group]:
             return False
+        if out_hi is not None and (self.decode_rows < len(self.entries) or self._loading):
+            delta = torch.zeros((x.shape[0], out.shape[1] + out_hi.shape[1]), dtype=x.dtype, device=x.device)
+            self.add_delta(layer, group, x, delta)
+            out.add_(delta[:, : out.shape[1]])
+            out_hi.add_(delta[:, out.shape[1]:])
+            return True
         skip = self._resolve(layer, group, x, out) if self._loading else ()
         w = self.pool.layer_pool(layer)  # [U, UNIT]
         k = self.decode_rows
+        if k and out_hi is not None:  # decode rows only: Triton's two launches (others: scratch + adds)
+            self._decode_step(group, skip, w, x.shape[1]).split(x, w, out, out_hi)
+            return True
         if k:  # decode rows: x[:k] and out[:k] are the leading rows (contiguous views)
             self._decode_step(group, skip, w, x.shape[1])(x[:k], w, out[:k])
         if k < len(self.entries):  # prompt segments (prefill, or the chunks of a mixed step)
@@ -198,7 +226,8 @@ class LoraBatch:
             k = self.decode_rows
             step = self._steps[key] = kernels.prepare_prefill(
                 self.seg_starts, *(t[k:] for t in self._masked(group, skip)), self.scales[group][k:],
-                self.runtime.slice_offsets[group], w, in_features)
+                self.ctx.slice_offsets[group], w, in_features, out_features=self.ctx.out_features(group),
+                backend=self.ctx.kernel_backend)
         return step
 
     def _decode_step(self, group: str, skip: tuple, w: torch.Tensor, in_features: int):
@@ -210,10 +239,11 @@ class LoraBatch:
         if step is None:
             k = self.decode_rows
             descriptors = tuple(t[:k] for t in self._masked(group, skip))
-            if self.runtime.decode_kernel.pads_to_max_rank:
+            if self.ctx.decode_kernel.pads_to_max_rank:
                 descriptors = kernels.pad_to_max_rank(*descriptors, zero_unit=0)
             step = self._steps[key] = kernels.prepare_decode(
-                *descriptors, self.scales[group][:k], self.runtime.slice_offsets[group], w, in_features)
+                *descriptors, self.scales[group][:k], self.ctx.slice_offsets[group], w, in_features,
+                out_features=self.ctx.out_features(group), backend=self.ctx.kernel_backend)
         return step
 
     def _masked(self, group: str, skip: tuple):

@@ -13,8 +13,6 @@ import os
 import time
 from typing import Optional
 
-import torch
-
 from caraserve_router.contracts.adapters import AdapterRequest, check_adapter_name
 from caraserve_router.lora.adapter_names import AdapterNames, preflight, scrub
 from caraserve_router.lora.adapter_pool import AdapterPool
@@ -24,7 +22,8 @@ from caraserve_router.lora.device_link import make_link
 from caraserve_router.lora.modes import mode_for
 from caraserve_router.lora.resolver import AdapterResolver, pool_mb
 from caraserve_router.contracts.names import DecodeKernel, LoraMode
-from caraserve_router.lora.shapes import GROUPS, ModelShapes
+from caraserve_router.lora.shapes import ModelShapes
+from caraserve_router.lora.step_context import LoraStepContext
 
 log = logging.getLogger("caraserve.lora")
 
@@ -50,9 +49,8 @@ class LoraRuntime:
         self.resolver = AdapterResolver(lora.adapter_dir) if lora.adapter_dir else None
         self.link = make_link(self.pool, lora)
         self.policy = mode_for(self.mode)
-        self.slice_offsets = {
-            g: torch.tensor(self.shapes.group(g).slice_offsets, dtype=torch.int32, device=self.device) for g in GROUPS
-        }
+        # what every step's LoraBatch reads of this instance, frozen (step_context.py)
+        self.step_context = LoraStepContext.build(self.pool, self.shapes, self.decode_kernel)
         self.sidecar = self._start_sidecar(config, model) if self.mode.uses_sidecar else None
         if self.sidecar is not None:  # the workers read an adapter's host bytes while they are mapped
             self.store.max_mapped = self.sidecar.layout.max_adapters
@@ -307,7 +305,7 @@ class LoraRuntime:
         seg_lens = None
         if kwargs["is_prefill"]:
             seg_lens = (kwargs["b_seq_len"] - kwargs["b_ready_cache_len"]).tolist()
-        batch = LoraBatch(self, entries, kwargs["is_prefill"], seg_lens, self.policy, self.sidecar,
+        batch = LoraBatch(self.step_context, entries, kwargs["is_prefill"], seg_lens, self.policy, self.sidecar,
                           previous=self._last_batch)
         self._last_batch = batch
         batch.start()

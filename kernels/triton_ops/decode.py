@@ -11,6 +11,12 @@ shrink: grid (N, S, cdiv(R, BLOCK_R)); a program computes BLOCK_R rank rows of o
 expand: grid (N, cdiv(OUT_TOTAL, BLOCK_N)); a program owns BLOCK_N output columns of one row,
         which may straddle slices (GQA widths are not block multiples), and stores only columns
         of slices with live rank rows: rank-0 slices and rows without adapter stay bit-identical.
+        The output may be two buffers (columns < SPLIT in `out`, the rest in `out_hi`, each with
+        its own row stride): the engine's qkv delta lands in q and in the KV staging rows
+        directly (mbgmv_expand_split), with no scratch and no separate add.
+
+Graph-safe: grids depend only on N, S, R and OUT (fixed for a captured bucket); the live rank of
+each (row, slice) is read on the device, so padded rows (rank 0) only cost an early exit.
 """
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ def _shrink_kernel(x_ptr, w_ptr, rows_ptr, ranks_ptr, y_ptr, IN, R, UNIT,
 
 
 @triton.jit
-def _expand_kernel(y_ptr, w_ptr, rows_ptr, ranks_ptr, scales_ptr, offsets_ptr, out_ptr, R, OUT, UNIT,
+def _expand_kernel(y_ptr, w_ptr, rows_ptr, ranks_ptr, scales_ptr, offsets_ptr, out_ptr, out_hi_ptr, R, OUT, UNIT,
+                   SPLIT, STRIDE_LO, STRIDE_HI,
                    S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     first_col = tl.program_id(1) * BLOCK_N
@@ -67,9 +74,14 @@ def _expand_kernel(y_ptr, w_ptr, rows_ptr, ranks_ptr, scales_ptr, offsets_ptr, o
             scale = tl.load(scales_ptr + row * S + s)
             acc += tl.where(cols, part * scale, 0.0)
             touched = touched | cols
-    out_cols = out_ptr + row.to(tl.int64) * OUT + c
-    old = tl.load(out_cols, mask=touched, other=0.0)
-    tl.store(out_cols, (old.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=touched)
+    lo = touched & (c < SPLIT)
+    hi = touched & (c >= SPLIT)
+    lo_cols = out_ptr + row.to(tl.int64) * STRIDE_LO + c
+    hi_cols = out_hi_ptr + row.to(tl.int64) * STRIDE_HI + (c - SPLIT)
+    old = tl.load(lo_cols, mask=lo, other=0.0).to(tl.float32) + tl.load(hi_cols, mask=hi, other=0.0).to(tl.float32)
+    new = (old + acc).to(out_ptr.dtype.element_ty)
+    tl.store(lo_cols, new, mask=lo)
+    tl.store(hi_cols, new, mask=hi)
 
 
 def _block(n: int, cap: int) -> int:
@@ -87,11 +99,20 @@ def mbgmv_shrink(x, W, a_rows, ranks, y, plan=None):
 
 
 def mbgmv_expand(y, W, b_rows, ranks, scales, slice_offsets, out, plan=None):
+    _expand(y, W, b_rows, ranks, scales, slice_offsets, out, out, out.shape[1])
+
+
+def mbgmv_expand_split(y, W, b_rows, ranks, scales, slice_offsets, out_lo, out_hi, plan=None):
+    _expand(y, W, b_rows, ranks, scales, slice_offsets, out_lo, out_hi, out_lo.shape[1])
+
+
+def _expand(y, W, b_rows, ranks, scales, slice_offsets, out, out_hi, split):
     rows, slices, rank = y.shape
-    out_total = out.shape[1]
+    out_total = split + (out_hi.shape[1] if out_hi is not out else 0)
     if y.numel() == 0 or out_total == 0:
         return
     block_n = _block(out_total, 128)
     _expand_kernel[(rows, triton.cdiv(out_total, block_n))](
-        y, W, b_rows, ranks, scales, slice_offsets, out, rank, out_total, W.shape[1],
+        y, W, b_rows, ranks, scales, slice_offsets, out, out_hi, rank, out_total, W.shape[1],
+        split, out.stride(0), out_hi.stride(0),
         S=slices, BLOCK_R=_block(rank, 32), BLOCK_N=block_n)

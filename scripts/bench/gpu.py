@@ -8,8 +8,10 @@ measured side by side in one run (medians over repeats; CUDA events on the GPU):
 1. kernels: shrink + expand of the qkv group (4096 -> 3 x 4096) for decode (bgmv, mbgmv) and
    prefill (sgmv) against a per-adapter torch loop (gather the rows of each adapter, two
    matmuls per slice, scatter-add), every row its own adapter.
-2. steps: prefill and decode step times of the engine (LightLLM's llama + CaraServe's LoRA),
-   without adapters and with rank-64 qkv adapters (cached mode).
+2. steps: the weights-only floor measured on the device, prefill, and decode step times at
+   batches 1 / 8 / 32 / 64 with CUDA graphs and eagerly, without adapters, with rank-64 qkv
+   adapters and with rank-16 adapters on all seven projections (gpu_steps.py: the JSON
+   shape); the dry run adds the launch counts per step and layer (count_launches.py).
 3. coldstart: time to first token of one request whose adapter is not on the device, per
    LoRA mode (on-demand, pipeline, cpu-assist) on the real host->device link, against cached.
 4. sidecar: the CPU sidecar's synchronisation round trip and one CUDA-path call (device->host
@@ -41,6 +43,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import gpu_steps  # scripts/bench/: the steps part
 import kernels
 import lightllm_patches  # noqa: F401 - patches LightLLM before any of its modules is imported
 from caraserve_router.assets.llama_layout import expected_shapes, write_llama_config
@@ -55,6 +58,7 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 DRY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4, vocab_size=512)
 QKV = ("q_proj", "k_proj", "v_proj")
+ALL_SEVEN = QKV + ("o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("cpu-assist", "pipeline", "on-demand")  # CaraServe first: the budget may cut the last
 
 
@@ -267,34 +271,36 @@ def write_model_dir(path: Path, config: dict) -> Path:
     return path
 
 
-def write_qkv_adapters(root: Path, shapes: ModelShapes, count: int, rank: int, device) -> dict:
-    """`count` PEFT adapters of `rank` on q, k, v (fp16 files; drawn on `device`)."""
-    g = torch.Generator(device=device).manual_seed(1)
+def write_qkv_adapters(root: Path, shapes: ModelShapes, count: int, rank: int, device, modules=QKV) -> dict:
+    """`count` PEFT adapters of `rank` on `modules` (default q, k, v; fp16 files; drawn on `device`)."""
+    g = torch.Generator(device=device).manual_seed(1 + rank + len(modules))
     dirs = {}
     for i in range(count):
         tensors = {}
         for layer in range(shapes.num_layers):
-            for module in QKV:
+            for module in modules:
                 in_f, out_f = shapes.module_shape(module)
                 key = f"base_model.model.model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
                 a = torch.randn(rank, in_f, generator=g, device=device) / in_f ** 0.5
                 b = 0.01 * torch.randn(out_f, rank, generator=g, device=device)
                 tensors[f"{key}.lora_A.weight"] = a.half().cpu()
                 tensors[f"{key}.lora_B.weight"] = b.half().cpu()
-        path = root / f"qkv-r{rank}-{i}"
+        path = root / f"{'qkv' if tuple(modules) == QKV else 'all'}-r{rank}-{i}"
         path.mkdir(parents=True)
         save_file(tensors, str(path / "adapter_model.safetensors"))
         (path / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(QKV)}))
+            {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(modules)}))
         dirs[path.name] = path
     return dirs
 
 
-def make_engine(model_dir, device, dtype, adapters, mode, pool_mb, workers, max_tokens, link) -> OfflineEngine:
+def make_engine(model_dir, device, dtype, adapters, mode, pool_mb, workers, max_tokens, link,
+                cuda_graphs: bool = False) -> OfflineEngine:
     lora = LoRAConfig(mode=mode, pool_mb=pool_mb, max_rank=64, link=link, link_bandwidth_mbps=2000.0)
+    # max_req 72: batches of up to 64 rows (8 request slots stay spare), the largest graph bucket
     return OfflineEngine(model_dir, device=str(device), dtype=dtype, lora=lora, adapters=adapters,
                          sidecar=SidecarConfig(workers=workers, deadline_ms=2000.0), max_total_tokens=max_tokens,
-                         max_seq=1024, max_req=64, model_class=RandomWeightLlama)
+                         max_seq=1024, max_req=72, model_class=RandomWeightLlama, cuda_graphs=cuda_graphs)
 
 
 def close(engine) -> None:
@@ -336,32 +342,6 @@ def profile_decode(engine, device, names, batch: int, steps: int, path: Path) ->
                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     path.write_text("\n\n".join(parts))
     log(f"profile of decode: {path}")
-
-
-def bench_steps(engine, device, names, repeats, prefill_shape, decode_batches, decode_steps) -> dict:
-    """Prefill of `prefill_shape` (prompts, tokens) and per-step decode time, base vs LoRA."""
-    result = {"prefill": {}, "decode": {}}
-    prompts = [[(7 * i + j) % 500 + 3 for j in range(prefill_shape[1])] for i in range(prefill_shape[0])]
-    for label, rows in (("base", [None] * len(prompts)), ("lora", [names[i % len(names)] for i in range(len(prompts))])):
-        samples = [timed_run(engine, device, prompts, rows, 0) for _ in range(repeats + 1)][1:]
-        result["prefill"][label] = summary(samples)
-    result["prefill"]["tokens"] = prefill_shape[0] * prefill_shape[1]
-    for batch in decode_batches:
-        prompts = [[(3 * i + j) % 500 + 3 for j in range(64)] for i in range(batch)]
-        row = {}
-        for label, rows in (("base", [None] * batch), ("lora", [names[i % len(names)] for i in range(batch)])):
-            with_steps, without = [], []
-            for _ in range(repeats + 1):
-                without.append(timed_run(engine, device, prompts, rows, 0))
-                with_steps.append(timed_run(engine, device, prompts, rows, decode_steps))
-            per_step = [(w - p) / decode_steps for w, p in zip(with_steps[1:], without[1:])]
-            row[label] = summary(per_step)
-        row["lora_overhead"] = row["lora"]["median_ms"] / row["base"]["median_ms"]
-        result["decode"][batch] = row
-        log(f"decode batch {batch}: base {row['base']['median_ms']:.2f} ms/step, lora {row['lora']['median_ms']:.2f}")
-    log(f"prefill {prefill_shape}: base {result['prefill']['base']['median_ms']:.1f} ms, "
-        f"lora {result['prefill']['lora']['median_ms']:.1f} ms")
-    return result
 
 
 def bench_ttft(engine, device, names, prompt_len, profile: Path | None = None) -> dict:
@@ -508,20 +488,34 @@ def main(argv=None) -> dict:
         page_bytes = shapes.floats_per_rank_per_layer() * shapes.num_layers * torch.empty((), dtype=dtype).element_size()
         pool_mb = (args.adapters * 64 + 64) * page_bytes / 2**20  # every adapter fits: cached mode pins them all
         prompt_len = 16 if dry else 256
-        steps, cold = due("steps"), due("coldstart")
-        if steps or cold:
+        if due("steps"):
+            all16 = write_qkv_adapters(root / "all16", shapes, 2 if dry else 8, 16, device, ALL_SEVEN)
+            steps_pool_mb = pool_mb + len(all16) * 16 * page_bytes / 2**20
+
+            def steps_engine(graphs: bool):
+                return make_engine(model_dir, device, dtype_name, {**adapters, **all16}, "cached", steps_pool_mb, 1,
+                                   max_tokens, link, cuda_graphs=graphs)
+
+            part = gpu_steps.bench(steps_engine, device, timed_run, summary, log, names, list(all16), dry=dry,
+                                         repeats=engine_repeats, steps=2 if dry else 16,
+                                         batches=(1, 2) if dry else (1, 8, 32, 64))
+            result.update(part)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            save()
+            if args.profile_dir is not None:
+                engine = make_engine(model_dir, device, dtype_name, adapters, "cached", pool_mb, 1, max_tokens, link)
+                try:
+                    profile_decode(engine, device, names, 2 if dry else 32, 2 if dry else 16,
+                                   args.profile_dir / "profile_decode.txt")
+                finally:
+                    close(engine)
+        if due("coldstart"):
             engine = make_engine(model_dir, device, dtype_name, adapters, "cached", pool_mb, 1, max_tokens, link)
             try:
-                if steps:
-                    result["steps"] = bench_steps(engine, device, names, engine_repeats, (2, 16) if dry else (4, 256),
-                                                  (2,) if dry else (1, 16, 32), 2 if dry else 16)
-                    save()
-                    if args.profile_dir is not None:
-                        profile_decode(engine, device, names, 2 if dry else 32, 2 if dry else 16,
-                                       args.profile_dir / "profile_decode.txt")
-                if cold:
-                    result.setdefault("coldstart", {})["cached"] = bench_ttft(engine, device, names[:cold_n], prompt_len,
-                                                                             profile_path("cached"))
+                result.setdefault("coldstart", {})["cached"] = bench_ttft(engine, device, names[:cold_n], prompt_len,
+                                                                         profile_path("cached"))
             finally:
                 close(engine)
             save()

@@ -15,7 +15,8 @@ import torch
 import kernels
 from tests.cuda.common import CUDA_TESTS, compiled_triton, cuda_device
 from tests.kernels.batches import Geometry
-from tests.kernels.checks import check_decode_step, check_mbgmv, check_prefill_step, check_sgmv
+from tests.kernels.checks import (check_decode_step, check_mbgmv, check_mbgmv_expand_split, check_prefill_step,
+                                  check_sgmv)
 
 pytestmark = CUDA_TESTS
 
@@ -65,6 +66,13 @@ def test_every_group_llama7b_fp16(gen, group):
     check_mbgmv(gen, None, LLAMA7B[group], "zipf", 8, 32, torch.float16, contiguous=True, padded=True,
                 device=cuda_device())
     check_sgmv(gen, None, LLAMA7B[group], "zipf", 3, 64, 64, torch.float16, contiguous=False, device=cuda_device())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("padded", [False, True], ids=["mbgmv", "bgmv"])
+def test_expand_split_llama7b_qkv(gen, dtype, padded):
+    """The qkv delta straight into q and the KV staging rows (the engine's two launches)."""
+    check_mbgmv_expand_split(gen, None, LLAMA7B["qkv"], "zipf", 32, 64, dtype, padded=padded, device=cuda_device())
 
 
 def test_prepared_decode_step_llama7b(gen):

@@ -84,6 +84,44 @@ def check_mbgmv(gen, backend, geometry: Geometry, mix: str, rows: int, max_rank:
         check_expand_result(out, expected, out0, touched_columns(ranks, geometry), dtype, where)
 
 
+def check_mbgmv_expand_split(gen, backend, geometry: Geometry, mix: str, rows: int, max_rank: int, dtype,
+                             padded: bool = False, device="cpu"):
+    """mbgmv_expand_split: the expand's output in two buffers split after the first slice, the
+    second one strided rows of a wider buffer (the engine's KV staging rows); against the float64
+    reference expand into one buffer. On Triton, rank-0 columns keep their exact bits in both."""
+    batch = make_batch(gen, geometry, mix, rows, max_rank)
+    pool = make_pool(gen, batch, dtype, False)
+    a_rows, b_rows, ranks = batch.rows(pool, "A"), batch.rows(pool, "B"), batch.ranks()
+    if padded:
+        a_rows, b_rows, ranks = kernels.pad_to_max_rank(a_rows, b_rows, ranks, pool.zero_unit)
+    live = live_mask(ranks, a_rows.shape[2])
+    x = inputs(gen, rows, geometry.in_features, dtype)
+    y_ref = torch.empty((rows, geometry.slices, a_rows.shape[2]), dtype=torch.float64)
+    reference.mbgmv_shrink(x, pool.W, a_rows, ranks, y_ref)
+    y_in = expand_input(y_ref, live)
+    scales, offsets = batch.scales(gen), geometry.slice_offsets()
+    split = int(offsets[1])
+    out0 = out_before(gen, rows, geometry.out_total, dtype)
+    lo = out0[:, :split].contiguous().to(device)
+    wide = torch.full((rows, geometry.out_total - split + 3), 7.0, dtype=dtype)   # 3 extra columns per row
+    wide[:, : geometry.out_total - split] = out0[:, split:]
+    wide = wide.to(device)
+    hi = wide[:, : geometry.out_total - split]                                    # strided rows
+    W, d_b, d_ranks = _on(device, pool.W, b_rows, ranks)
+    kernels.mbgmv_expand_split(*_on(device, y_in), W, d_b, d_ranks, *_on(device, scales, offsets), lo, hi,
+                               backend=backend)
+    out = torch.cat([lo.cpu(), hi.cpu()], 1)
+    expected = out0.double()
+    reference.mbgmv_expand(y_in, pool.W, b_rows, ranks, scales, offsets, expected)
+    where = f"mbgmv_expand_split {backend} ranks {ranks.tolist()}"
+    if backend == "triton" or (backend is None and torch.device(device).type == "cuda"):
+        # the fused store skips untouched columns; scratch + add turns -0.0 into 0.0
+        check_expand_result(out, expected, out0, touched_columns(ranks, geometry), dtype, where)
+    else:
+        assert_close(out, expected, dtype=dtype, msg=f"{where}: expand out")
+    assert bool((wide.cpu()[:, geometry.out_total - split:] == 7.0).all()), f"{where}: wrote past out_hi's columns"
+
+
 def check_sgmv(gen, backend, geometry: Geometry, mix: str, segments: int, max_len: int, max_rank: int,
                dtype, contiguous: bool, msg: str = "", device="cpu"):
     batch = make_batch(gen, geometry, mix, segments, max_rank)

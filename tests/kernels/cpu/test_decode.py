@@ -6,7 +6,7 @@ import torch
 
 import kernels
 from tests.kernels.batches import CPU_DTYPES as DTYPES, DECODE_ROWS as ROWS, MIXES, MODEL_GROUPS
-from tests.kernels.checks import check_mbgmv, geometry
+from tests.kernels.checks import check_mbgmv, check_mbgmv_expand_split, geometry
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -42,3 +42,9 @@ def test_mbgmv_bfloat16(gen):
 def test_bgmv_padded(gen, group, mix, dtype, use_plan):
     check_mbgmv(gen, "cpu", geometry(MODEL_GROUPS, group), mix, ROWS[mix], 256, dtype, contiguous=False,
                 make_plan=kernels.plan_rows if use_plan else None, padded=True, msg=group)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["mbgmv", "bgmv"])
+def test_expand_split_into_two_buffers(gen, padded):
+    """The CPU route of the split launcher (scratch + two adds) gives the one-buffer expand."""
+    check_mbgmv_expand_split(gen, "cpu", geometry(MODEL_GROUPS, "qkv"), "zipf", 5, 40, torch.float32, padded=padded)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.kernels.batches import MIXES, MODEL_GROUPS, SMALL_GROUPS
-from tests.kernels.checks import check_decode_step, check_mbgmv, geometry
+from tests.kernels.checks import check_decode_step, check_mbgmv, check_mbgmv_expand_split, geometry
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/triton_ops/test_interpreter.py"
 
@@ -60,3 +60,10 @@ def test_bgmv_model_qkv_shapes(gen):
 def test_prepared_decode_step(gen, mix):
     """kernels.prepare_decode on the Triton backend: checked once, the two kernels per layer."""
     check_decode_step(gen, "triton", geometry(SMALL_GROUPS, "qkv"), mix, ROWS[mix], 40, torch.float32, False, layers=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("padded", [False, True], ids=["mbgmv", "bgmv"])
+def test_expand_split_into_two_buffers(gen, dtype, padded):
+    """The qkv delta straight into q and the KV staging rows (one launch, no scratch)."""
+    check_mbgmv_expand_split(gen, "triton", geometry(MODEL_GROUPS, "qkv"), "zipf", 5, 40, dtype, padded=padded)
