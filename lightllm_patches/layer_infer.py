@@ -6,7 +6,8 @@
   ours are plain methods that call the device's op set (`llama_ops.ops_for`), so nothing is
   bound there and `bind_ops` installs the op set.
 - `_get_qkv`, `_get_o`, `_ffn`: the base projections as upstream, plus the LoRA delta of the
-  step's `LoraBatch` (`infer_state.lora`) for every targeted projection, before rotary. With
+  step's `LoraBatch` (`infer_state.lora`) for every targeted projection, and the family's
+  q/k/v biases (`_add_qkv_bias`, a no-op here), before rotary. With
   `--cpu-weight-layout both` a projection of 2+ rows reads nn.Linear's [out, in] copy of the
   weight (`<name>_linear`), which the CPU's BLAS multiplies much faster for small batches.
 - norms, KV copy and attention kernels: through the op set (upstream: Triton only).
@@ -74,6 +75,7 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
             if lora.add_delta(self.layer_num_, "qkv", x, delta):
                 q.add_(delta[:, : q.shape[1]])
                 kv.add_(delta[:, q.shape[1] :])
+        self._add_qkv_bias(q, kv, layer_weight)
         self.ops.rotary(
             q.view(-1, self.tp_q_head_num_, self.head_dim_),
             cache_kv[:, 0 : self.tp_k_head_num_, :],
@@ -81,6 +83,9 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
             infer_state.position_sin,
         )
         return q, cache_kv
+
+    def _add_qkv_bias(self, q: torch.Tensor, kv: torch.Tensor, layer_weight) -> None:
+        """Projection biases, before rotary (none in llama; `qwen2.CaraQwen2TransformerLayerInfer`)."""
 
     def _get_o(self, input, infer_state, layer_weight) -> torch.Tensor:
         x = input.view(-1, self.tp_o_head_num_ * self.head_dim_)  # x: [tokens, heads * head_dim]
