@@ -135,3 +135,15 @@ def test_unsupported_models_are_refused_by_name(family_dirs, tmp_path):
     yarn = _copy_with(family_dirs["llama3"], tmp_path / "yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(UnsupportedModelError, match="'yarn' is not supported"):
         OfflineEngine(yarn, max_seq=MAX_SEQ)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_validator_accepts_the_hub_shaped_directories(family_dirs, kind):
+    """What the server checks at start (`--model-dir`) accepts each family as the hub ships it."""
+    from caraserve_router.assets.model_dir import validate_model_dir
+
+    info = validate_model_dir(family_dirs[kind], max_context=4096)
+    assert info.model_type == {"llama3": "llama"}.get(kind, kind)
+    assert info.tokenizer_size == 49152 and info.chat_template
+    assert info.vocab_size == {"llama3": 128256, "qwen2": 151936, "mistral": 49152}[kind]
+    assert any("tied" in n for n in info.notes) == (kind == "qwen2")
