@@ -1,6 +1,7 @@
 """`python -m caraserve_router.api_server --model-dir DIR --adapters ADAPTERS` on a Llama-3.1-,
 a Qwen2.5- and a Mistral-shaped model (tiny, random, hub config form): the server starts on
-each, answers through a PEFT adapter with PEFT's greedy tokens, and renders chats with the
+each, answers through a PEFT adapter (given with --adapters, and one found by the resolver,
+--adapter-dir) with PEFT's greedy tokens, and renders chats with the
 family's chat template (Mistral's refuses a system turn: a 400 naming the template).
 
 Each server takes 25-60 s to start on 2 shared cores, so the suite starts one, on the Qwen2
@@ -43,9 +44,13 @@ def served(request, default_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"serve-{kind}")
     model_dir = build_family_model(kind, root / "model", default_model_dir)
     make_random_adapter(model_dir, root / "adapters" / f"{kind}-r4", rank=4, target_modules=TARGETS[kind], seed=7)
+    # known to the server only through its resolver directory (registered on first use)
+    make_random_adapter(model_dir, root / "resolver" / "resolved-r2", rank=2, target_modules=["q_proj", "k_proj"],
+                        seed=8)
     srv = RunningServer("caraserve_router.api_server",
                         ["--model-dir", str(model_dir), "--adapters", str(root / "adapters"), "--policy",
-                         "round-robin", "--lora-mode", "cached", "--log-dir", str(root / "logs")], root / "server.log")
+                         "round-robin", "--lora-mode", "cached", "--adapter-dir", str(root / "resolver"),
+                         "--log-dir", str(root / "logs")], root / "server.log")
     with srv:
         yield kind, model_dir, root / "adapters" / f"{kind}-r4", srv
     assert srv.leftover_procs == [] and srv.leftover_shm == set()
@@ -61,12 +66,22 @@ def peft_greedy(model_dir, adapter_dir, prompt):
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_answers_through_an_adapter_with_peft_tokens(served):
-    kind, model_dir, adapter_dir, srv = served
-    r = requests.post(srv.url + "/generate", json={"inputs": PROMPT, "adapter": adapter_dir.name, "parameters": {
+def generate(srv, adapter: str) -> list[int]:
+    r = requests.post(srv.url + "/generate", json={"inputs": PROMPT, "adapter": adapter, "parameters": {
         "max_new_tokens": NEW_TOKENS, "ignore_eos": True}}, timeout=300)
     assert r.status_code == 200, r.text
-    assert r.json()["token_ids"] == peft_greedy(model_dir, adapter_dir, PROMPT), kind
+    return r.json()["token_ids"]
+
+
+def test_answers_through_an_adapter_with_peft_tokens(served):
+    kind, model_dir, adapter_dir, srv = served
+    assert generate(srv, adapter_dir.name) == peft_greedy(model_dir, adapter_dir, PROMPT), kind
+
+
+def test_answers_through_a_resolved_adapter(served):
+    kind, model_dir, adapter_dir, srv = served
+    resolved = adapter_dir.parent.parent / "resolver" / "resolved-r2"
+    assert generate(srv, "resolved-r2") == peft_greedy(model_dir, resolved, PROMPT), kind
 
 
 def test_chat_uses_the_family_template(served):
