@@ -83,6 +83,17 @@ def test_llama3_frequencies_match_transformers():
     assert torch.equal(ours[:20], plain[:20]) and not torch.allclose(ours[-20:], plain[-20:])
 
 
+def test_llama3_scaling_is_read_from_rope_parameters_too():
+    """transformers 5 saves the scaling under rope_parameters (rope_scaling absent): same tables."""
+    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_type": "llama3"}  # Llama 3.2's
+    hub = inverse_frequencies({"rope_theta": 500000.0, "rope_scaling": scaling}, 64)
+    saved = inverse_frequencies({"rope_theta": 500000.0, "rope_scaling": None,
+                                 "rope_parameters": dict(scaling, rope_theta=500000.0)}, 64)
+    assert torch.equal(hub, saved)
+    assert not torch.equal(hub, inverse_frequencies({"rope_theta": 500000.0}, 64))
+
+
 def test_qwen2_biases_tied_embeddings_and_vocabulary(family_dirs):
     d = family_dirs["qwen2"]
     assert model_class_for(str(d)) is CaraQwen2Model
