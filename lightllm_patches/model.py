@@ -6,10 +6,10 @@ Overrides (one level of subclassing each):
 |---|---|---|
 | `CaraMemoryManager` | `lightllm.common.mem_manager.MemoryManager` | allocates the KV cache and its state on the configured device (upstream: `device="cuda"`), takes its shared-memory name explicitly (upstream: an environment variable). |
 | `CaraReqManager` | `lightllm.common.req_manager.ReqManager` | request -> token table on the configured device. |
-| `CaraTransformerLayerWeight`, `CaraPreAndPostLayerWeight` | `LlamaTransformerLayerWeight`, `LlamaPreAndPostLayerWeight` | `_cuda` moves weights to the configured device instead of `.cuda()`. |
+| `CaraTransformerLayerWeight`, `CaraPreAndPostLayerWeight` | `LlamaTransformerLayerWeight`, `LlamaPreAndPostLayerWeight` | `_cuda` moves weights to the configured device instead of `.cuda()`; tied embeddings: the lm_head is the embedding's device copy (`load_hf_weights`). |
 | `CaraInferState` | `LlamaInferStateInfo` | rotary tables gathered on the device; per-step (not per-layer) CPU attention plans; carries the step's LoRA batch. |
 | `CaraPostLayerInfer` | `LlamaPostLayerInfer` | final rmsnorm through the device's op set; a mixed step (chunked prefill) takes only its sampling rows to the lm_head (`_slice_get_last_input`; upstream's splitfuse branch builds indices on "cuda" and keeps every row). |
-| `CaraLlamaModel` | `LlamaTpPartModel` | weights loaded from safetensors without the CUDA-bound loader (tied embeddings: one device copy for the embedding and the lm_head), managers and rotary tables on the device (`rope.py`: plain, linear and llama3 RoPE; the model families' config checks of `contracts.model_families`), `_prefill`/`_decode` without `device="cuda"` and with the LoRA batch attached; `forward_mixed` replaces `TpPartBaseModel.splitfuse_forward` (chunked prefill, on any device). |
+| `CaraLlamaModel` | `LlamaTpPartModel` | weights loaded from safetensors without the CUDA-bound loader, managers and rotary tables on the device (`rope.py`: plain, linear and llama3 RoPE; the model families' config checks of `contracts.model_families`), `_prefill`/`_decode` without `device="cuda"` and with the LoRA batch attached; `forward_mixed` replaces `TpPartBaseModel.splitfuse_forward` (chunked prefill, on any device). |
 """
 from __future__ import annotations
 
@@ -103,12 +103,23 @@ class CaraTransformerLayerWeight(LlamaTransformerLayerWeight):
 
 
 class CaraPreAndPostLayerWeight(LlamaPreAndPostLayerWeight):
-    """Overrides `BaseLayerWeight._cuda` for embeddings, final norm and lm_head."""
+    """Overrides `BaseLayerWeight._cuda` for embeddings, final norm and lm_head, and
+    `LlamaPreAndPostLayerWeight.load_hf_weights` for tied embeddings (upstream loads
+    `lm_head.weight` only): with `tied`, the lm_head is the embedding's one device copy
+    (151,936 x hidden: a second copy costs 1 GB for a 7B Qwen)."""
 
     device = torch.device("cpu")
+    tied = False  # set per model before loading (see CaraLlamaModel._init_weights)
 
     def _cuda(self, cpu_tensor):
         return _to_device(self, cpu_tensor)
+
+    def load_hf_weights(self, weights):
+        if not self.tied:
+            return super().load_hf_weights(weights)
+        super().load_hf_weights({k: v for k, v in weights.items() if k != "lm_head.weight"})
+        if self.wte_weight_ is not None:
+            self.lm_head_weight_ = self.wte_weight_
 
 
 class CaraInferState(LlamaInferStateInfo):
@@ -221,14 +232,10 @@ class CaraLlamaModel(LlamaTpPartModel):
         tied = bool(self.config.get("tie_word_embeddings", family_of(self.config).tie_default))
         if "lm_head.weight" not in weights and not tied:
             raise FileNotFoundError(f"no lm_head.weight in {self.weight_dir_} and tie_word_embeddings is false")
-        if tied and "model.embed_tokens.weight" in weights:
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        self.pre_and_post_weight_class.tied = tied
         self.weight_dict = weights
         super()._init_weights()
         self.weight_dict = None
-        if tied:
-            # one device copy: at 151,936 x hidden a second one costs 1 GB for a 7B Qwen
-            self.pre_post_weight.lm_head_weight_ = self.pre_post_weight.wte_weight_
         if self.linear_copies:
             for layer_weight in self.trans_layers_weight:
                 for name, linear_name in LINEAR_NAMES.items():
