@@ -6,7 +6,7 @@ family's chat template (Mistral's refuses a system turn: a 400 naming the templa
 
 Each server takes 25-60 s to start on 2 shared cores, so the suite starts one, on the Qwen2
 model (biases, tied embeddings, a vocabulary larger than the tokenizer, ChatML);
-`CARASERVE_TEST_ALL_FAMILIES=1` starts all three (6 tests, 197 s under load). The chat
+`CARASERVE_TEST_ALL_FAMILIES=1` starts all three (9 tests, 193 s with the machine loaded). The chat
 templates of all three are checked without a server in `test_chat_templates.py`.
 
 The Qwen2 model's vocabulary (151,936) is larger than its tokenizer (49,152), as Qwen2.5's
