@@ -2,7 +2,7 @@
 
 | ours | upstream | why |
 |---|---|---|
-| `CaraBackend.init_model` | `ModeBackend.init_model` | builds `CaraLlamaModel` on the configured device (upstream: nccl + `torch.cuda.set_device`, a model-type if/elif over 20 models) and the instance's `LoraRuntime`. |
+| `CaraBackend.init_model` | `ModeBackend.init_model` | builds the model family's class (`model_registry.model_class_for`) on the configured device (upstream: nccl + `torch.cuda.set_device`, a model-type if/elif over 20 models) and the instance's `LoraRuntime`. |
 | `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the `AdapterRequest` and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys) and attaches the adapter; upstream calls `torch.cuda.current_device()`. |
 | `CaraBackend.forward` | `ContinuesBatchBackend.forward` | inputs on the device, the step's `LoraBatch`, the seedable sampler; a pure decode step replays a CUDA graph when it can (`cuda_graph.DecodeGraphRunner`, `--cuda-graphs`). With `--prefill-chunk-tokens` a decode step that has prompts still to prefill runs as a mixed step (`_forward_mixed`, chunked prefill; replaces `SplitFuseBackend.decode_batch`, which is CUDA-bound and gives every prefilling request a whole block per step). |
 | `CaraBackend.filter_batch` / `remove_batch` | `ModeBackend.*` | release per-request state (generator, adapter reference) of finished requests. |
@@ -29,7 +29,7 @@ from lightllm_patches import chunked_prefill
 from lightllm_patches.cuda_graph import decode_graphs_for
 from lightllm_patches.device import resolve_device, resolve_dtype
 from caraserve_router.lora.runtime import LoraRuntime
-from lightllm_patches.model import CaraLlamaModel
+from lightllm_patches.model_registry import model_class_for
 from lightllm_patches.sampling import make_generator, sample, split_extra
 
 log = logging.getLogger("caraserve.backend")
@@ -129,7 +129,7 @@ class CaraBackend(ContinuesBatchBackend):
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
         dtype = resolve_dtype(config.dtype, self.device)
-        self.model = CaraLlamaModel({
+        self.model = model_class_for(config.model_dir)({
             "tp_rank": 0,
             "world_size": 1,
             "weight_dir": config.model_dir,
@@ -138,6 +138,7 @@ class CaraBackend(ContinuesBatchBackend):
             "mode": [],
             "max_req_num": config.running_max_req_size + 8,
             "max_seq_length": config.max_req_total_len + 8,
+            "max_context": config.max_req_total_len,
             "data_type": {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype],
             "device": self.device,
             "shm_prefix": kvargs["shm_prefix"],

@@ -7,7 +7,8 @@
   bound there and `bind_ops` installs the op set.
 - `_get_qkv`, `_get_o`, `_ffn`: the base projections as upstream, plus the LoRA delta of the
   step's `LoraBatch` (`infer_state.lora`; in a CUDA graph, its `GraphLora`) for every targeted
-  projection, accumulated straight into the projection's output, before rotary. With
+  projection, accumulated straight into the projection's output, and the family's q/k/v
+  biases (`_add_qkv_bias`, a no-op here), before rotary. With
   `--cpu-weight-layout both` a projection of 2+ rows reads nn.Linear's [out, in] copy of the
   weight (`<name>_linear`), which the CPU's BLAS multiplies much faster for small batches.
 - norms, KV copy and attention kernels: through the op set (upstream: Triton only).
@@ -70,9 +71,10 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
         project(x, layer_weight, "kv_weight_", out=kv)
         if lora is not None:
             # q and kv live in different buffers (kv is written straight into the KV cache):
-            # the q|k|v delta accumulates into both (q: the q slice, kv: the k and v slices),
-            # after any bias was added, in one expand launch on the GPU's decode path.
+            # the q|k|v delta accumulates into both (q: the q slice, kv: the k and v slices)
+            # in one expand launch on the GPU's decode path; the family's biases add after.
             lora.add_delta(self.layer_num_, "qkv", x, q, out_hi=kv)
+        self._add_qkv_bias(q, kv, layer_weight)
         self.ops.rotary(
             q.view(-1, self.tp_q_head_num_, self.head_dim_),
             cache_kv[:, 0 : self.tp_k_head_num_, :],
@@ -80,6 +82,9 @@ class CaraTransformerLayerInfer(LlamaTransformerLayerInfer):
             infer_state.position_sin,
         )
         return q, cache_kv
+
+    def _add_qkv_bias(self, q: torch.Tensor, kv: torch.Tensor, layer_weight) -> None:
+        """Projection biases, before rotary (none in llama; `qwen2.CaraQwen2TransformerLayerInfer`)."""
 
     def _get_o(self, input, infer_state, layer_weight) -> torch.Tensor:
         x = input.view(-1, self.tp_o_head_num_ * self.head_dim_)  # x: [tokens, heads * head_dim]

@@ -6,10 +6,10 @@ Overrides (one level of subclassing each):
 |---|---|---|
 | `CaraMemoryManager` | `lightllm.common.mem_manager.MemoryManager` (through `kv_slots.HostMirroredSlots`: slots found on the host, no device wait) | allocates the KV cache and its state on the configured device (upstream: `device="cuda"`), takes its shared-memory name explicitly (upstream: an environment variable); counts reallocations (`generation`: CUDA graphs are captured again after one). |
 | `CaraReqManager` | `lightllm.common.req_manager.ReqManager` | request -> token table on the configured device. |
-| `CaraTransformerLayerWeight`, `CaraPreAndPostLayerWeight` | `LlamaTransformerLayerWeight`, `LlamaPreAndPostLayerWeight` | `_cuda` moves weights to the configured device instead of `.cuda()`. |
+| `CaraTransformerLayerWeight`, `CaraPreAndPostLayerWeight` | `LlamaTransformerLayerWeight`, `LlamaPreAndPostLayerWeight` | `_cuda` moves weights to the configured device instead of `.cuda()`; tied embeddings: the lm_head is the embedding's device copy (`load_hf_weights`). |
 | `CaraInferState` | `LlamaInferStateInfo` | rotary tables gathered on the device; per-step (not per-layer) CPU attention plans; carries the step's LoRA batch. |
 | `CaraPostLayerInfer` | `LlamaPostLayerInfer` | final rmsnorm through the device's op set; a mixed step (chunked prefill) takes only its sampling rows to the lm_head (`_slice_get_last_input`; upstream's splitfuse branch builds indices on "cuda" and keeps every row). |
-| `CaraLlamaModel` | `LlamaTpPartModel` | weights loaded from safetensors without the CUDA-bound loader, managers and rotary tables on the device, `_prefill`/`_decode` without `device="cuda"` and with the LoRA batch attached; `forward_mixed` replaces `TpPartBaseModel.splitfuse_forward` (chunked prefill, on any device). |
+| `CaraLlamaModel` | `LlamaTpPartModel` | weights loaded from safetensors without the CUDA-bound loader, managers and rotary tables on the device (`rope.py`: plain, linear and llama3 RoPE; the model families' config checks of `contracts.model_families`), `_prefill`/`_decode` without `device="cuda"` and with the LoRA batch attached; `forward_mixed` replaces `TpPartBaseModel.splitfuse_forward` (chunked prefill, on any device). |
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from lightllm.models.llama.model import LlamaTpPartModel
 from lightllm.server.router.dynamic_prompt.shared_arr import SharedInt
 
 from caraserve_router.contracts.configs import WEIGHT_LAYOUTS
-from caraserve_router.contracts.model_config import rope_scaling_problem
+from caraserve_router.contracts.model_families import UnsupportedModelError, config_problems, family_of
+from lightllm_patches import rope
 from lightllm_patches.kv_slots import HostMirroredSlots
 from lightllm_patches.layer_infer import LINEAR_NAMES, CaraTransformerLayerInfer
 from lightllm_patches.llama_ops import cpu_decode_plan, ops_for
@@ -107,12 +108,23 @@ class CaraTransformerLayerWeight(LlamaTransformerLayerWeight):
 
 
 class CaraPreAndPostLayerWeight(LlamaPreAndPostLayerWeight):
-    """Overrides `BaseLayerWeight._cuda` for embeddings, final norm and lm_head."""
+    """Overrides `BaseLayerWeight._cuda` for embeddings, final norm and lm_head, and
+    `LlamaPreAndPostLayerWeight.load_hf_weights` for tied embeddings (upstream loads
+    `lm_head.weight` only): with `tied`, the lm_head is the embedding's one device copy
+    (151,936 x hidden: a second copy costs 1 GB for a 7B Qwen)."""
 
     device = torch.device("cpu")
+    tied = False  # set per model before loading (see CaraLlamaModel._init_weights)
 
     def _cuda(self, cpu_tensor):
         return _to_device(self, cpu_tensor)
+
+    def load_hf_weights(self, weights):
+        if not self.tied:
+            return super().load_hf_weights(weights)
+        super().load_hf_weights({k: v for k, v in weights.items() if k != "lm_head.weight"})
+        if self.wte_weight_ is not None:
+            self.lm_head_weight_ = self.wte_weight_
 
 
 class CaraInferState(LlamaInferStateInfo):
@@ -173,7 +185,8 @@ class CaraLlamaModel(LlamaTpPartModel):
 
     Extra kvargs: `device` (torch.device), `shm_prefix` (unique per instance, names the
     shared-memory counters), `max_position` (rotary table length), `cpu_weight_layout`
-    (`configs.WEIGHT_LAYOUTS`; default "lightllm").
+    (`configs.WEIGHT_LAYOUTS`; default "lightllm"), `max_context` (longest prompt + output
+    admitted; default max_seq_length).
     """
 
     pre_and_post_weight_class = CaraPreAndPostLayerWeight
@@ -185,6 +198,8 @@ class CaraLlamaModel(LlamaTpPartModel):
     def __init__(self, kvargs):
         self.device = kvargs["device"]
         self.shm_prefix = kvargs["shm_prefix"]
+        # longest prompt + output admitted (the sliding-window check); max_seq_length may add slack
+        self.max_context = int(kvargs.get("max_context", kvargs["max_seq_length"]))
         self.linear_copies = self.device.type == "cpu" and WEIGHT_LAYOUTS[kvargs.get("cpu_weight_layout", "lightllm")]
         self.ops = ops_for(self.device)
         super().__init__(kvargs)
@@ -193,9 +208,11 @@ class CaraLlamaModel(LlamaTpPartModel):
 
     def _verify_params(self):
         super()._verify_params()
-        problem = rope_scaling_problem(self.config)  # the same check model preparation makes
-        if problem:
-            raise ValueError(problem)
+        # the same checks model preparation makes; a sliding window is judged against the
+        # longest sequence this instance admits
+        problems = config_problems(self.config, max_context=self.max_context)
+        if problems:
+            raise UnsupportedModelError("; ".join(problems))
         if "rope_theta" not in self.config:
             raise ValueError(
                 "config.json has no top-level rope_theta; LightLLM would silently use 10000. "
@@ -215,8 +232,12 @@ class CaraLlamaModel(LlamaTpPartModel):
             with safe_open(path, "pt", "cpu") as f:
                 for key in f.keys():
                     weights[key] = f.get_tensor(key)
-        if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied embeddings
+        # Tied embeddings (transformers' rule: the lm_head *is* the embedding, whatever else the
+        # files hold; Qwen2.5 <= 3B ships no lm_head.weight). Upstream loads lm_head.weight only.
+        tied = bool(self.config.get("tie_word_embeddings", family_of(self.config).tie_default))
+        if "lm_head.weight" not in weights and not tied:
+            raise FileNotFoundError(f"no lm_head.weight in {self.weight_dir_} and tie_word_embeddings is false")
+        self.pre_and_post_weight_class.tied = tied
         self.weight_dict = weights
         super()._init_weights()
         self.weight_dict = None
@@ -250,18 +271,11 @@ class CaraLlamaModel(LlamaTpPartModel):
         self._init_to_get_rotary()
 
     def _init_to_get_rotary(self, default_base=10000):
-        """Overrides `LlamaTpPartModel._init_to_get_rotary`: same tables, built on our device,
-        sized to the longest sequence the instance admits (upstream adds 128K spare rows)."""
-        head_dim = self.head_dim_
-        scaling = self.config.get("rope_scaling") or {}
-        factor = float(scaling.get("factor", 1.0))
-        base = float(self.config.get("rope_theta", default_base))
-        length = max(self.max_seq_length, int(self.config.get("max_position_embeddings", 2048))) + 8
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        t = torch.arange(length, dtype=torch.float32) / factor
-        freqs = torch.outer(t, inv_freq)
-        self._cos_cached = torch.cos(freqs).to(self.data_type).to(self.device)
-        self._sin_cached = torch.sin(freqs).to(self.data_type).to(self.device)
+        """Overrides `LlamaTpPartModel._init_to_get_rotary`: plain, linear or llama3 RoPE
+        (`rope.rotary_tables`), built on our device, one row per position the instance admits
+        (upstream: max_position_embeddings * factor + 128K rows, plain or linear only)."""
+        self._cos_cached, self._sin_cached = rope.rotary_tables(
+            self.config, self.head_dim_, self.max_seq_length, self.data_type, self.device)
 
     # ---- inference ---------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from caraserve_router.contracts.adapters import AdapterRequest
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig
 from caraserve_router.lora.runtime import LoraRuntime
 from lightllm_patches.cuda_graph import decode_graphs_for
-from lightllm_patches.model import CaraLlamaModel
+from lightllm_patches.model_registry import model_class_for
 from caraserve_router.contracts.processes import remove_shm
 
 
@@ -30,9 +30,10 @@ class OfflineEngine:
                  sidecar: Optional[SidecarConfig] = None, adapters: Optional[dict] = None,
                  max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64,
                  cpu_weight_layout: str = "lightllm", shm_prefix: str = "caraserve_offline",
-                 dtype: str = "float32", model_class: type = CaraLlamaModel, cuda_graphs: bool = False):
-        # model_class: CaraLlamaModel or a subclass (scripts/bench/gpu.py builds random weights
-        # on the device instead of reading safetensors)
+                 dtype: str = "float32", model_class: Optional[type] = None, cuda_graphs: bool = False):
+        # model_class: None for the model family's class (model_registry), or a subclass of it
+        # (scripts/bench/gpu.py builds random weights on the device instead of reading safetensors)
+        model_class = model_class or model_class_for(str(model_dir))
         self.shm_prefix = f"{shm_prefix}_{uuid.uuid4().hex[:8]}"  # unique per engine
         self.model = model_class({
             "tp_rank": 0, "world_size": 1, "weight_dir": str(model_dir), "max_total_token_num": max_total_tokens,

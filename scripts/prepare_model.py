@@ -6,8 +6,8 @@ llama directory LightLLM reads (see docs/MODELS.md), and print that directory as
 of stdout. Progress goes to stderr, so `MODEL=$(python scripts/prepare_model.py)` works.
 A valid cached directory is returned at once; a damaged one is rebuilt.
 
-With --validate DIR: check that DIR is an HF llama directory LightLLM 0.0.1 can serve, print
-what it holds, and with --fix repair the fixable problems (top-level rope_theta, lm_head).
+With --validate DIR: check that DIR is an HF llama / qwen2 / mistral directory CaraServe can
+serve, print what it holds, and with --fix repair the fixable problem (top-level rope_theta).
 Exit status: 0 ok, 1 the model could not be prepared / the directory is not usable, 2 bad usage.
 """
 from __future__ import annotations
@@ -44,12 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="convert again even if a valid directory exists")
     p.add_argument(
         "--validate", type=Path, metavar="DIR", default=None,
-        help="do not prepare anything: check that DIR is an HF llama directory LightLLM can serve",
+        help="do not prepare anything: check that DIR is an HF llama / qwen2 / mistral directory CaraServe can serve",
     )
     p.add_argument(
         "--fix", action="store_true",
-        help="with --validate: write a top-level rope_theta into config.json and/or an lm_head.weight "
-             "copy of tied embeddings (lm_head.safetensors) when those are the only problems",
+        help="with --validate: write a top-level rope_theta into config.json when that is the only problem",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     return p
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         except model_prep.ModelDirError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        log(f"ok: {info.num_layers} layers, hidden {info.hidden_size}, heads {info.num_heads}/{info.num_kv_heads} kv, "
+        log(f"ok: {info.model_type}, {info.num_layers} layers, hidden {info.hidden_size}, heads {info.num_heads}/{info.num_kv_heads} kv, "
             f"vocab {info.vocab_size} (tokenizer {info.tokenizer_size}), rope_theta {info.rope_theta:g}, "
             f"weights {info.weights_dtype}, eos {list(info.eos_token_ids)}, chat template: {info.chat_template}")
         for note in info.notes:

@@ -16,7 +16,7 @@ class ModelDirError(ValueError):
         self.path = Path(path)
         self.problems = list(problems)
         self.fixable = fixable
-        lines = [f"model directory {self.path} is not usable by LightLLM:"]
+        lines = [f"model directory {self.path} is not usable by CaraServe:"]
         lines += [f"  - {p}" for p in self.problems]
         if fixable:
             lines.append(

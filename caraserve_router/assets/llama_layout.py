@@ -88,7 +88,12 @@ def write_llama_config(
 
 
 def expected_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """HF name -> shape of every tensor LightLLM's llama loads for config `cfg`."""
+    """HF name -> shape of every tensor LightLLM's llama loads for config `cfg` (plus the
+    q/k/v biases of a family that has them, e.g. qwen2)."""
+    from caraserve_router.contracts.model_families import FAMILIES
+
+    family = FAMILIES.get(cfg.get("model_type", "llama"))
+    biases = family is not None and family.qkv_bias
     h = int(cfg["hidden_size"])
     nh = int(cfg["num_attention_heads"])
     nkv = int(cfg.get("num_key_value_heads") or nh)
@@ -113,4 +118,10 @@ def expected_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (inter, h),
             p + "mlp.down_proj.weight": (h, inter),
         })
+        if biases:
+            shapes.update({
+                p + "self_attn.q_proj.bias": (nh * hd,),
+                p + "self_attn.k_proj.bias": (nkv * hd,),
+                p + "self_attn.v_proj.bias": (nkv * hd,),
+            })
     return shapes

@@ -1,8 +1,9 @@
-"""Check any HF llama directory (the server's `--model-dir`) against what LightLLM 0.0.1 reads.
+"""Check any HF model directory (the server's `--model-dir`) against what CaraServe serves.
 
-`validate_model_dir` checks config.json, the safetensors headers and (optionally) the
-tokenizer, returns a `ModelInfo`, and can fix the two fixable problems in place (a
-`rope_theta` only under `rope_parameters`, a missing `lm_head.weight` of a tied model).
+`validate_model_dir` checks config.json (the families, rope types and features of
+`contracts.model_families`), the safetensors headers and (optionally) the tokenizer, returns a
+`ModelInfo`, and can fix the one fixable problem in place (a `rope_theta` only under
+`rope_parameters`).
 transformers and safetensors are imported only where needed.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 from caraserve_router.assets.errors import ModelDirError
 from caraserve_router.assets.file_ops import Log, emit, write_json
 from caraserve_router.assets.llama_layout import REQUIRED_CONFIG_KEYS, expected_shapes
-from caraserve_router.contracts.model_config import rope_scaling_problem
+from caraserve_router.contracts.model_families import FAMILIES, config_problems, family_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ModelInfo:
     """What a validated model directory holds (the facts the server needs)."""
 
     path: Path
+    model_type: str
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -88,19 +90,19 @@ def _safetensors_headers(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], s
 
 
 def validate_model_dir(path: Path | str, *, fix: bool = False, check_tokenizer: bool = True,
-                       log: Log | None = None) -> ModelInfo:
-    """Check that `path` is an HF llama directory LightLLM 0.0.1 serves correctly.
+                       log: Log | None = None, max_context: int | None = None) -> ModelInfo:
+    """Check that `path` is an HF directory of a family CaraServe serves (llama, qwen2, mistral).
 
-    Checks config.json (model_type llama; the keys LightLLM's llama reads; a top-level
-    `rope_theta`; no rope scaling LightLLM would misread; silu; no biases; head layout), the
-    safetensors weights (every tensor LightLLM loads, with the right shape; `lm_head.weight`
-    present) and, with `check_tokenizer`, that `AutoTokenizer.from_pretrained(path)` loads
-    offline and fits the vocabulary.
+    Checks config.json (`model_families.config_problems`: model type, MoE, activation, biases,
+    rope scaling, a sliding window shorter than `max_context` (default: max_position_embeddings);
+    the keys the llama path reads; a top-level `rope_theta`; head layout), the safetensors
+    weights (every tensor the model loads, with the right shape; `lm_head.weight` present unless
+    the embeddings are tied) and, with `check_tokenizer`, that `AutoTokenizer.from_pretrained(path)`
+    loads offline and fits the vocabulary.
 
-    Two problems are fixable in place, with `fix=True`: a `rope_theta` that only sits under
-    `rope_parameters` is copied to the top level of config.json, and a missing
-    `lm_head.weight` of a model with tied embeddings is written as `lm_head.safetensors` (a
-    copy of the embeddings). Raises `ModelDirError` listing every problem otherwise.
+    One problem is fixable in place, with `fix=True`: a `rope_theta` that only sits under
+    `rope_parameters` is copied to the top level of config.json. Raises `ModelDirError`
+    listing every problem otherwise.
     """
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -119,9 +121,8 @@ def validate_model_dir(path: Path | str, *, fix: bool = False, check_tokenizer: 
     fixable: list[str] = []
     notes: list[str] = []
 
-    mt = cfg.get("model_type")
-    if mt != "llama":
-        problems.append(f"model_type is {mt!r}; CaraServe serves LightLLM's llama model, which needs \"llama\"")
+    problems += config_problems(cfg, max_context=max_context)  # the instance's own checks
+    known_family = cfg.get("model_type") in FAMILIES  # shapes are checked against a family's layout
     missing = [k for k in REQUIRED_CONFIG_KEYS if cfg.get(k) is None]
     if missing:
         problems.append(f"config.json lacks {', '.join(missing)} (LightLLM's llama reads them)")
@@ -144,18 +145,8 @@ def validate_model_dir(path: Path | str, *, fix: bool = False, check_tokenizer: 
             notes.append("no rope_theta anywhere: LightLLM and transformers both use 10000")
     elif nested is not None and not math.isclose(float(top), nested, rel_tol=1e-6):
         problems.append(f"rope_theta {top} (top level) disagrees with rope_parameters.rope_theta {nested}")
-    rope_problem = rope_scaling_problem(cfg)  # the instance's own check (contracts.model_config)
-    if rope_problem:
-        problems.append(rope_problem)
 
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        problems.append(f"hidden_act is {act!r}; LightLLM's llama computes silu")
-    for k in ("attention_bias", "mlp_bias"):
-        if cfg.get(k):
-            problems.append(f"{k} is true; LightLLM's llama has no biases")
-
-    shapes_ok = not missing
+    shapes_ok = not missing and known_family
     if shapes_ok:
         h, nh = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         nkv = cfg.get("num_key_value_heads")
@@ -175,7 +166,6 @@ def validate_model_dir(path: Path | str, *, fix: bool = False, check_tokenizer: 
 
     # Weights -----------------------------------------------------------------------------
     weights_dtype = "?"
-    lm_head_fix = False
     headers, st_problems = _safetensors_headers(path)
     problems += st_problems
     if not headers and not st_problems:
@@ -185,16 +175,12 @@ def validate_model_dir(path: Path | str, *, fix: bool = False, check_tokenizer: 
         )
     elif headers and shapes_ok:
         expected = expected_shapes(cfg)
-        tied = bool(cfg.get("tie_word_embeddings", True))
+        tied = bool(cfg.get("tie_word_embeddings", family_of(cfg).tie_default))
         absent = [n for n in expected if n not in headers]
         if "lm_head.weight" in absent:
             absent.remove("lm_head.weight")
-            if tied and "model.embed_tokens.weight" in headers:
-                lm_head_fix = True
-                fixable.append(
-                    "lm_head.weight is missing (tied embeddings); LightLLM needs the tensor itself. "
-                    "Write a copy of model.embed_tokens.weight as lm_head.weight (e.g. into lm_head.safetensors)"
-                )
+            if tied:
+                notes.append("no lm_head.weight: tied to model.embed_tokens.weight (tie_word_embeddings)")
             else:
                 problems.append("lm_head.weight is missing and tie_word_embeddings is false")
         if absent:
@@ -234,18 +220,7 @@ def validate_model_dir(path: Path | str, *, fix: bool = False, check_tokenizer: 
             cfg["rope_theta"] = rope_fix
             write_json(cfg_path, cfg)
             emit(log, f"wrote rope_theta={rope_fix!r} at the top level of {cfg_path}")
-        if lm_head_fix:
-            from safetensors import safe_open
-            from safetensors.torch import save_file
-
-            fname = headers["model.embed_tokens.weight"][2]
-            with safe_open(str(path / fname), "pt", "cpu") as fh:
-                emb = fh.get_tensor("model.embed_tokens.weight")
-            tmp = path / ".lm_head.safetensors.tmp"
-            save_file({"lm_head.weight": emb.clone()}, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, path / "lm_head.safetensors")
-            emit(log, f"wrote lm_head.weight (copy of the embeddings) to {path / 'lm_head.safetensors'}")
-        return validate_model_dir(path, fix=False, check_tokenizer=check_tokenizer, log=log)
+        return validate_model_dir(path, fix=False, check_tokenizer=check_tokenizer, log=log, max_context=max_context)
     if problems or fixable:
         raise ModelDirError(path, problems + fixable, fixable=bool(fixable) and not problems)
 
@@ -262,6 +237,7 @@ def validate_model_dir(path: Path | str, *, fix: bool = False, check_tokenizer: 
     h, nh = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     return ModelInfo(
         path=path.absolute(),
+        model_type=str(cfg["model_type"]),
         num_layers=int(cfg["num_hidden_layers"]),
         hidden_size=h,
         num_heads=nh,

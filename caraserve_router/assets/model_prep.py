@@ -22,9 +22,9 @@ The conversion writes into a temporary sibling directory and renames it into pla
 file lock, so a crash never leaves a half-written directory where a valid one is expected and
 two processes preparing at once do the work once.
 
-`validate_model_dir()` checks any HF llama directory (the server's `--model-dir`) against what
-LightLLM 0.0.1 reads, and can fix the two fixable problems (top-level `rope_theta`, missing
-`lm_head.weight`).
+`validate_model_dir()` checks any HF llama / qwen2 / mistral directory (the server's
+`--model-dir`) against what CaraServe serves, and can fix the fixable problem (top-level
+`rope_theta`).
 
 This module holds where the GGUF and the cache are, the conversion of one directory and the
 cache with its marker; the parts live beside it in `caraserve_router/assets/`:

@@ -1,16 +1,19 @@
-"""What CaraServe's llama accepts in a model's config.json, checked in one place.
+"""What CaraServe's llama path accepts as a model's rotary embedding, checked in one place.
 
-Used by model preparation (`caraserve_router.assets.model_prep.validate_model_dir`) and by the
-instance at start (`lightllm_patches.model.CaraLlamaModel._verify_params`), so a directory
-that preparation accepts is one the instance serves. Pure Python.
+Used by the model-family registry (`caraserve_router.contracts.model_families.config_problems`,
+which the model-directory validator and the instance both call) and by the rotary tables
+(`lightllm_patches.rope`), so a directory that preparation accepts is one the instance serves.
+Pure Python.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
-# RoPE variants `CaraLlamaModel._init_to_get_rotary` implements: plain, and linear position
-# interpolation (`factor`). LightLLM's dynamic NTK branch is not carried over.
-SUPPORTED_ROPE_TYPES = (None, "default", "linear")
+# RoPE variants `lightllm_patches.rope` implements: plain, linear position interpolation
+# (`factor`), and Llama 3.x's frequency-dependent scaling. LightLLM's dynamic NTK and yarn
+# branches are not carried over.
+SUPPORTED_ROPE_TYPES = (None, "default", "linear", "llama3")
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def rope_type(d: Any) -> Optional[str]:
@@ -20,21 +23,38 @@ def rope_type(d: Any) -> Optional[str]:
     return d.get("rope_type") or d.get("type")
 
 
+def rope_scaling_of(config: dict) -> Optional[dict]:
+    """The rope scaling block of a config.json: `rope_scaling` (what hub configs and
+    transformers 4 write), else a scaled `rope_parameters` (what transformers 5 writes)."""
+    scaling = config.get("rope_scaling")
+    if scaling is not None:
+        return scaling
+    nested = config.get("rope_parameters")
+    return nested if rope_type(nested) not in (None, "default") else None
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+
 def rope_scaling_problem(config: dict) -> Optional[str]:
     """Why CaraServe cannot serve this config's rotary embedding, or None when it can."""
-    scaling = config.get("rope_scaling")
-    if scaling is not None and not isinstance(scaling, dict):
-        return f"rope_scaling must be an object or null, got {scaling!r}"
+    raw = config.get("rope_scaling")
+    if raw is not None and not isinstance(raw, dict):
+        return f"rope_scaling must be an object or null, got {raw!r}"
+    scaling = rope_scaling_of(config)
     kind = rope_type(scaling)
     if kind not in SUPPORTED_ROPE_TYPES:
-        return (f"rope_scaling type {kind!r} is not supported by CaraServe's llama (plain or linear RoPE "
-                "only)")
-    if kind == "linear":
-        factor = scaling.get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
-            return f"rope_scaling factor must be a positive number, got {factor!r}"
-    nested = rope_type(config.get("rope_parameters"))
-    if nested not in (None, "default") and scaling is None:
-        return (f"rope scaling {nested!r} is given only under rope_parameters; LightLLM reads rope_scaling "
-                "and would silently ignore it")
+        where = "rope_scaling" if raw is not None else "rope_parameters"
+        return (f"{where} type {kind!r} is not supported by CaraServe (default, linear or llama3 RoPE only; not "
+                "dynamic, yarn, longrope)")
+    if kind in ("linear", "llama3") and not _positive(scaling.get("factor")):
+        return f"rope_scaling factor must be a positive number, got {scaling.get('factor')!r}"
+    if kind == "llama3":
+        missing = [k for k in LLAMA3_KEYS if not _positive(scaling.get(k))]
+        if missing:
+            return f"rope_scaling type 'llama3' needs positive {', '.join(missing)} (Llama 3.1's config has them)"
+        if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            return (f"rope_scaling llama3: high_freq_factor {scaling['high_freq_factor']} must exceed "
+                    f"low_freq_factor {scaling['low_freq_factor']}")
     return None

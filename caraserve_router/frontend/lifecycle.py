@@ -13,12 +13,13 @@ from caraserve_router.frontend.service import FrontEnd
 log = logging.getLogger("caraserve.api")
 
 
-def prepare_model(front_cfg: FrontendConfig) -> None:
-    """Check --model-dir, or prepare the default model once (cached under .cache/)."""
+def prepare_model(front_cfg: FrontendConfig, max_context: int | None = None) -> None:
+    """Check --model-dir, or prepare the default model once (cached under .cache/).
+    `max_context`: the instances' longest request (a shorter sliding window is refused)."""
     from caraserve_router.assets.model_prep import prepare_default_model, validate_model_dir
 
     if front_cfg.model_dir:
-        validate_model_dir(front_cfg.model_dir)
+        validate_model_dir(front_cfg.model_dir, max_context=max_context)
     else:
         start = time.monotonic()
         print("preparing the default model (SmolLM2-135M-Instruct; the first time takes about a minute) ...",
@@ -59,7 +60,7 @@ def main(argv=None, description: str = "") -> int:
         front_cfg, template = parse_configs(argv, description)
         front_cfg.validate()
         logging.getLogger().setLevel(front_cfg.log_level.upper())
-        prepare_model(front_cfg)
+        prepare_model(front_cfg, max_context=template.max_req_total_len)
         template.model_dir = front_cfg.model_dir
         template.lora.validate()
         uvloop.run(serve(FrontEnd(front_cfg, template)))

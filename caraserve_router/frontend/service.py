@@ -305,7 +305,14 @@ class FrontEnd:
             _check_text(m["content"], "a message")
             # OpenAI's `developer` role is the `system` role of models before o1; templates know the latter.
             turns.append({"role": CHAT_ROLES[m["role"]], "content": m["content"]})
-        out = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError
+
+        try:
+            out = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        except TemplateError as e:
+            # templates refuse what their model was not trained on (Mistral's: a system turn,
+            # roles that do not alternate) with raise_exception: the client's error, not ours
+            raise ValueError(f"the model's chat template refuses these messages: {e}") from None
         return list(out["input_ids"]) if isinstance(out, dict) or hasattr(out, "keys") else list(out)
 
     async def encode_async(self, prompt) -> list[int]:
