@@ -28,7 +28,7 @@ def start(tiny, tmp_path, policy, *extra):
     return RunningServer("caraserve_router.api_server", [
         "--model-dir", str(model_dir), "--instances", "2", "--policy", policy, "--lora-mode", "pipeline",
         "--lora-pool-mb", "4", "--lora-max-rank", "8", "--log-dir", str(tmp_path), "--stats-interval-s", "0.3",
-        "--health-interval-s", "0.5", *extra], tmp_path / "server.log")
+        "--health-interval-s", "0.5", *extra], tmp_path / "server.log", instance_key="test-cluster-key")
 
 
 def lora_adapters_dir_flag(tiny):
@@ -76,11 +76,27 @@ def test_round_robin_spreads_and_outputs_agree(tiny, tmp_path):
         for url in urls:
             for name in adapter_names:
                 r = requests.post(url + "/generate", json={"input_ids": [5, 6, 7, 8], "adapter": name,
-                                                           "parameters": {"max_new_tokens": 1}}, timeout=300)
+                                                           "parameters": {"max_new_tokens": 1}}, timeout=300,
+                                  headers=srv.instance_headers)
                 assert r.status_code == 200, r.text
+        # The instances are closed to all but the front end: no key or a wrong one is a 401;
+        # /health and /metrics stay open (probes). Each runs on its own share of the cores.
+        for url in urls:
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                r = requests.post(url + "/generate", json={"input_ids": [5], "parameters": {"max_new_tokens": 1}},
+                                  headers=headers, timeout=30)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+                assert requests.get(url + "/v1/models", headers=headers, timeout=30).status_code == 401
+            assert requests.get(url + "/metrics", timeout=30).status_code == 200
+        pids = [requests.get(url + "/health", timeout=30).json()["processes"] for url in urls]
+        cores = [set().union(*(os.sched_getaffinity(p) for p in procs.values())) for procs in pids]
+        assert not cores[0] & cores[1], cores
+        if len(os.sched_getaffinity(0)) >= 2:
+            assert cores[0] | cores[1] == os.sched_getaffinity(0), cores
         segments = [n for n in os.listdir("/dev/shm") if n.startswith(srv.shm_prefix + "_hs")]
         assert len(segments) == 3, segments
-        lora = [requests.get(url + "/stats", timeout=30).json()["lora"]["residency"] for url in urls]
+        lora = [requests.get(url + "/stats", headers=srv.instance_headers, timeout=30).json()["lora"]["residency"]
+                for url in urls]
         assert [s["mapped_on_host"] for s in lora] == [3, 3], json.dumps(lora)
         assert sum(s["host_reads"] for s in lora) == 3 and sum(s["host_shared_hits"] for s in lora) == 3, json.dumps(lora)
         families = {f.name for f in text_string_to_metric_families(requests.get(srv.url + "/metrics").text)}
