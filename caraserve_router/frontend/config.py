@@ -109,7 +109,10 @@ class FrontendConfig:
 
             assign_gpus(self.instances, self.share_gpus)  # refuses more instances than GPUs, before anything starts
         else:
+            from caraserve_router.frontend.ray_config import require_ray
+
             self.ray.validate()
+            require_ray()
 
     @property
     def urls(self) -> list[str]:

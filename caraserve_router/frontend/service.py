@@ -282,6 +282,11 @@ class FrontEnd:
             return None, 0
         if model in self.registry:
             return model, self.registry.rank(model)
+        on_use = getattr(self.cluster, "on_use", None)  # Ray: the resolver runs here (ray_adapters.py)
+        info = on_use.resolve(model) if on_use is not None else None
+        if info is not None:
+            self.registry.adapters[model] = info
+            return model, info.rank
         if self.template.lora.adapter_dir is None:
             raise KeyError(model)
         if not resolvable(model):
