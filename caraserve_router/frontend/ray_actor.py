@@ -238,12 +238,14 @@ class InstanceActor:
         except OSError:
             return ""
 
-    def kill_instance(self) -> bool:
-        """The instance hangs (health missed while its process lives): SIGKILL its group (a
+    def kill_instance(self, pid: int) -> bool:
+        """Instance process `pid` hangs (health missed while it lives): SIGKILL its group (a
         stopped process never handles SIGTERM); the owner thread then ends this actor and Ray
-        restarts it with a fresh instance."""
-        if self.proc is not None:
-            kill_groups([self.proc.pid], 0.0)
+        restarts it with a fresh instance. Another pid (this actor restarted meanwhile, and the
+        call was queued for the new incarnation): nothing to do."""
+        if self.proc is None or self.proc.pid != pid:
+            return False
+        kill_groups([pid], 0.0)
         return True
 
     def stop(self, grace_s: float = 15.0) -> bool:

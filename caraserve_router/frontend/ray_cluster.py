@@ -207,9 +207,8 @@ class RayLauncher:
     @staticmethod
     def restart_hung(handle: RayInstanceHandle) -> None:
         """Its instance hangs: the actor SIGKILLs it and exits, and Ray restarts the actor."""
-        if handle.actor is not None:
-            handle.actor.kill_instance.remote()
-            handle.healthy = False
+        if handle.actor is not None and handle.pid is not None:
+            handle.actor.kill_instance.remote(handle.pid)
 
     @staticmethod
     def signal_stop(handle: RayInstanceHandle) -> None:
