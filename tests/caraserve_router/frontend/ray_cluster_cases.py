@@ -272,6 +272,14 @@ def wait_for(predicate, timeout_s, what, show=None):
     raise AssertionError(f"timed out waiting for {what}" + (f": {show()}" if show else ""))
 
 
+def restarted(old: list, index: int):
+    """actor_infos() once instance `index` runs a new process that has bound its port, else None."""
+    infos = actor_infos()
+    if len(infos) == len(old) and infos[index]["pid"] != old[index]["pid"] and infos[index]["url"]:
+        return infos
+    return None
+
+
 def test_killed_instance_is_restarted_by_ray(tiny, server):
     """Eight long requests: two run on each instance, four wait at the front end. Instance 1's
     process is killed: its two running requests end with an error event, the other six
@@ -299,8 +307,7 @@ def test_killed_instance_is_restarted_by_ray(tiny, server):
     assert all(r == ("ok", 600) for r in results.values() if r[0] == "ok")
     assert all("instance" in r[1] for r in results.values() if r[0] == "error")
 
-    new = wait_for(lambda: (lambda i: i if len(i) == 2 and i[1]["pid"] != old[1]["pid"] else None)(actor_infos()),
-                   120, "actor restarted")
+    new = wait_for(lambda: restarted(old, 1), 120, "actor restarted")
     assert new[0]["pid"] == old[0]["pid"]
     view = wait_for(lambda: (lambda v: v if v[1]["healthy"] and v[1]["url"] == new[1]["url"] else None)(
         instances(server.url)), 300, "restarted instance healthy at its new URL")
@@ -330,8 +337,7 @@ def test_a_stopped_instance_is_replaced(tiny, server):
             assert len(generate(server.url, None, PROMPTS[0])) == NEW_TOKENS
         after = decisions(server.url)
         assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {"instance0": 2.0}
-        new = wait_for(lambda: (lambda i: i if len(i) == 2 and i[1]["pid"] != old[1]["pid"] else None)(
-            actor_infos()), 120, "the stopped instance replaced")
+        new = wait_for(lambda: restarted(old, 1), 120, "the stopped instance replaced")
     finally:
         try:
             os.kill(old[1]["pid"], signal.SIGCONT)  # if it still exists (a failed test): let it die
@@ -432,7 +438,9 @@ def test_front_ends_attach_and_outlive_each_other(tiny, server, nodes, tmp_path)
     """A second front end attaches and both serve; the first is SIGKILLed and its instances
     keep running (same processes); a third attaches within 60 s and serves them too."""
     old = actor_infos()
-    urls = [i["url"] for i in instances(server.url) if not i["removed"]]
+    urls = [i["url"] for i in requests.get(server.url + "/admin/instances", timeout=30).json()["instances"]
+            if not i["removed"]]
+    assert len(urls) == 2
     with attached(nodes, tiny, tmp_path, "second") as second:
         assert [i["url"] for i in instances(second.url)] == urls
         for url in (server.url, second.url):
