@@ -423,8 +423,8 @@ def test_instance_metrics_speak_vllm(tiny, server):
 
 
 def own_processes(marker: str) -> list:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+    out = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout  # ww: whole lines
+    return [line for line in out.splitlines() if marker in line and "ps -eww" not in line]
 
 
 def attached(nodes, tiny, logs, name) -> RunningServer:
