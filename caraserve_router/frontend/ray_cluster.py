@@ -283,8 +283,8 @@ class RayCluster(Cluster):
             if info["pid"] != h.pid:
                 if h.pid is not None:
                     h.restarts += 1
-                    log.warning("instance %d restarted by Ray: %s on node %s (was pid %s)", i, info["url"],
-                                info["node_id"][:8], h.pid)
+                    log.warning("instance %d restarted by Ray on node %s: pid %s (was %s)", i, info["node_id"][:8],
+                                info["pid"], h.pid)
                     if h.healthy:  # restarted between two health checks: down first, so that coming
                         h.healthy = False  # up again restores its run-time adapters
                         h.failures += 1
