@@ -1,6 +1,7 @@
 """What keeps a cluster's instances closed and their ports race-free, without servers: the
 instance key middleware, ports an instance binds itself, the one instance command line, the
-host's cores split between instances, and adapters shipped to an instance on first use."""
+host's cores split between instances, adapters shipped to an instance on first use, and
+`--cluster ray` without Ray."""
 from __future__ import annotations
 
 import asyncio
@@ -120,3 +121,14 @@ def test_an_adapter_is_loaded_on_its_first_use_once_per_instance_process(tmp_pat
     assert on_use.adapters["late"].rank == 4 and on_use.adapters["late"].target_modules == ["q_proj", "v_proj"]
     assert "late" not in loader.loaded
     assert on_use.resolve("../etc") is None and on_use.resolve("missing") is None
+
+
+def test_cluster_ray_without_ray_is_a_one_line_error(monkeypatch, capsys):
+    from caraserve_router.frontend import lifecycle, ray_config
+
+    real = ray_config.importlib.util.find_spec
+    monkeypatch.setattr(ray_config.importlib.util, "find_spec", lambda name, *a: None if name == "ray" else
+                        real(name, *a))
+    assert lifecycle.main(["--cluster", "ray", "--instances", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("caraserve: error: --cluster ray needs Ray") and "pip install" in err[0]
