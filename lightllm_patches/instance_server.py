@@ -21,6 +21,10 @@ API (internal; the cluster front end `caraserve_router.api_server` is the public
 `GET /v1/models`, `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`,
 `GET /stats`, `GET /health` (liveness: this process and its children, never the router loop),
 `GET /ready` (readiness: the router loop answers), `GET /metrics`. Errors are OpenAI-shaped.
+With `CARASERVE_INSTANCE_KEY` in its environment (its launchers set it) every route but
+`/health` and `/metrics` needs that key (`contracts/instance_auth.py`); without one it serves
+loopback only. It binds its port itself (port 0: any; taken: the next free one) and writes it to
+`--port-file`, so no other process can take the port between a launcher's choice and the bind.
 """
 from __future__ import annotations
 
