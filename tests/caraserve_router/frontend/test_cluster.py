@@ -13,6 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import fixtures
+from caraserve_router.contracts.processes import bind_listening
 from caraserve_router.evaluation.server_process import RunningServer
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,15 @@ def logprobs(url, adapter, prompt_ids, n=4):
 
 def test_round_robin_spreads_and_outputs_agree(tiny, tmp_path):
     adapter_names = [a.name for a in tiny[1]]
-    with start(tiny, tmp_path, "round-robin", *lora_adapters_dir_flag(tiny)) as srv:
+    # The base port is taken (as any outgoing connection may take a port chosen early): the
+    # instances bind the next free ones themselves, and the server starts.
+    taken = bind_listening("127.0.0.1", 0)
+    base = taken.getsockname()[1]
+    with taken, start(tiny, tmp_path, "round-robin", *lora_adapters_dir_flag(tiny),
+                      "--instance-base-port", str(base)) as srv:
+        ports = [int(h["url"].rsplit(":", 1)[1])
+                 for h in requests.get(srv.url + "/stats", timeout=30).json()["instances"]]
+        assert len(set(ports)) == 2 and all(base < p < base + 64 for p in ports), (base, ports)
         outputs = [logprobs(srv.url, adapter_names[i % 3], [5, 6, 7, 8]) for i in range(6)]
         assert decisions(srv.url) == {"instance0": 3.0, "instance1": 3.0}
         # The same (adapter, prompt) served by either instance gives the same tokens.
