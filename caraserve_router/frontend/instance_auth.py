@@ -9,11 +9,13 @@ every node anyway.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from caraserve_router.contracts.instance_auth import INSTANCE_KEY_ENV, auth_headers, new_key
 
 RAY_KEY_NAME = b"caraserve/instance_key"
+log = logging.getLogger("caraserve.auth")
 
 
 def local_key() -> str:
@@ -34,6 +36,9 @@ def ray_key(namespace: str, attach: bool) -> str:
 
     stored = internal_kv._internal_kv_get(RAY_KEY_NAME, namespace=namespace)
     if stored:
+        if os.environ.get(INSTANCE_KEY_ENV, stored.decode()) != stored.decode():
+            log.warning("%s differs from the instance key stored in Ray namespace %r; the stored one is used "
+                        "(scripts/ray_down.py forgets it)", INSTANCE_KEY_ENV, namespace)
         return stored.decode()
     if attach:
         raise RuntimeError(f"no CaraServe instances to attach to in Ray namespace {namespace!r} (no instance key "
