@@ -21,6 +21,10 @@ API (internal; the cluster front end `caraserve_router.api_server` is the public
 `GET /v1/models`, `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`,
 `GET /stats`, `GET /health` (liveness: this process and its children, never the router loop),
 `GET /ready` (readiness: the router loop answers), `GET /metrics`. Errors are OpenAI-shaped.
+With `CARASERVE_INSTANCE_KEY` in its environment (its launchers set it) every route but
+`/health` and `/metrics` needs that key (`contracts/instance_auth.py`); without one it serves
+loopback only. It binds its port itself (port 0: any; taken: the next free one) and writes it to
+`--port-file`, so no other process can take the port between a launcher's choice and the bind.
 """
 from __future__ import annotations
 
@@ -41,13 +45,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from caraserve_router.contracts import sse
 from caraserve_router.contracts.adapters import AdapterOp
 from caraserve_router.contracts.control import AdapterCall, GetSamples, GetStats, Ping
+from caraserve_router.contracts.instance_auth import INSTANCE_KEY_ENV, InstanceAuth, confined_path, is_loopback
 from caraserve_router.contracts.stats import InstanceStats
 from caraserve_router.contracts.protocol import (
     GenerateRequest, LoadAdapterRequest, UnloadAdapterRequest, error_kind, error_response, validation_message,
 )
 
 from lightllm_patches._global import set_log_level
-from caraserve_router.contracts.configs import InstanceConfig
+from caraserve_router.contracts.configs import InstanceConfig, parse_cores
 from lightllm_patches.detokenizer import start_detokenization_process
 from lightllm_patches.httpserver_manager import CaraHttpServerManager, ClientGone, RequestError, check_text
 from lightllm_patches.lightllm_args import lightllm_args
@@ -55,7 +60,8 @@ from caraserve_router.lora.adapter_store import AdapterError
 from caraserve_router.contracts.host_segments import remove_idle
 from lightllm_patches.metrics import InstanceMetrics
 from caraserve_router.contracts.processes import (
-    Terminated, free_ports, raise_terminated, remove_shm, start_children, stop_processes,
+    Terminated, bind_listening, free_ports, raise_terminated, remove_shm, start_children, stop_processes,
+    write_port_file,
 )
 from lightllm_patches.router_manager import start_router_process
 from lightllm_patches.sampling import CaraSamplingParams
@@ -222,6 +228,11 @@ class InstanceApp:
         return {"object": "list", "data": data}
 
     async def load_adapter(self, body: LoadAdapterRequest):
+        if self.config.roots:  # the front end's --adapter-roots, applied here too: the instance may be reached directly
+            try:
+                confined_path(body.lora_path, self.config.roots)
+            except ValueError as e:
+                return error_response(str(e), 400)
         try:
             info = await self.manager.control(AdapterCall(AdapterOp.ADD, body.lora_name, body.lora_path))
         except (AdapterError, RequestError) as e:
@@ -274,6 +285,8 @@ class InstanceApp:
 
 def _prepare(config: InstanceConfig) -> InstanceConfig:
     config.validate()
+    if config.cpu_cores:  # before any child starts: they inherit it (the sidecar pins within it)
+        os.sched_setaffinity(0, parse_cores(config.cpu_cores))
     if not config.shm_prefix:
         config.shm_prefix = f"caraserve_{config.port}_{uuid.uuid4().hex[:8]}"
     return config
@@ -319,6 +332,15 @@ def serve(config: InstanceConfig) -> int:
     # uvicorn captures SIGTERM during `run()` and re-raises it afterwards with the handler that
     # was installed before: make that one unwind the stack so the `finally` below runs.
     signal.signal(signal.SIGTERM, raise_terminated)
+    # Read and dropped at once: the children need no key, and a core dump or /proc/PID/environ
+    # of theirs then holds none.
+    key = os.environ.pop(INSTANCE_KEY_ENV, "")
+    if not key and not is_loopback(config.host):
+        raise ValueError(f"an instance listening on {config.host} (beyond loopback) needs a key: set "
+                         f"{INSTANCE_KEY_ENV} (the front end's launchers do)")
+    config.validate()
+    listener = bind_listening(config.host, config.port)  # bound here and kept: no other process can take it
+    config.port = listener.getsockname()[1]
     config = _prepare(config)
     set_log_level(config.log_level)
     router_port, detok_port, http_port, control_port = free_ports(4)
@@ -349,13 +371,19 @@ def serve(config: InstanceConfig) -> int:
         watch.procs = {"router": procs[0], "detokenizer": procs[1]}
         watch.manager = manager
         app = InstanceApp(config, manager, metrics, watch).app
-        log.info("instance %s serving on http://%s:%d", config.display_name, config.host, config.port)
+        if key:
+            app = InstanceAuth(app, key)
+        log.info("instance %s serving on http://%s:%d%s", config.display_name, config.host, config.port,
+                 " (instance key required)" if key else "")
         server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop",
                                                log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=5))
-        server.run()
+        if config.port_file:  # the socket already queues connections: the launcher may use it now
+            write_port_file(config.port_file, config.port)
+        server.run(sockets=[listener])
     except Terminated:
         pass
     finally:
+        listener.close()
         stop_processes(procs[:1])  # the router: SIGTERM stops its sidecar and frees its shm
         stop_processes(procs[1:], grace_s=0.0)  # the detokenizer holds nothing; upstream's waits on SIGTERM
         removed = remove_shm(config.shm_prefix) + remove_idle(config.adapter_store_prefix)

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,10 @@ async def profile_url(url: str, grid, seed: int) -> dict:
 
     from caraserve_router.frontend.instance_client import InstanceClient
 
-    async with aiohttp.ClientSession() as session:
+    from caraserve_router.contracts.instance_auth import INSTANCE_KEY_ENV, auth_headers
+
+    # an instance a front end started needs its key (give it in the environment, never argv)
+    async with aiohttp.ClientSession(headers=auth_headers(os.environ.get(INSTANCE_KEY_ENV, ""))) as session:
         client = InstanceClient(url, session)
         models = await client.models()
         adapters = {m["id"]: int(m["rank"]) for m in models["data"] if not m.get("base_model")}

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import enum
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -93,6 +94,25 @@ def to_cli(config, prefix: str = "", skip: tuple = ()) -> list[str]:
         elif value is not None:
             args += [flag, str(value)]
     return args
+
+
+def instance_command(config: "InstanceConfig", python: str = sys.executable) -> list[str]:
+    """The one command line of an instance process (local launcher and Ray actor alike)."""
+    return ([python, "-m", "lightllm_patches.instance"]
+            + to_cli(config, skip=("lora", "sidecar"))
+            + to_cli(config.lora, prefix="lora_")
+            + to_cli(config.sidecar, prefix="sidecar_"))
+
+
+def parse_cores(spec: str) -> list[int]:
+    """'0-3,8' -> [0, 1, 2, 3, 8] (ValueError on anything else)."""
+    cores: set = set()
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise ValueError(f"bad core list {spec!r} (want e.g. 0-3,8)")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(cores)
 
 
 LORA_MODES = values(LoraMode)  # the CLI strings; config.mode is the LoraMode, code asks its capabilities
@@ -201,7 +221,15 @@ class InstanceConfig:
 
     model_dir: str = option("", "HF llama model directory (safetensors + config + tokenizer)")
     host: str = option("127.0.0.1", "Address the instance's HTTP server binds")
-    port: int = option(8100, "Port of the instance's HTTP server")
+    port: int = option(8100, "Port of the instance's HTTP server (0: any free one; taken: the next free one "
+                       "above it). The instance binds it itself, so nothing can take it in between")
+    port_file: str = option("", "Write the port the instance bound here once it listens (how a launcher "
+                            "learns it)")
+    cpu_cores: str = option("", "Cores this instance (server, model worker and sidecar workers) runs on, e.g. "
+                            "0-3 (default: all this process may use); launchers give the instances of one "
+                            "host disjoint sets")
+    adapter_roots: str = option("", "Comma-separated absolute directories that /v1/load_lora_adapter may load "
+                                "from (empty: any path; the front end passes its own roots)")
     name: str = option("", "Instance name in logs and metrics (default: host:port)")
     device: str = option("auto", "Compute device: auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     dtype: str = option("auto", "Model dtype: auto (float32 on CPU, float16 on CUDA), float32, "
@@ -247,7 +275,7 @@ class InstanceConfig:
             raise ValueError(f"model_dir {self.model_dir!r} is not a directory")
         if self.tp != 1:
             raise ValueError("tensor parallelism (tp > 1) is not supported by CaraServe yet; use tp=1")
-        if not 0 < self.port < 65536:
+        if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
         if not 0 < self.max_req_input_len < self.max_req_total_len <= self.max_total_token_num:
             raise ValueError("need 0 < max_req_input_len < max_req_total_len <= max_total_token_num")
@@ -255,6 +283,10 @@ class InstanceConfig:
             raise ValueError("running_max_req_size must be >= 1")
         if self.prefill_chunk_tokens < 0:
             raise ValueError(f"prefill_chunk_tokens must be >= 0 (0 = off), got {self.prefill_chunk_tokens}")
+        if self.cpu_cores:
+            parse_cores(self.cpu_cores)
+        if any(not os.path.isabs(r) for r in self.roots):
+            raise ValueError(f"adapter_roots must be absolute directories, got {self.adapter_roots!r}")
         for flag in ("shm_prefix", "host_store_prefix"):
             if getattr(self, flag):
                 check_shm_prefix(flag, getattr(self, flag))
@@ -266,6 +298,10 @@ class InstanceConfig:
         """Chunked prefill is on (the one test of it: LightLLM's `splitfuse_mode`, the router's
         mixed step, the backend's step planning and the request queue all read this)."""
         return self.prefill_chunk_tokens > 0
+
+    @property
+    def roots(self) -> list[str]:
+        return [r.strip() for r in self.adapter_roots.split(",") if r.strip()]
 
     @property
     def display_name(self) -> str:

@@ -32,6 +32,45 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+PORT_SCAN = 64  # ports tried above a given one that is taken
+
+
+def bind_listening(host: str, port: int, scan: int = PORT_SCAN) -> socket.socket:
+    """A listening TCP socket on `host`: port 0 takes any free port, another port the first free
+    one of port..port+scan-1. Bound by the process that serves on it, so no other process can
+    take the port between its choice and the bind (the race `free_ports` has)."""
+    last: OSError = OSError("no port tried")
+    for candidate in ([0] if port == 0 else range(port, min(port + scan, 65536))):
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+        try:
+            sock.bind((host, candidate))
+            sock.listen(2048)
+            return sock
+        except OSError as e:
+            sock.close()
+            last = e
+    raise OSError(f"no free port on {host} in {port}..{port + scan - 1}: {last}")
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Write `port` to `path` atomically (a reader never sees half of it)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(str(port))
+    os.replace(tmp, path)
+
+
+def read_port_file(path: str) -> int:
+    """The port in `path`, or 0 while it is not there yet."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return 0
+    return int(text) if text.isdigit() else 0
+
+
 def start_children(targets: list[tuple], timeout_s: float = 600.0) -> list:
     """Start each (function, args) as a spawned process that reports "init ok" on a pipe.
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from caraserve_router.contracts.instance_auth import INSTANCE_KEY_ENV, auth_headers
 from caraserve_router.contracts.processes import free_ports, group_members
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +46,12 @@ def port_free(port: int) -> bool:
 
 
 class RunningServer:
-    def __init__(self, module: str, args: list[str], log_path: Path, startup_s: float = 300.0):
+    def __init__(self, module: str, args: list[str], log_path: Path, startup_s: float = 300.0,
+                 instance_key: str = ""):
+        """`instance_key`: the front end's instance key (its environment), for talking to its
+        instances directly with `instance_headers`; empty: the front end makes its own."""
+        self.instance_key = instance_key
+        self.instance_headers = auth_headers(instance_key)
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.module, self.args, self.log_path, self.startup_s = module, list(args), log_path, startup_s
@@ -62,8 +68,9 @@ class RunningServer:
         self.shm_before = shm_entries(self.shm_prefix)
         self.log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", self.module, "--port", str(self.port), *self.args]
+        env = {**os.environ, INSTANCE_KEY_ENV: self.instance_key} if self.instance_key else None
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         deadline = time.time() + self.startup_s
         while time.time() < deadline:
             if self.proc.poll() is not None:

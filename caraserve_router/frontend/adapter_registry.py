@@ -18,6 +18,7 @@ class AdapterInfo:
     rank: int
     target_modules: list = field(default_factory=list)
     path: Optional[str] = None  # where it was loaded from (to load it again on a restarted instance)
+    on_use: bool = False  # shipped to an instance on its first request there (Ray: ray_adapters.py), not restored
 
     def as_dict(self) -> dict:
         return {"rank": self.rank, "target_modules": self.target_modules, "path": self.path}
@@ -45,7 +46,8 @@ class AdapterRegistry:
                 if not m.get("base_model"):
                     found[m["id"]] = AdapterInfo(int(m.get("rank") or 0), list(m.get("target_modules") or []),
                                                  m.get("path"))
-        self.adapters = found
+        on_use = getattr(self.cluster, "on_use", None)  # registered at the front end, on no instance yet
+        self.adapters = {**found, **(on_use.adapters if on_use is not None else {})}
 
     async def load(self, name: str, path: str) -> dict:
         done = []
@@ -79,5 +81,5 @@ class AdapterRegistry:
         """A (re)started instance gets the adapters loaded at run time on the others."""
         present = {m["id"] for m in (await client.models())["data"]}
         for name, info in list(self.adapters.items()):
-            if name not in present and info.path:
+            if name not in present and info.path and not info.on_use:
                 await client.load_adapter(name, info.path)

@@ -18,7 +18,8 @@ from caraserve_router.scheduling.policies import POLICIES
 
 API_KEY_ENV = "CARASERVE_API_KEY"
 # Instance fields the front end sets itself for each local instance.
-INSTANCE_FLAGS_SKIP = ("model_dir", "host", "port", "name", "shm_prefix", "host_store_prefix", "log_level")
+INSTANCE_FLAGS_SKIP = ("model_dir", "host", "port", "name", "shm_prefix", "host_store_prefix", "log_level",
+                       "port_file", "cpu_cores", "adapter_roots")
 
 
 @dataclass
@@ -45,6 +46,11 @@ class FrontendConfig:
     stats_interval_s: float = option(1.0, "How often instances' stats are read (and rebalancing policies rebalance)")
     health_interval_s: float = option(1.0, "How often instances' health is checked")
     restart_dead: bool = option(True, "Restart local instances that die")
+    hung_after_s: float = option(30.0, "An instance whose process lives but that missed every health check for "
+                                 "this long (after it was up) is killed and restarted; its waiting requests go "
+                                 "elsewhere (0 = never)")
+    split_cores: bool = option(True, "Give the local instances of this host disjoint shares of its cores (each "
+                               "instance's sidecar workers and pinning stay within its share)")
     log_dir: str = option(".cache/logs", "Where local instances write their logs")
     log_level: str = option("info", "Log level", choices=("debug", "info", "warning", "error"))
     seed: int = option(0, "Seed of the random policy")
@@ -90,6 +96,8 @@ class FrontendConfig:
             raise ValueError(f"--warmup-policy {self.warmup_policy} needs a perf model itself")
         if self.shutdown_timeout_s <= 0 or self.max_body_bytes < 1024 or self.max_waiting < 0:
             raise ValueError("shutdown_timeout_s must be > 0, max_body_bytes >= 1024, max_waiting >= 0")
+        if self.hung_after_s < 0:
+            raise ValueError("hung_after_s must be >= 0 (0 = never)")
         if self.tokenizer_threads < 1:
             raise ValueError("tokenizer_threads must be >= 1")
         for root in self.roots:
@@ -101,7 +109,10 @@ class FrontendConfig:
 
             assign_gpus(self.instances, self.share_gpus)  # refuses more instances than GPUs, before anything starts
         else:
+            from caraserve_router.frontend.ray_config import require_ray
+
             self.ray.validate()
+            require_ray()
 
     @property
     def urls(self) -> list[str]:
@@ -134,6 +145,7 @@ def parse_configs(argv=None, description: str = "") -> tuple[FrontendConfig, Ins
     fields = {k: getattr(ns, k) for k in vars(InstanceConfig()) if hasattr(ns, k) and k not in ("lora", "sidecar")}
     template = InstanceConfig(**fields, lora=lora, sidecar=sidecar)
     template.log_level = front.log_level
+    template.adapter_roots = ",".join(front.roots)  # the instances apply them too (a key may leak)
     if not front.api_key:
         # The one setting read from the environment: a secret is better kept off the command line.
         front.api_key = os.environ.get(API_KEY_ENV, "")

@@ -12,13 +12,20 @@ Lifecycle is Ray's: an actor whose instance process dies exits, Ray restarts it 
 on the next health check; the front end routes to it again once it answers `/health` (the
 dispatcher already re-routes requests that had no token yet and ends started ones with an
 error). An actor that Ray gave up on is replaced by a new one, with the local cluster's
-back-off. Adapters reach instances as bytes through Ray's object store, never as paths.
+back-off; one whose instance hangs (`--hung-after-s`) kills its instance and Ray restarts it.
+Adapters reach instances as bytes through Ray's object store, on use, never as paths
+(`ray_adapters.py`).
+
+Actors are detached and named in `--ray-namespace` (`ray_attach.py`): a front end that dies
+leaves them running, `--ray-attach` serves them from another (several at once share them), and
+the namespace's instance key is kept in Ray's KV store (`instance_auth.py`).
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import signal
 import threading
@@ -28,18 +35,17 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from caraserve_router.contracts.configs import InstanceConfig, LoRAConfig, SidecarConfig
-from caraserve_router.contracts.protocol import error_body
-from caraserve_router.frontend.cluster import Cluster, InstanceHandle
-from caraserve_router.frontend.instance_client import InstanceClient, InstanceError, InstanceUnavailable
-from caraserve_router.frontend.ray_actor import AdapterFiles, AdapterSet, InstanceActor
-from caraserve_router.frontend.ray_config import PLACEMENTS, RayClusterConfig
+from caraserve_router.frontend.cluster import Cluster, HandleClient, InstanceHandle
+from caraserve_router.frontend.instance_auth import ray_key, use_key
+from caraserve_router.frontend.instance_client import InstanceClient, InstanceUnavailable
+from caraserve_router.frontend.ray_actor import ActorSettings, InstanceActor
+from caraserve_router.frontend.ray_adapters import AdapterBundles, OnUseAdapters, OnUseLoader
+from caraserve_router.frontend.ray_attach import actor_name, running_instances
+from caraserve_router.frontend.ray_config import PLACEMENTS, RayClusterConfig, require_ray
 
 log = logging.getLogger("caraserve.ray")
 
 ACTOR_CALL_TIMEOUT_S = 10.0
-# Instance actors are named `caraserve-<front end>-instance<i>-<n>` in this Ray namespace, so
-# `ray list actors` (and tests) can find them.
-RAY_NAMESPACE = "caraserve"
 # ActorDiedError this many health checks in a row: Ray gave up restarting the actor.
 DEAD_AFTER_CHECKS = 2
 
@@ -66,82 +72,37 @@ async def _call(ref, timeout_s: float = ACTOR_CALL_TIMEOUT_S):
     return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
 
 
-# --------------------------------------------------------------------------- adapters as bytes
+# --------------------------------------------------------------------------- client
 
 
-def check_adapter_dir(path: str) -> None:
-    """InstanceError(400) unless `path` is a PEFT adapter directory the front end can read."""
-    if not os.path.isdir(path):
-        raise InstanceError(400, error_body(f"adapter path {path!r} is not a directory the front end can read", 400))
-    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        raise InstanceError(400, error_body(f"{path!r} has no adapter_config.json (not a PEFT adapter)", 400))
+class RayInstanceClient(HandleClient):
+    """HTTP client of a Ray instance: follows its URL, ships adapters to its node first (and
+    an on-use adapter before the first request for it there)."""
 
-
-def read_adapter_dir(path: str) -> AdapterFiles:
-    """The files of one PEFT adapter directory; InstanceError(400) if it is not one."""
-    check_adapter_dir(path)
-    files = {}
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            with open(full, "rb") as f:
-                files[name] = f.read()
-    return files
-
-
-def read_adapter_set(root: str) -> AdapterSet:
-    """Every adapter (subdirectory with an adapter_config.json) of `--adapters DIR`."""
-    return {name: read_adapter_dir(os.path.join(root, name)) for name in sorted(os.listdir(root))
-            if os.path.isfile(os.path.join(root, name, "adapter_config.json"))}
-
-
-class AdapterBundles:
-    """Adapter directories the front end read, each put once into Ray's object store."""
-
-    def __init__(self):
-        self.refs: dict = {}  # (real path, files' (name, size, mtime)) -> ObjectRef of AdapterFiles
-
-    def ref(self, path: str):
-        import ray
-
-        real = os.path.realpath(path)
-        check_adapter_dir(real)
-        try:
-            key = (real, tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in sorted(
-                os.scandir(real), key=lambda e: e.name) if e.is_file()))
-        except OSError as e:
-            raise InstanceError(400, error_body(f"cannot read adapter {path!r}: {e}", 400)) from e
-        if key not in self.refs:
-            self.refs = {k: v for k, v in self.refs.items() if k[0] != real}  # older versions of it
-            self.refs[key] = ray.put(read_adapter_dir(real))
-        return self.refs[key]
-
-
-class RayInstanceClient(InstanceClient):
-    """HTTP client of a Ray instance: follows its URL, ships adapters to its node first."""
-
-    def __init__(self, handle: RayInstanceHandle, session, request_timeout_s: float, bundles: AdapterBundles):
-        self.handle = handle
+    def __init__(self, handle: RayInstanceHandle, session, request_timeout_s: float, bundles: AdapterBundles,
+                 on_use: OnUseAdapters):
+        super().__init__(handle, session, request_timeout_s)
         self.bundles = bundles
-        super().__init__(handle.url, session, request_timeout_s)
-
-    @property
-    def url(self) -> str:
-        return self.handle.url.rstrip("/")
-
-    @url.setter
-    def url(self, value: str) -> None:
-        self.handle.url = value
+        self.on_use = OnUseLoader(on_use)
 
     async def load_adapter(self, name: str, path: str) -> dict:
         """`path` is the front end's; the actor writes the bytes on its node and the instance
         registers them from there."""
-        ref = self.bundles.ref(path)
         try:
+            ref = self.bundles.ref(path)
             local = await _call(self.handle.actor.stage_adapter.remote(name, ref), 120.0)
+        except InstanceUnavailable:
+            raise
         except Exception as e:  # noqa: BLE001 - Ray errors: the instance cannot take it now
+            if getattr(e, "status", 0) == 400:  # not an adapter the front end can read
+                raise
             raise InstanceUnavailable(f"instance {self.handle.index}: could not stage adapter {name!r}: {e}") from e
         return await super().load_adapter(name, local)
+
+    async def generate_stream(self, body: dict):
+        await self.on_use.ensure(body.get("adapter"), self.handle.pid, self.load_adapter)
+        async for event in super().generate_stream(body):
+            yield event
 
 
 # --------------------------------------------------------------------------- launcher
@@ -150,17 +111,23 @@ class RayInstanceClient(InstanceClient):
 class RayLauncher:
     """Starts and stops instance actors (the `LocalLauncher` interface, on Ray)."""
 
-    def __init__(self, config: RayClusterConfig, log_dir: str, shm_prefix: str = "caraserve"):
+    def __init__(self, config: RayClusterConfig, log_dir: str, shm_prefix: str = "caraserve",
+                 split_cores: bool = True):
         self.config = config
         self.log_dir = os.path.abspath(log_dir)
         self.shm_prefix = shm_prefix
+        self.split_cores = split_cores
         self.started_runtime = False
-        self.adapters_ref = None
         self._actor_cls = None
-        self.run_id = uuid.uuid4().hex[:8]
+        self.key = ""
+        self.front_node_ip = ""
+        self.host_store = ""
+        self.on_use = OnUseAdapters()
 
-    def connect(self, adapters_dir: Optional[str]) -> None:
-        """Join (or start) the Ray runtime; put `--adapters DIR`'s bytes in its object store."""
+    def connect(self, adapters_dir: Optional[str], resolver_dir: Optional[str] = None) -> None:
+        """Join (or start) the Ray runtime; learn the namespace's instance key; register the
+        adapters of `--adapters DIR` on use (their configs only: no bytes move now)."""
+        require_ray()
         import ray
 
         if not ray.is_initialized():
@@ -168,9 +135,9 @@ class RayLauncher:
             # front end's own handler unwinds through `finally` and stops the instances first.
             handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
             if self.config.address:
-                ray.init(address=self.config.address, logging_level=logging.WARNING)
+                ray.init(address=self.config.address, namespace=self.config.namespace, logging_level=logging.WARNING)
             else:
-                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(include_dashboard=False, namespace=self.config.namespace, logging_level=logging.WARNING)
                 self.started_runtime = True
             if threading.current_thread() is threading.main_thread():
                 for sig, handler in handlers.items():
@@ -178,10 +145,22 @@ class RayLauncher:
                         signal.signal(sig, handler)
         log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if "node:" not in k})
         self._actor_cls = ray.remote(InstanceActor)
+        self.key = ray_key(self.config.namespace, self.config.attach)
+        self.front_node_ip = ray.util.get_node_ip_address()
+        # The actors of one node share one host copy of each adapter; named by the namespace, so
+        # the actors an attaching front end adds share them with the running ones.
+        self.host_store = f"{self.shm_prefix}_hs{uuid.uuid5(uuid.NAMESPACE_DNS, self.config.namespace).hex[:8]}"
+        self.on_use = OnUseAdapters(resolver_dir)
         if adapters_dir:
-            adapters = read_adapter_set(adapters_dir)
-            self.adapters_ref = ray.put(adapters)
-            log.info("ray: %d adapter(s) of %s in the object store", len(adapters), adapters_dir)
+            start = time.perf_counter()
+            count = self.on_use.add_dir(adapters_dir)
+            log.info("ray: %d adapter(s) of %s registered in %.2f s; each reaches an instance on its first request "
+                     "there", count, adapters_dir, time.perf_counter() - start)
+
+    @property
+    def leaves_running(self) -> bool:
+        """At exit, leave the instances to other front ends (attached, or asked to)."""
+        return self.config.attach or self.config.keep_instances
 
     def _gpus(self) -> float:
         import ray
@@ -193,14 +172,20 @@ class RayLauncher:
     def start(self, handle: RayInstanceHandle) -> None:
         """Create the actor; its URL arrives with the next `RayCluster.refresh` (non-blocking,
         so a restart never stalls the event loop while Ray finds room)."""
-        config = dataclasses.replace(handle.config, lora=dataclasses.replace(handle.config.lora, adapters=None),
+        config = dataclasses.replace(handle.config, lora=dataclasses.replace(handle.config.lora, adapters=None,
+                                                                           adapter_dir=None),
                                      sidecar=dataclasses.replace(handle.config.sidecar))
+        settings = ActorSettings(
+            index=handle.index, log_dir=self.log_dir, shm_prefix=self.shm_prefix, host_store=self.host_store,
+            key=self.key, front_node_ip=self.front_node_ip, bind_node_address=self.config.bind_node_address,
+            namespace=self.config.namespace, cores=max(1, math.ceil(self.config.cpus_per_instance)),
+            split_cores=self.split_cores, orphan_timeout_s=self.config.orphan_timeout_s)
+        # Detached: the actor outlives this front end (ray_attach.py); named for the others to find.
         handle.actor = self._actor_cls.options(
             num_cpus=self.config.cpus_per_instance, num_gpus=self._gpus(), max_restarts=self.config.max_restarts,
-            scheduling_strategy=PLACEMENTS[self.config.placement], namespace=RAY_NAMESPACE,
-            name=f"caraserve-{self.run_id}-instance{handle.index}-{handle.actors_created}",
-        ).remote(config, handle.index, self.log_dir, self.adapters_ref, self.shm_prefix,
-                  f"{self.shm_prefix}_hs{self.run_id}")  # the actors of one node share adapter copies
+            scheduling_strategy=PLACEMENTS[self.config.placement], namespace=self.config.namespace,
+            name=actor_name(handle.index, handle.actors_created), lifetime="detached",
+        ).remote(config, settings)
         handle.actors_created += 1
         handle.url = ""
         handle.pid = None
@@ -208,7 +193,22 @@ class RayLauncher:
         handle.stop_ref = None
         handle.started_at = time.time()
         handle.healthy = False
+        handle.was_up = False
         log.info("ray: created the actor of instance %d", handle.index)
+
+    def attach(self, handle: RayInstanceHandle, name: str, generation: int) -> None:
+        """Serve the running actor `name` (created by another front end) through `handle`."""
+        import ray
+
+        handle.actor = ray.get_actor(name, namespace=self.config.namespace)
+        handle.actors_created = generation + 1
+        handle.started_at = time.time()
+
+    @staticmethod
+    def restart_hung(handle: RayInstanceHandle) -> None:
+        """Its instance hangs: the actor SIGKILLs it and exits, and Ray restarts the actor."""
+        if handle.actor is not None and handle.pid is not None:
+            handle.actor.kill_instance.remote(handle.pid)
 
     @staticmethod
     def signal_stop(handle: RayInstanceHandle) -> None:
@@ -253,8 +253,8 @@ class RayLauncher:
     def shutdown(self) -> None:
         import ray
 
-        if self.started_runtime and ray.is_initialized():
-            ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()  # ours: the runtime ends; a cluster's: only this driver disconnects
 
 
 # --------------------------------------------------------------------------- cluster
@@ -283,16 +283,19 @@ class RayCluster(Cluster):
             if info["pid"] != h.pid:
                 if h.pid is not None:
                     h.restarts += 1
-                    log.warning("instance %d restarted by Ray: %s on node %s (was pid %s)", i, info["url"],
-                                info["node_id"][:8], h.pid)
+                    log.warning("instance %d restarted by Ray on node %s: pid %s (was %s)", i, info["node_id"][:8],
+                                info["pid"], h.pid)
                     if h.healthy:  # restarted between two health checks: down first, so that coming
                         h.healthy = False  # up again restores its run-time adapters
                         h.failures += 1
                         self.on_down(i)
                 h.pid, h.node_id, h.device_kind, h.log_path = (info["pid"], info["node_id"], info["device_kind"],
                                                                info["log_path"])
-                h.url = info["url"]
+                h.url = ""
                 h.started_at = time.time()
+                h.was_up = False
+            if info["url"] and info["url"] != h.url:  # the instance bound its port (after its start)
+                h.url = info["url"]
 
         await asyncio.gather(*(one(i, h) for i, h in enumerate(self.handles) if isinstance(h, RayInstanceHandle)))
 
@@ -324,13 +327,24 @@ class RayCluster(Cluster):
     def new_instance(self, template: InstanceConfig, index: int, session, request_timeout_s: float):
         """(handle, client) of one more instance actor (not started: `launcher.start(handle)`)."""
         handle = ray_handles(template, index + 1)[index]
-        return handle, RayInstanceClient(handle, session, request_timeout_s, self.bundles)
+        return handle, RayInstanceClient(handle, session, request_timeout_s, self.bundles, self.on_use)
+
+    @property
+    def on_use(self) -> OnUseAdapters:
+        return self.launcher.on_use
 
     def stop(self, grace_s: float = 15.0) -> None:
         try:
-            super().stop(grace_s)
+            if self.launcher.leaves_running:
+                log.info("ray: leaving the instances running in namespace %r", self.launcher.config.namespace)
+            else:
+                super().stop(grace_s)
         finally:
             self.launcher.shutdown()
+
+    def kill(self) -> None:
+        if not self.launcher.leaves_running:
+            super().kill()
 
 
 def ray_handles(template: InstanceConfig, count: int) -> list[RayInstanceHandle]:
@@ -344,19 +358,39 @@ def ray_handles(template: InstanceConfig, count: int) -> list[RayInstanceHandle]
 
 
 def start_ray_cluster(front, template: InstanceConfig, session) -> RayCluster:
-    """A `RayCluster` of `front.instances` instance actors (created, not yet ready: `await
-    wait_ready()`), plus the instances at `--instance-urls` (attached as with `--cluster local`).
+    """A `RayCluster` of `front.instances` new instance actors (created, not yet ready: `await
+    wait_ready()`), or with `--ray-attach` of the ones running in `--ray-namespace`, plus the
+    instances at `--instance-urls` (attached as with `--cluster local`).
     `front` is the FrontendConfig; `template` the config every instance's is copied from."""
     front.ray.validate()
-    launcher = RayLauncher(front.ray, front.log_dir, front.shm_prefix)
-    launcher.connect(template.lora.adapters)
+    launcher = RayLauncher(front.ray, front.log_dir, front.shm_prefix, front.split_cores)
+    launcher.connect(template.lora.adapters, template.lora.adapter_dir)
+    use_key(session, launcher.key)
     bundles = AdapterBundles()
-    handles: list = ray_handles(template, front.instances)
-    clients: list = [RayInstanceClient(h, session, front.request_timeout_s, bundles) for h in handles]
+    running = running_instances(front.ray.namespace)
+    if front.ray.attach:
+        if not running:
+            raise RuntimeError(f"--ray-attach: no instance actors running in Ray namespace {front.ray.namespace!r}")
+        handles: list = ray_handles(template, max(running) + 1)
+        handles = [h for h in handles if h.index in running]
+        for h in handles:
+            launcher.attach(h, running[h.index][1], running[h.index][0])
+        log.info("ray: attached to %d running instance(s) in namespace %r", len(handles), front.ray.namespace)
+    else:
+        if running:
+            raise RuntimeError(f"Ray namespace {front.ray.namespace!r} already runs instances "
+                               f"{sorted(running)}: serve them with --ray-attach, or stop them with "
+                               "scripts/ray_down.py")
+        handles = ray_handles(template, front.instances)
+    clients: list = [RayInstanceClient(h, session, front.request_timeout_s, bundles, launcher.on_use)
+                     for h in handles]
     for url in front.urls:
         handles.append(InstanceHandle(index=len(handles), url=url))
         clients.append(InstanceClient(url, session, front.request_timeout_s))
-    cluster = RayCluster(handles, launcher, clients, front.restart_dead)
+    for i, h in enumerate(handles):  # attached indexes may have gaps: the cluster's are 0..n-1
+        h.index = i
+    cluster = RayCluster(handles, launcher, clients, front.restart_dead, front.hung_after_s)
     cluster.bundles = bundles
-    cluster.start_local()
+    if not front.ray.attach:
+        cluster.start_local()
     return cluster

@@ -1,40 +1,13 @@
 """Models, adapters (load / unload) and the operational routes: `/health`, `/stats`, `/metrics`."""
 from __future__ import annotations
 
-import ipaddress
-import os
-
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from caraserve_router.contracts.instance_auth import confined_path, is_loopback
 from caraserve_router.contracts.protocol import LoadAdapterRequest, UnloadAdapterRequest, error_response
 from caraserve_router.frontend.instance_client import InstanceError
 from caraserve_router.frontend.relay import fail
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def confined_path(path: str, roots: list[str]) -> str:
-    """`path` resolved (symlinks too) if it lies under one of `roots`; else ValueError with a
-    message that says nothing about the path itself: not whether it exists, nor the cwd."""
-    if not os.path.isabs(path):
-        raise ValueError("lora_path must be an absolute path")
-    if not roots:
-        raise ValueError("loading adapters at run time is disabled: no adapter root is configured "
-                         "(--adapter-roots, or --adapters)")
-    real = os.path.realpath(path)
-    for root in roots:
-        root = os.path.realpath(root)
-        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
-            return real
-    raise ValueError("lora_path is not under an allowed adapter root (--adapter-roots)")
 
 
 def router(front) -> APIRouter:

@@ -23,7 +23,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from caraserve_router.frontend.relay import fail
-from caraserve_router.frontend.routes_admin import is_loopback
+from caraserve_router.contracts.instance_auth import is_loopback
 
 log = logging.getLogger("caraserve.instances")
 
@@ -39,23 +39,22 @@ def _describe(i: int, h) -> dict:
 
 
 def _new_local(front, index: int):
-    """(handle, client) of one more local instance (a free port, the next GPU if any)."""
+    """(handle, client) of one more local instance (the port it binds itself, the next GPU if any,
+    the last share of the host's cores split one more way: the running ones keep theirs)."""
     from caraserve_router.contracts.configs import InstanceConfig
-    from caraserve_router.contracts.processes import free_ports
-    from caraserve_router.frontend.cluster import InstanceHandle
+    from caraserve_router.frontend.cluster import HandleClient, InstanceHandle, host_core_shares
     from caraserve_router.frontend.gpu_assignment import assign_gpus
-    from caraserve_router.frontend.instance_client import InstanceClient
 
     local = sum(1 for h in front.cluster.handles if h.local and not h.removed)
     gpu = assign_gpus(local + 1, front.config.share_gpus)[-1]  # ValueError when no GPU is left
     template = front.template
-    port = free_ports(1)[0]
-    config = dataclasses.replace(template, port=port, host="127.0.0.1", name=f"instance{index}",
+    cores = template.cpu_cores or (host_core_shares(local + 1)[-1] if front.config.split_cores else "")
+    config = dataclasses.replace(template, port=0, host="127.0.0.1", name=f"instance{index}", cpu_cores=cores,
                                  lora=dataclasses.replace(template.lora),
                                  sidecar=dataclasses.replace(template.sidecar))
     assert isinstance(config, InstanceConfig)
-    handle = InstanceHandle(index=index, url=f"http://127.0.0.1:{port}", config=config, gpu=gpu)
-    return handle, InstanceClient(handle.url, front.session, front.config.request_timeout_s)
+    handle = InstanceHandle(index=index, url="", config=config, gpu=gpu)
+    return handle, HandleClient(handle, front.session, front.config.request_timeout_s)
 
 
 async def add_instances(front, count: int) -> list[dict]:

@@ -97,23 +97,29 @@ class FrontEnd:
     def _build_cluster(self):
         """The instances, started: local processes (`--instances`) plus attached `--instance-urls`.
         (The one place another launcher, e.g. Ray, plugs in: it returns a started Cluster.)"""
-        from caraserve_router.frontend.cluster import Cluster, InstanceHandle, LocalLauncher, local_handles
+        from caraserve_router.frontend.cluster import (
+            Cluster, HandleClient, InstanceHandle, LocalLauncher, local_handles,
+        )
         from caraserve_router.frontend.gpu_assignment import assign_gpus
+        from caraserve_router.frontend.instance_auth import local_key, use_key
         from caraserve_router.frontend.instance_client import InstanceClient
 
         if self.config.cluster == "ray":
             from caraserve_router.frontend.ray_cluster import start_ray_cluster
 
             return start_ray_cluster(self.config, self.template, self.session)
+        key = local_key()
+        use_key(self.session, key)
         handles = local_handles(self.template, self.config.instances, self.config.instance_base_port,
-                                "127.0.0.1") if self.config.instances else []
+                                "127.0.0.1", self.config.split_cores) if self.config.instances else []
         for handle, gpu in zip(handles, assign_gpus(len(handles), self.config.share_gpus)):
             handle.gpu = gpu
+        clients: list = [HandleClient(h, self.session, self.config.request_timeout_s) for h in handles]
         for url in self.config.urls:
             handles.append(InstanceHandle(index=len(handles), url=url))
-        clients = [InstanceClient(h.url, self.session, self.config.request_timeout_s) for h in handles]
-        cluster = Cluster(handles, LocalLauncher(self.config.log_dir, self.config.shm_prefix), clients,
-                          self.config.restart_dead)
+            clients.append(InstanceClient(url, self.session, self.config.request_timeout_s))
+        cluster = Cluster(handles, LocalLauncher(self.config.log_dir, self.config.shm_prefix, key), clients,
+                          self.config.restart_dead, self.config.hung_after_s)
         cluster.start_local()
         return cluster
 
@@ -125,7 +131,7 @@ class FrontEnd:
         for h in self.cluster.handles:
             cfg = h.config or self.template
             states.append(InstanceState(h.name, max_batch=cfg.running_max_req_size, lora_mode=cfg.lora.mode,
-                                        kernel=cfg.lora.decode_kernel))
+                                        kernel=cfg.lora.decode_kernel, healthy=h.healthy))
         capacity = sum(s.max_batch for s in states)
         self.dispatcher = Dispatcher(self.cluster, ClusterState(states), self._make_policy(), self.perf_model,
                                      self.metrics, self.config.wait_timeout_s,
@@ -276,6 +282,11 @@ class FrontEnd:
             return None, 0
         if model in self.registry:
             return model, self.registry.rank(model)
+        on_use = getattr(self.cluster, "on_use", None)  # Ray: the resolver runs here (ray_adapters.py)
+        info = on_use.resolve(model) if on_use is not None else None
+        if info is not None:
+            self.registry.adapters[model] = info
+            return model, info.rank
         if self.template.lora.adapter_dir is None:
             raise KeyError(model)
         if not resolvable(model):

@@ -89,13 +89,14 @@ def instance_url(front_url: str) -> str:
     return requests.get(front_url + "/stats", timeout=30).json()["instances"][0]["url"]
 
 
-def probe_overhead(front_url: str, count: int) -> dict:
+def probe_overhead(front_url: str, count: int, instance_headers: dict) -> dict:
     """Added latency of the front end: paired (front end, direct) tiny requests, alternating order.
     A pair that fails (an instance restarting) is dropped and counted, and instance 0's URL re-read."""
     import requests
 
     body_front = {"input_ids": [11, 12, 13, 14], "parameters": {"max_new_tokens": 1}}
     session = requests.Session()
+    session.headers.update(instance_headers)  # the instance key (the front end here has no API key)
     direct_url = instance_url(front_url)
 
     def timed(url):
@@ -143,6 +144,7 @@ def run_kind(kind: str, args, model_dir: str, adapters_dir: Path, workload, logs
     import requests
 
     from caraserve_router.evaluation.replay_client import ReplayConfig, replay
+    from caraserve_router.contracts.instance_auth import new_key
     from caraserve_router.evaluation.server_process import RunningServer
 
     flags = ["--cluster", kind, "--instances", str(args.instances), "--model-dir", model_dir,
@@ -151,9 +153,10 @@ def run_kind(kind: str, args, model_dir: str, adapters_dir: Path, workload, logs
     if args.perf_model:
         flags += ["--perf-model", args.perf_model]
     t0 = time.perf_counter()
-    with RunningServer("caraserve_router.api_server", flags, logs / f"{kind}.log", startup_s=900) as srv:
+    with RunningServer("caraserve_router.api_server", flags, logs / f"{kind}.log", startup_s=900,
+                       instance_key=new_key()) as srv:
         start_s = time.perf_counter() - t0
-        overhead = probe_overhead(srv.url, args.probes)
+        overhead = probe_overhead(srv.url, args.probes, srv.instance_headers)
         before = decisions(srv.url)
         cfg = ReplayConfig(url=srv.url, slo_tpot_ms=args.slo_tpot_ms, progress_s=0.0)
         result = asyncio.run(replay(workload.requests, cfg, log=lambda m: None))

@@ -51,6 +51,7 @@ def pct(values: list, q: float):
 
 def run_mode(mode: str, repeat: int, workload, args, model_dir: str, adapters_dir: Path, bandwidth: float) -> dict:
     from caraserve_router.evaluation.replay_client import ReplayConfig, replay
+    from caraserve_router.contracts.instance_auth import new_key
     from caraserve_router.evaluation.server_process import RunningServer
 
     logs = Path(args.out).parent / "logs"
@@ -63,12 +64,13 @@ def run_mode(mode: str, repeat: int, workload, args, model_dir: str, adapters_di
              "--max-req-total-len", str(args.max_prompt + args.max_output + 16), "--log-dir", str(logs)]
     cfg = ReplayConfig(request_timeout_s=args.request_timeout, progress_s=0, save_token_times=True,
                        slo_tpot_ms=1000.0)
-    with RunningServer("caraserve_router.api_server", flags, logs / f"modes_{mode}_{repeat}.log") as srv:
+    with RunningServer("caraserve_router.api_server", flags, logs / f"modes_{mode}_{repeat}.log",
+                       instance_key=new_key()) as srv:
         cfg = ReplayConfig(**{**cfg.__dict__, "url": srv.url})
         result = asyncio.run(replay(workload.requests, cfg, log=lambda m: None))
         inst = http.get(srv.url + "/stats", timeout=10).json()["instances"][0]["url"]
-        lora = http.get(inst + "/stats", timeout=10).json().get("lora", {})
-        samples = http.get(inst + "/step_samples", timeout=10).json()
+        lora = http.get(inst + "/stats", headers=srv.instance_headers, timeout=10).json().get("lora", {})
+        samples = http.get(inst + "/step_samples", headers=srv.instance_headers, timeout=10).json()
     records = result["requests"]
     ok = [r for r in records if r["status"] == "ok"]
     gaps = []

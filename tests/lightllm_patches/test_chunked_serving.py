@@ -30,7 +30,7 @@ def server(tmp_path_factory):
                         ["--model-dir", str(model_dir), "--adapters", str(ads), "--lora-mode", "pipeline",
                          "--policy", "round-robin", "--prefill-chunk-tokens", str(CHUNK), "--torch-threads", "1",
                          "--max-req-input-len", "200", "--max-req-total-len", "256", "--max-total-token-num", "4096",
-                         "--log-dir", str(root)], log)
+                         "--log-dir", str(root)], log, instance_key="test-chunked-key")
     with srv:
         yield srv, sorted(p.name for p in ads.iterdir()), model_dir
     assert srv.leftover_procs == [], f"processes left: {srv.leftover_procs}"
@@ -64,7 +64,7 @@ def test_concurrent_chunked_requests_match_running_alone(server):
         together = list(pool.map(lambda job: run(srv.url, job), jobs))
     assert [t[0] for t in together] == [a[0] for a in alone]
     instance = requests.get(srv.url + "/stats", timeout=30).json()["instances"][0]["url"]
-    steps = requests.get(instance + "/step_samples", timeout=30).json()
+    steps = requests.get(instance + "/step_samples", headers=srv.instance_headers, timeout=30).json()
     assert any(s["kind"] == "mixed" and s["tokens"] > s["batch"] for s in steps), "chunks must share steps"
     assert all(s["tokens"] <= CHUNK + s["batch"] for s in steps), "at most one chunk of prompt tokens per step"
 

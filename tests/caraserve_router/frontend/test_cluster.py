@@ -13,6 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import fixtures
+from caraserve_router.contracts.processes import bind_listening
 from caraserve_router.evaluation.server_process import RunningServer
 from tests.testing import decisions, generate
 
@@ -29,7 +30,7 @@ def start(tiny, tmp_path, policy, *extra):
     return RunningServer("caraserve_router.api_server", [
         "--model-dir", str(model_dir), "--instances", "2", "--policy", policy, "--lora-mode", "pipeline",
         "--lora-pool-mb", "4", "--lora-max-rank", "8", "--log-dir", str(tmp_path), "--stats-interval-s", "0.3",
-        "--health-interval-s", "0.5", *extra], tmp_path / "server.log")
+        "--health-interval-s", "0.5", *extra], tmp_path / "server.log", instance_key="test-cluster-key")
 
 
 def lora_adapters_dir_flag(tiny):
@@ -47,7 +48,15 @@ def logprobs(url, adapter, prompt_ids, n=4):
 
 def test_round_robin_spreads_and_outputs_agree(tiny, tmp_path):
     adapter_names = [a.name for a in tiny[1]]
-    with start(tiny, tmp_path, "round-robin", *lora_adapters_dir_flag(tiny)) as srv:
+    # The base port is taken (as any outgoing connection may take a port chosen early): the
+    # instances bind the next free ones themselves, and the server starts.
+    taken = bind_listening("127.0.0.1", 0)
+    base = taken.getsockname()[1]
+    with taken, start(tiny, tmp_path, "round-robin", *lora_adapters_dir_flag(tiny),
+                      "--instance-base-port", str(base)) as srv:
+        ports = [int(h["url"].rsplit(":", 1)[1])
+                 for h in requests.get(srv.url + "/stats", timeout=30).json()["instances"]]
+        assert len(set(ports)) == 2 and all(base < p < base + 64 for p in ports), (base, ports)
         outputs = [logprobs(srv.url, adapter_names[i % 3], [5, 6, 7, 8]) for i in range(6)]
         assert decisions(srv.url) == {"instance0": 3.0, "instance1": 3.0}
         # The same (adapter, prompt) served by either instance gives the same tokens.
@@ -58,10 +67,28 @@ def test_round_robin_spreads_and_outputs_agree(tiny, tmp_path):
         urls = [h["url"] for h in requests.get(srv.url + "/stats", timeout=30).json()["instances"]]
         for url in urls:
             for name in adapter_names:
-                generate(url, [5, 6, 7, 8], name, max_new_tokens=1)
+                r = requests.post(url + "/generate", json={"input_ids": [5, 6, 7, 8], "adapter": name,
+                                                           "parameters": {"max_new_tokens": 1}}, timeout=300,
+                                  headers=srv.instance_headers)
+                assert r.status_code == 200, r.text
+        # The instances are closed to all but the front end: no key or a wrong one is a 401;
+        # /health and /metrics stay open (probes). Each runs on its own share of the cores.
+        for url in urls:
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                r = requests.post(url + "/generate", json={"input_ids": [5], "parameters": {"max_new_tokens": 1}},
+                                  headers=headers, timeout=30)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+                assert requests.get(url + "/v1/models", headers=headers, timeout=30).status_code == 401
+            assert requests.get(url + "/metrics", timeout=30).status_code == 200
+        pids = [requests.get(url + "/health", timeout=30).json()["processes"] for url in urls]
+        cores = [set().union(*(os.sched_getaffinity(p) for p in procs.values())) for procs in pids]
+        assert not cores[0] & cores[1], cores
+        if len(os.sched_getaffinity(0)) >= 2:
+            assert cores[0] | cores[1] == os.sched_getaffinity(0), cores
         segments = [n for n in os.listdir("/dev/shm") if n.startswith(srv.shm_prefix + "_hs")]
         assert len(segments) == 3, segments
-        lora = [requests.get(url + "/stats", timeout=30).json()["lora"]["residency"] for url in urls]
+        lora = [requests.get(url + "/stats", headers=srv.instance_headers, timeout=30).json()["lora"]["residency"]
+                for url in urls]
         assert [s["mapped_on_host"] for s in lora] == [3, 3], json.dumps(lora)
         assert sum(s["host_reads"] for s in lora) == 3 and sum(s["host_shared_hits"] for s in lora) == 3, json.dumps(lora)
         families = {f.name for f in text_string_to_metric_families(requests.get(srv.url + "/metrics").text)}

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 CASES = Path(__file__).with_name("ray_cluster_cases.py")
 REPO = Path(__file__).resolve().parents[3]
-BUDGET_S = 660
+BUDGET_S = 900
 
 
 def _can_unshare() -> bool:
