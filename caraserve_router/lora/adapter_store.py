@@ -42,6 +42,7 @@ import torch
 from caraserve_router.lora import host_segments
 from caraserve_router.lora.peft_files import AdapterError, AdapterSpec, parse_adapter, read_into, weights_path
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
+from caraserve_router.lora.tp_shard import TpShard
 
 __all__ = ["AdapterError", "AdapterSpec", "AdapterStore", "HostAdapter", "HostLayout", "parse_adapter"]
 
@@ -202,11 +203,17 @@ class AdapterStore:
     a byte budget (LRU over the adapters no load holds).
 
     `shm_prefix`: the segments' name prefix; instances of one host given the same one share each
-    adapter's copy (a segment is counted in the budget of every store that maps it)."""
+    adapter's copy (a segment is counted in the budget of every store that maps it).
+
+    `shapes` are the base model's; with a tensor-parallel `shard` a segment holds only that
+    rank's shard of each adapter (`tp_shard`), laid out by `self.shapes`, the rank's shapes."""
 
     def __init__(self, shapes: ModelShapes, dtype: torch.dtype, shm_prefix: str, max_rank: int, pin: bool,
-                 cache_bytes: Optional[int] = None, max_mapped: Optional[int] = None):
-        self.shapes = shapes
+                 cache_bytes: Optional[int] = None, max_mapped: Optional[int] = None,
+                 shard: TpShard = TpShard()):
+        self.file_shapes = shapes  # what an adapter file is checked against
+        self.shard = shard
+        self.shapes = shard.shapes(shapes)  # this rank's: the segments' layout
         self.dtype = dtype
         self.shm_prefix = shm_prefix
         self.max_rank = max_rank
@@ -245,7 +252,7 @@ class AdapterStore:
             raise AdapterError(f"invalid adapter name {name!r} (letters, digits, . _ : - /; at most 128)")
         if name in self._adapters:
             raise AdapterError(f"adapter {name!r} is already registered", status=409)
-        spec, found, ranks = parse_adapter(name, path, self.shapes, self.max_rank)
+        spec, found, ranks = parse_adapter(name, path, self.file_shapes, self.max_rank)
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"adapter {name!r} is already registered", status=409)
@@ -271,6 +278,8 @@ class AdapterStore:
         st = os.stat(weights_path(spec.path))
         ident = (os.path.realpath(spec.path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, str(self.dtype),
                  self.shapes, sorted(spec.slice_ranks.items()), sorted(ranks.items()))
+        if self.shard.sharded:  # the ranks' shapes are equal, their bytes are not
+            ident += (self.shard,)
         return hashlib.sha1(repr(ident).encode()).hexdigest()[:20]
 
     def remove(self, name: str) -> None:
@@ -362,7 +371,8 @@ class AdapterStore:
         def fill(segment: host_segments.Segment) -> None:  # a new segment reads as zeros
             view = HostAdapter(host.spec, host.layout, host.dtype, segment)
             try:
-                read_into(view, *source)
+                read_into(view, *source, shard=self.shard)
+
             finally:
                 view._flat = None  # no export left: the segment can be closed
             read.append(True)
