@@ -59,7 +59,11 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, kwargs: dict, c
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks talk over loopback only
         dist.init_process_group(_backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=COLLECTIVE_TIMEOUT)
-        engine = OfflineEngine(model_dir, device=device, tp_rank=rank, world_size=world, **kwargs)
+
+        def open_engine(options: dict):
+            return OfflineEngine(model_dir, device=device, tp_rank=rank, world_size=world, **options)
+
+        engine = open_engine(kwargs)
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", traceback.format_exc()))
         return
@@ -70,13 +74,20 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, kwargs: dict, c
             if method == "close":
                 break
             try:
-                result = _call(engine, rank, method, args)
+                if method == "reopen":  # a new engine (other LoRA settings) in the same process group
+                    engine.close()
+                    engine = None
+                    engine = open_engine({**kwargs, **args[0]})
+                    result = None
+                else:
+                    result = _call(engine, rank, method, args)
             except Exception:  # noqa: BLE001
                 conn.send(("error", traceback.format_exc()))
                 continue
             conn.send(("ok", result))
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
         dist.destroy_process_group()
 
 
@@ -168,7 +179,15 @@ class TpOfflineEngine:
                 pass  # that rank is gone: _gather reports it
         return self._gather()
 
+    def reopen(self, **kwargs) -> None:
+        """Replace every rank's engine by one with `kwargs` changed (e.g. another `lora`), keeping
+        the rank processes and their process group (starting ranks takes seconds)."""
+        if "adapters" in kwargs:
+            kwargs["adapters"] = {n: os.path.abspath(str(p)) for n, p in kwargs["adapters"].items()}
+        self.call("reopen", kwargs)
+
     def run(self, prompts: list[list[int]], adapters: Optional[list] = None, steps: int = 0) -> list:
+
         """Rank 0's logits [batch, vocab] of the prefill and of `steps` greedy decode steps."""
         return self.call("run", prompts, adapters, steps)[0]
 
