@@ -53,10 +53,12 @@ log = logging.getLogger("caraserve.lora.store")
 class HostLayout:
     """Element offsets of every (layer, group, A | B slice) block inside an adapter's segment.
 
-    `ranks`: {group: per-slice ranks} (an adapter's `slice_ranks`), or one int for every slice."""
+    `ranks`: {group: per-slice ranks} (an adapter's `slice_ranks`), or one int for every slice.
+    `shard`: the tensor-parallel rank whose shard the segment holds (`shapes` are that rank's)."""
 
     shapes: ModelShapes
     ranks: object
+    shard: TpShard = TpShard()
 
     def slice_ranks(self, group: str) -> tuple[int, ...]:
         if isinstance(self.ranks, int):
@@ -263,7 +265,7 @@ class AdapterStore:
             name_of_segment = segment
             while name_of_segment in taken:
                 name_of_segment, n = f"{segment}_{n}", n + 1
-            host = HostAdapter(spec, HostLayout(self.shapes, spec.slice_ranks), self.dtype, None,
+            host = HostAdapter(spec, HostLayout(self.shapes, spec.slice_ranks, self.shard), self.dtype, None,
                                store=self, shm_name=name_of_segment)
             self._adapters[name] = host
             self._sources[name] = (found, ranks)
@@ -371,7 +373,8 @@ class AdapterStore:
         def fill(segment: host_segments.Segment) -> None:  # a new segment reads as zeros
             view = HostAdapter(host.spec, host.layout, host.dtype, segment)
             try:
-                read_into(view, *source, shard=self.shard)
+                read_into(view, *source)
+
 
             finally:
                 view._flat = None  # no export left: the segment can be closed
