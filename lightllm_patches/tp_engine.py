@@ -19,7 +19,6 @@ rank: they would otherwise wait in their next collective until gloo's / NCCL's t
 """
 from __future__ import annotations
 
-import datetime
 import multiprocessing.connection
 import os
 import traceback
@@ -27,38 +26,24 @@ from typing import Optional
 
 from caraserve_router.contracts.processes import SPAWN, free_ports, stop_processes
 
-# A collective whose peer is gone fails after this long instead of the 30 minutes default; the
-# parent notices a dead rank within a poll interval and stops the others first.
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
-POLL_S = 0.2
+POLL_S = 0.2  # how often the parent checks that every rank is alive while it waits
 
 
 class TpRankError(RuntimeError):
     """A rank of a tensor-parallel engine died or failed; the engine is stopped."""
 
 
-def _backend_for(device: str) -> str:
-    return "nccl" if device.startswith("cuda") else "gloo"
-
-
 def _rank_main(rank: int, world: int, port: int, model_dir: str, kwargs: dict, conn) -> None:
     """One rank: join the group, build the engine, then serve (method, args) calls on `conn`."""
     import torch
-    import torch.distributed as dist
 
     try:
         import lightllm_patches  # noqa: F401  (the patches before LightLLM is used)
         from lightllm_patches.offline import OfflineEngine
+        from lightllm_patches.tp_group import join_group, leave_group
 
-        device = kwargs.pop("device", "cpu")
         torch.set_num_threads(kwargs.pop("torch_threads", 1))
-        if device.startswith("cuda"):
-            torch.cuda.set_device(rank)  # one GPU per rank, as upstream
-            device = f"cuda:{rank}"
-        else:
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks talk over loopback only
-        dist.init_process_group(_backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        device = str(join_group(torch.device(kwargs.pop("device", "cpu")), rank, world, port))
 
         def open_engine(options: dict):
             return OfflineEngine(model_dir, device=device, tp_rank=rank, world_size=world, **options)
@@ -88,7 +73,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, kwargs: dict, c
     finally:
         if engine is not None:
             engine.close()
-        dist.destroy_process_group()
+        leave_group()
 
 
 def _call(engine, rank: int, method: str, args: tuple):

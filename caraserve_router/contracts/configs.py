@@ -169,7 +169,11 @@ class SidecarConfig:
             raise ValueError("sidecar deadline_ms must be > 0")
 
 
-# CPU base-projection weight layouts (see InstanceConfig.cpu_weight_layout); value: whether
+# Tensor-parallel degrees an instance accepts (LightLLM splits heads, KV heads and the MLP evenly).
+TP_SIZES = (1, 2, 4, 8)
+
+# CPU base-projection weight layouts
+ (see InstanceConfig.cpu_weight_layout); value: whether
 # nn.Linear's [out, in] copy is kept beside LightLLM's [in, out] weight.
 WEIGHT_LAYOUTS = {"lightllm": False, "both": True}
 
@@ -185,7 +189,9 @@ class InstanceConfig:
     device: str = option("auto", "Compute device: auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     dtype: str = option("auto", "Model dtype: auto (float32 on CPU, float16 on CUDA), float32, "
                         "float16, bfloat16")
-    tp: int = option(1, "Tensor-parallel degree (CaraServe supports 1)")
+    tp: int = option(1, "Tensor-parallel degree: ranks of LightLLM's TP llama per instance, one GPU each on CUDA "
+                     "(gloo processes on the CPU); every adapter is sharded like the base (docs/DEPLOY.md)",
+                     choices=TP_SIZES)
     max_total_token_num: int = option(8192, "KV-cache capacity in tokens")
     max_req_input_len: int = option(2048, "Longest prompt accepted, in tokens")
     max_req_total_len: int = option(3072, "Longest prompt + output accepted, in tokens")
@@ -216,8 +222,8 @@ class InstanceConfig:
     def validate(self) -> None:
         if not self.model_dir or not os.path.isdir(self.model_dir):
             raise ValueError(f"model_dir {self.model_dir!r} is not a directory")
-        if self.tp != 1:
-            raise ValueError("tensor parallelism (tp > 1) is not supported by CaraServe yet; use tp=1")
+        if self.tp not in TP_SIZES:
+            raise ValueError(f"tp must be one of {TP_SIZES}, got {self.tp}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
         if not 0 < self.max_req_input_len < self.max_req_total_len <= self.max_total_token_num:
