@@ -112,6 +112,7 @@ class RankClient:
             try:
                 status, value = self.conn.recv()
             except (EOFError, OSError):
+                self.proc.join(1)  # reap it, for its exit code
                 self.on_fatal(f"tensor-parallel rank {self.rank} died (exit code {self.proc.exitcode})")
                 return
             with self._lock:
