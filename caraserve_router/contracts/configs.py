@@ -172,8 +172,7 @@ class SidecarConfig:
 # Tensor-parallel degrees an instance accepts (LightLLM splits heads, KV heads and the MLP evenly).
 TP_SIZES = (1, 2, 4, 8)
 
-# CPU base-projection weight layouts
- (see InstanceConfig.cpu_weight_layout); value: whether
+# CPU base-projection weight layouts (see InstanceConfig.cpu_weight_layout); value: whether
 # nn.Linear's [out, in] copy is kept beside LightLLM's [in, out] weight.
 WEIGHT_LAYOUTS = {"lightllm": False, "both": True}
 

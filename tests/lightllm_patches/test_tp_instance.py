@@ -65,6 +65,7 @@ def test_tp2_instance_serves_peft_tokens_and_restarts_after_a_rank_dies(tmp_path
     expected = {(n, i): peft_greedy(model_dir, ads / n, p, NEW_TOKENS) for n in names for i, p in enumerate(PROMPTS)}
     srv = RunningServer("caraserve_router.api_server", [
         "--model-dir", str(model_dir), "--adapters", str(ads), "--tp", "2", "--lora-mode", "pipeline",
+        "--policy", "round-robin",
         "--torch-threads", "1", "--max-req-input-len", "64", "--max-req-total-len", "128",
         "--max-total-token-num", "2048", "--log-dir", str(tmp_path), "--health-interval-s", "0.5"],
         tmp_path / "server.log", startup_s=300)
