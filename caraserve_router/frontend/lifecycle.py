@@ -8,6 +8,8 @@ import sys
 import time
 
 from caraserve_router.frontend.config import FrontendConfig, parse_configs
+from caraserve_router.frontend.tp_capacity import check_tp_capacity
+
 from caraserve_router.frontend.service import FrontEnd
 
 log = logging.getLogger("caraserve.api")
@@ -62,6 +64,8 @@ def main(argv=None, description: str = "") -> int:
         prepare_model(front_cfg)
         template.model_dir = front_cfg.model_dir
         template.lora.validate()
+        # a --tp this host cannot hold is refused here, before any instance starts
+        check_tp_capacity(template, front_cfg.instances, front_cfg.share_gpus, local=front_cfg.cluster == "local")
         uvloop.run(serve(FrontEnd(front_cfg, template)))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"caraserve: error: {e}", file=sys.stderr)

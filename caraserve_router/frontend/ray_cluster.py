@@ -183,12 +183,14 @@ class RayLauncher:
             self.adapters_ref = ray.put(adapters)
             log.info("ray: %d adapter(s) of %s in the object store", len(adapters), adapters_dir)
 
-    def _gpus(self) -> float:
+    def _gpus(self, tp: int = 1) -> float:
+        """GPUs one actor asks Ray for: a tensor-parallel instance holds `tp` (one per rank; Ray's
+        CUDA_VISIBLE_DEVICES then lists them, and rank k takes the k-th)."""
         import ray
 
         if self.config.gpus_per_instance >= 0:
             return self.config.gpus_per_instance
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return float(tp) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
     def start(self, handle: RayInstanceHandle) -> None:
         """Create the actor; its URL arrives with the next `RayCluster.refresh` (non-blocking,
@@ -196,7 +198,8 @@ class RayLauncher:
         config = dataclasses.replace(handle.config, lora=dataclasses.replace(handle.config.lora, adapters=None),
                                      sidecar=dataclasses.replace(handle.config.sidecar))
         handle.actor = self._actor_cls.options(
-            num_cpus=self.config.cpus_per_instance, num_gpus=self._gpus(), max_restarts=self.config.max_restarts,
+            num_cpus=self.config.cpus_per_instance, num_gpus=self._gpus(handle.config.tp),
+ max_restarts=self.config.max_restarts,
             scheduling_strategy=PLACEMENTS[self.config.placement], namespace=RAY_NAMESPACE,
             name=f"caraserve-{self.run_id}-instance{handle.index}-{handle.actors_created}",
         ).remote(config, handle.index, self.log_dir, self.adapters_ref, self.shm_prefix,

@@ -47,8 +47,9 @@ def _new_local(front, index: int):
     from caraserve_router.frontend.instance_client import InstanceClient
 
     local = sum(1 for h in front.cluster.handles if h.local and not h.removed)
-    gpu = assign_gpus(local + 1, front.config.share_gpus)[-1]  # ValueError when no GPU is left
     template = front.template
+    gpu = assign_gpus(local + 1, front.config.share_gpus, per_instance=template.tp)[-1]  # ValueError: none left
+
     port = free_ports(1)[0]
     config = dataclasses.replace(template, port=port, host="127.0.0.1", name=f"instance{index}",
                                  lora=dataclasses.replace(template.lora),

@@ -107,7 +107,9 @@ class FrontEnd:
             return start_ray_cluster(self.config, self.template, self.session)
         handles = local_handles(self.template, self.config.instances, self.config.instance_base_port,
                                 "127.0.0.1") if self.config.instances else []
-        for handle, gpu in zip(handles, assign_gpus(len(handles), self.config.share_gpus)):
+        for handle, gpu in zip(handles, assign_gpus(len(handles), self.config.share_gpus,
+                                                    per_instance=self.template.tp)):
+
             handle.gpu = gpu
         for url in self.config.urls:
             handles.append(InstanceHandle(index=len(handles), url=url))

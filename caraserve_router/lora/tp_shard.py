@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from caraserve_router.contracts.tensor_parallel import tp_split_problem
 from caraserve_router.lora.shapes import GROUPS, MODULE_SLOTS, ModelShapes
 
 # Which weight of a PEFT pair is sliced: B (by output rows) for column-parallel projections, A
@@ -54,15 +55,11 @@ class TpShard:
 
     def check(self, full: ModelShapes) -> None:
         """Refuse a base model LightLLM's split cannot cut evenly (with the reason)."""
-        n = self.size
-        problems = [f"{what} {value} is not divisible by tp={n}" for what, value in (
-            ("num_attention_heads", full.num_heads), ("num_key_value_heads", full.num_kv_heads),
-            ("intermediate_size", full.intermediate)) if value % n]
-        if full.num_heads * full.head_dim != full.hidden:
-            # LightLLM splits q by hidden_size // tp, which is a head boundary only then
-            problems.append(f"heads x head_dim ({full.num_heads} x {full.head_dim}) != hidden_size {full.hidden}")
-        if problems:
-            raise ValueError("cannot shard the base model for tensor parallelism: " + "; ".join(problems))
+        problem = tp_split_problem({"num_attention_heads": full.num_heads, "num_key_value_heads": full.num_kv_heads,
+                                    "hidden_size": full.hidden, "head_dim": full.head_dim,
+                                    "intermediate_size": full.intermediate}, self.size)
+        if problem:
+            raise ValueError(problem)
 
     def shapes(self, full: ModelShapes) -> ModelShapes:
         """This rank's projection shapes: what its pool, host segment, kernels and sidecar see."""
