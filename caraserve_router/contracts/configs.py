@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from caraserve_router.contracts.names import DecodeKernel, LoraMode, values
+from caraserve_router.contracts.tensor_parallel import tp_split_problem
+
 
 
 def option(default: Any, help: str, choices: Optional[tuple] = None, aliases: tuple = (), **kw) -> Any:
@@ -223,6 +226,11 @@ class InstanceConfig:
             raise ValueError(f"model_dir {self.model_dir!r} is not a directory")
         if self.tp not in TP_SIZES:
             raise ValueError(f"tp must be one of {TP_SIZES}, got {self.tp}")
+        if self.tp > 1 and os.path.isfile(os.path.join(self.model_dir, "config.json")):
+            with open(os.path.join(self.model_dir, "config.json")) as f:
+                problem = tp_split_problem(json.load(f), self.tp)
+            if problem:
+                raise ValueError(problem)
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
         if not 0 < self.max_req_input_len < self.max_req_total_len <= self.max_total_token_num:
