@@ -66,6 +66,12 @@ def main(argv=None, description: str = "") -> int:
         template.lora.validate()
         # a --tp this host cannot hold is refused here, before any instance starts
         check_tp_capacity(template, front_cfg.instances, front_cfg.share_gpus, local=front_cfg.cluster == "local")
+        if front_cfg.perf_model:  # profiled per TP size: one of another size is refused now, not later
+            from caraserve_router.frontend.perf_bootstrap import check_tp
+            from caraserve_router.scheduling.perf_model import PerfModel
+
+            check_tp(PerfModel.load(front_cfg.perf_model), template.tp, front_cfg.perf_model)
+
         uvloop.run(serve(FrontEnd(front_cfg, template)))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"caraserve: error: {e}", file=sys.stderr)

@@ -57,3 +57,21 @@ def test_a_tp_instance_gets_consecutive_gpus():
     assert assign_gpus(3, share=True, gpus=["0", "1", "2", "3"], per_instance=2) == ["0,1", "2,3", "0,1"]
     with pytest.raises(ValueError, match="--tp 8 needs 8 GPUs per instance; this host has 4"):
         assign_gpus(1, share=True, gpus=["0", "1", "2", "3"], per_instance=8)
+
+
+def test_perf_models_are_per_tp_size(tiny_llama_dir, tmp_path):
+    """A TP instance's start-up profile is cached under its own name; a --perf-model profiled at
+    another TP size (the paper's A100 7B model: tp 1) is refused before anything starts."""
+    from caraserve_router.frontend.perf_bootstrap import cache_path
+
+    one, two = (cache_path(str(tmp_path), str(tiny_llama_dir), "cpu", "mbgmv", "pipeline", tp) for tp in (1, 2))
+    assert one != two and two.name.endswith("-tp2.json") and "tp" not in one.name
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    paper = os.path.join(repo, "data", "perf_models", "paper_a100_llama2_7b.json")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "caraserve_router.api_server", "--model-dir", str(tiny_llama_dir),
+                           "--tp", "2", "--perf-model", paper, "--log-dir", str(tmp_path / "logs"), "--port", "0"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "was profiled with tp=1; these instances run tp=2" in proc.stderr
+    assert not (tmp_path / "logs").exists() or not os.listdir(tmp_path / "logs")
