@@ -43,7 +43,7 @@ log = logging.getLogger("caraserve.tp")
 # the LoRA runtime's mutating calls. Rank k answers a backend call with None (rank 0's
 # answer is the one used) and a LoRA call with its result.
 BACKEND_CALLS = ("add_batch", "prefill_batch", "decode_batch", "filter_batch", "merge_batch", "remove_batch",
-                 "pause_reqs", "purge")
+                 "pause_reqs")
 LORA_CALLS = ("add", "remove", "pin", "unpin", "resolve", "begin_admission", "admit", "prefetch", "map_host")
 
 
