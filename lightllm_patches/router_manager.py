@@ -4,7 +4,6 @@
 
 - `wait_to_model_ready`: starts `CaraBackend` (in process: rank 0) with the instance config,
   and with `--tp N` ranks 1..N-1 (`tp_ranks.py`; a rank's failure stops the instance),
-
   and `CaraReqQueue` (adapter-aware admission); registers the adapters of `--adapters`.
 - `loop_for_netio_req`: also serves `ControlRequest`s (typed calls: `AdapterCall`s on the
   worker's `AdapterManager`, `GetStats` -> `InstanceStats`, `GetSamples`, `Ping`) and answers
@@ -48,7 +47,6 @@ from caraserve_router.contracts.names import DecodeKernel, LoraMode
 from caraserve_router.contracts.stats import InstanceStats, RequestView, ResidentAdapter
 from caraserve_router.contracts.processes import die_with_parent, free_ports, remove_shm, stop_processes
 from lightllm_patches import tp_ranks
-
 from lightllm_patches.lightllm_args import lightllm_args
 from caraserve_router.lora.adapter_store import AdapterError
 from lightllm_patches.req_queue import CaraReqQueue
@@ -71,7 +69,7 @@ class CaraRouterManager(RouterManager):
         self.model_rpcs = [self.model_rpc]
         # --tp N: ranks 1..N-1 are processes driven like upstream's model RPCs (tp_ranks.py);
         # rank 0 stays in process. They rendezvous while each builds its shard of the model.
-        dist_port = free_ports(1)[0]
+        dist_port = free_ports(1)[0] if self.config.tp > 1 else 0
         ranks = tp_ranks.start_ranks(self.config, dist_port, self.eos_id, self._tp_fatal) if self.config.tp > 1 else []
         try:
             await self.model_rpc.init_model({
@@ -285,7 +283,8 @@ class CaraRouterManager(RouterManager):
         if backend is not None:
             backend.shutdown()
         for rpc in getattr(self, "model_rpcs", [])[1:]:
-            rpc.conn.close()  # EOF: the rank shuts its backend (and sidecar) down and exits
+            rpc.close()  # EOF: the rank shuts its backend (and sidecar) down and exits
+
         for proc in getattr(self, "tp_procs", []):
             proc.join(5)
         stop_processes(getattr(self, "tp_procs", []))

@@ -102,6 +102,7 @@ class RankClient:
     def __init__(self, rank: int, proc, conn, on_fatal: Callable[[str], None]):
         self.rank, self.proc, self.conn = rank, proc, conn
         self.on_fatal = on_fatal
+        self.closing = False  # set by close(): the end of the pipe is then no failure
         self._lock = threading.Lock()
         self._waiting: collections.deque = collections.deque()  # futures, in the order of the calls
         self._reader = threading.Thread(target=self._read, name=f"tp-rank{rank}-reader", daemon=True)
@@ -112,6 +113,8 @@ class RankClient:
             try:
                 status, value = self.conn.recv()
             except (EOFError, OSError):
+                if self.closing:
+                    return
                 self.proc.join(1)  # reap it, for its exit code
                 self.on_fatal(f"tensor-parallel rank {self.rank} died (exit code {self.proc.exitcode})")
                 return
@@ -135,7 +138,13 @@ class RankClient:
                 raise RuntimeError(f"tensor-parallel rank {self.rank} is gone") from None
         return future
 
+    def close(self) -> None:
+        """The instance stops: close the pipe (the rank sees EOF, shuts down and exits)."""
+        self.closing = True
+        self.conn.close()
+
     def call(self, method: str, *args):
+
         return self.send(method, *args).result()
 
     # upstream ModelRpcClient's interface (RouterManager calls them for every rank, then gathers)
