@@ -334,6 +334,8 @@ class LoraRuntime:
         ]
         return {
             "mode": self.kind.value,
+            "tp": self.shard.size,  # the instance's tensor-parallel size (these stats are rank 0's shard)
+
             "link": "emulated" if self.link.emulated else "cuda",
             "registered": self.names.names(),
             "host_copies": len(self.store.names()),
