@@ -96,8 +96,8 @@ def rank_main(config: InstanceConfig, rank: int, dist_port: int, eos_id, conn) -
 
 class RankClient:
     """The router's handle on rank k >= 1: upstream `ModelRpcClient`'s async step methods (each
-    sent at once, awaited later) and synchronous LoRA calls. One reader thread takes the
-    rank's answers in order; a dead rank or a failed call ends in `on_fatal`."""
+    sent at once, awaited later) and `send` for LoRA calls. One reader thread takes the rank's
+    answers in order; a dead rank or a failed call ends in `on_fatal`."""
 
     def __init__(self, rank: int, proc, conn, on_fatal: Callable[[str], None]):
         self.rank, self.proc, self.conn = rank, proc, conn
@@ -143,10 +143,6 @@ class RankClient:
         self.closing = True
         self.conn.close()
 
-    def call(self, method: str, *args):
-
-        return self.send(method, *args).result()
-
     # upstream ModelRpcClient's interface (RouterManager calls them for every rank, then gathers)
     def _async(self, method: str, *args):
         return asyncio.wrap_future(self.send(method, *args))
@@ -176,7 +172,12 @@ class RankClient:
 class TpLora:
     """Rank 0's `LoraRuntime` (the router's `AdapterManager` and admission hooks) with every
     decision also applied on the other ranks. Reads (list, stats, info, is_known, ...) are
-    rank 0's. A call rank 0 refuses (AdapterError) changes nothing anywhere."""
+    rank 0's. A call rank 0 refuses (AdapterError) changes nothing anywhere.
+
+    The other ranks are never waited for here: a rank may be inside a step whose rank-0 part
+    has not run yet (it waits for this event loop), so waiting would deadlock. Their pipes are
+    FIFO, so each applies the call before anything sent after it; a rank that fails it stops
+    the instance (`RankClient.on_fatal`)."""
 
     def __init__(self, rank0, clients: list[RankClient]):
         self._rank0 = rank0
@@ -185,12 +186,10 @@ class TpLora:
     def __getattr__(self, name):
         return getattr(self._rank0, name)
 
-    def _everywhere(self, method: str, *args, wait: bool = True):
+    def _everywhere(self, method: str, *args):
         result = getattr(self._rank0, method)(*args)
-        futures = [c.send(method, *args) for c in self._clients]
-        if wait:
-            for f in futures:
-                f.result()
+        for client in self._clients:
+            client.send(method, *args)
         return result
 
     def add(self, name, path):
@@ -209,19 +208,18 @@ class TpLora:
         known = self._rank0.is_known(name)
         info = self._rank0.resolve(name)
         if not known:  # rank 0 registered DIR/name: so does every rank
-            for f in [c.send("add", name, self._rank0.resolver.path(name)) for c in self._clients]:
-                f.result()
+            for client in self._clients:
+                client.send("add", name, self._rank0.resolver.path(name))
         return info
 
-    # admission: answered by rank 0, applied on the others without waiting (in order)
     def begin_admission(self):
-        return self._everywhere("begin_admission", wait=False)
+        return self._everywhere("begin_admission")
 
     def admit(self, name):
-        return self._everywhere("admit", name, wait=False)
+        return self._everywhere("admit", name)
 
     def prefetch(self, name):
-        return self._everywhere("prefetch", name, wait=False)
+        return self._everywhere("prefetch", name)
 
 
 def start_ranks(config: InstanceConfig, dist_port: int, eos_id, on_fatal: Callable[[str], None]) -> list:
