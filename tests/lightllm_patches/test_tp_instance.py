@@ -1,7 +1,8 @@
 """`python -m caraserve_router.api_server --tp 2` on the CPU (gloo): one instance of two ranks
-serves PEFT's greedy tokens for adapters on all seven projections; SIGKILL of rank 1 takes the
-instance down (exit 1, nothing left behind) and the front end's launcher restarts it, with the
-same outputs after. One front end, two instance starts (about a minute each on 2 busy cores)."""
+serves PEFT's greedy tokens for adapters on all seven projections, given at start and loaded at
+run time (registered on both ranks); SIGKILL of rank 1 takes the instance down (exit 1, nothing
+left behind) and the front end's launcher restarts it, with the same outputs after. One front
+end, two instance starts (about a minute each on 2 busy cores)."""
 from __future__ import annotations
 
 import os
@@ -18,16 +19,18 @@ from tests.testing import wait_until
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
+PROMPTS = [[11, 12, 13], [20, 21, 22, 23]]
 NEW_TOKENS = 4
+STRENGTH = 1.0  # adapters strong enough to change the tiny llama's greedy tokens (checked)
 
 
 def peft_greedy(model_dir, adapter_dir, prompt, n) -> list[int]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
@@ -56,20 +59,30 @@ def children(pid: int) -> list[int]:
 
 
 def test_tp2_instance_serves_peft_tokens_and_restarts_after_a_rank_dies(tmp_path):
-    model_dir, dirs = fixtures.tiny_llama_with_adapters(tmp_path / "fx", ranks=(2, 4))
+    model_dir, dirs = fixtures.tiny_llama_with_adapters(tmp_path / "fx", ranks=(2, 4), strength=STRENGTH)
     ads = tmp_path / "adapters"
     ads.mkdir()
     for d in dirs:
         d.rename(ads / d.name)
-    names = sorted(p.name for p in ads.iterdir())
-    expected = {(n, i): peft_greedy(model_dir, ads / n, p, NEW_TOKENS) for n in names for i, p in enumerate(PROMPTS)}
+    late = fixtures.make_tiny_adapter(model_dir, tmp_path / "late-root" / "late-r6", rank=6, seed=21,
+                                      rank_pattern={"down_proj": 3}, strength=STRENGTH)
+    paths = {**{p.name: p for p in ads.iterdir()}, late.name: late}
+    expected = {(n, i): peft_greedy(model_dir, d, p, NEW_TOKENS)
+                for n, d in paths.items() for i, p in enumerate(PROMPTS)}
+    base = [peft_greedy(model_dir, None, p, NEW_TOKENS) for p in PROMPTS]
+    for n in paths:  # every adapter changes some greedy token: the token checks below have teeth
+        assert any(expected[(n, i)] != base[i] for i in range(len(PROMPTS))), n
     srv = RunningServer("caraserve_router.api_server", [
         "--model-dir", str(model_dir), "--adapters", str(ads), "--tp", "2", "--lora-mode", "pipeline",
         "--policy", "round-robin",
         "--torch-threads", "1", "--max-req-input-len", "64", "--max-req-total-len", "128",
-        "--max-total-token-num", "2048", "--log-dir", str(tmp_path), "--health-interval-s", "0.5"],
+        "--max-total-token-num", "2048", "--log-dir", str(tmp_path), "--health-interval-s", "0.5",
+        "--adapter-roots", f"{ads},{late.parent}"],
         tmp_path / "server.log", startup_s=300)
     with srv:
+        r = requests.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": late.name, "lora_path": str(late)},
+                          timeout=120)
+        assert r.status_code == 200, r.text
         for (n, i), tokens in expected.items():
             assert generate(srv.url, n, PROMPTS[i]) == tokens, (n, i)
         instance = requests.get(srv.url + "/stats", timeout=30).json()["instances"][0]
