@@ -22,9 +22,11 @@ from __future__ import annotations
 import multiprocessing.connection
 import os
 import traceback
+import uuid
 from typing import Optional
 
-from caraserve_router.contracts.processes import SPAWN, free_ports, stop_processes
+from caraserve_router.contracts.processes import SPAWN, free_ports, remove_shm, stop_processes
+
 
 POLL_S = 0.2  # how often the parent checks that every rank is alive while it waits
 
@@ -107,11 +109,15 @@ class TpOfflineEngine:
             if torch.cuda.device_count() < tp:
                 raise ValueError(f"tp={tp} needs {tp} GPUs; this host has {torch.cuda.device_count()}")
         self.tp = tp
+        # every rank's /dev/shm names start with this, so that _stop can remove what a killed
+        # rank leaves (its engine's close() never ran)
+        self.shm_prefix = f"cstp_{uuid.uuid4().hex[:8]}"
         port = free_ports(1)[0]
         self._conns, self._procs = [], []
         for rank in range(tp):
             parent, child = SPAWN.Pipe()
-            proc = SPAWN.Process(target=_rank_main, args=(rank, tp, port, str(model_dir), dict(kwargs), child),
+            options = {**kwargs, "shm_prefix": f"{self.shm_prefix}_r{rank}"}
+            proc = SPAWN.Process(target=_rank_main, args=(rank, tp, port, str(model_dir), options, child),
                                  name=f"caraserve-tp{rank}", daemon=True)
             proc.start()
             child.close()
@@ -188,6 +194,7 @@ class TpOfflineEngine:
 
     def _stop(self) -> None:
         stop_processes([p for p in self._procs if p.is_alive()])
+        remove_shm(self.shm_prefix)
         for conn in self._conns:
             conn.close()
         self._procs, self._conns = [], []

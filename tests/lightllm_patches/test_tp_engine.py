@@ -142,3 +142,4 @@ def test_a_dead_rank_stops_the_engine(adapters, tp2):
             os.kill(pid, 0)
     with pytest.raises(TpRankError, match="stopped"):
         tp2.run(PROMPTS[:1], [dirs[0].name], 1)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(tp2.shm_prefix)], "a killed rank's shm is removed"
