@@ -2,7 +2,7 @@
 
 | ours | upstream | why |
 |---|---|---|
-| `CaraBackend.init_model` | `ModeBackend.init_model` | builds the model family's class (`model_registry.model_class_for`) on the configured device (upstream: nccl + `torch.cuda.set_device`, a model-type if/elif over 20 models) and the instance's `LoraRuntime`. |
+| `CaraBackend.init_model` | `ModeBackend.init_model` | builds the model family's class (`model_registry.model_class_for`) on the configured device (upstream: nccl + `torch.cuda.set_device`, a model-type if/elif over 20 models) and the instance's `LoraRuntime`; with tp > 1 it joins the ranks' group first (`tp_group.join_group`: NCCL on GPU k, gloo on the CPU). |
 | `CaraBackend.add_batch` | `ModeBackend.add_batch` | takes the `AdapterRequest` and seed out of each request (LightLLM's `InferSamplingParams` rejects unknown keys) and attaches the adapter; upstream calls `torch.cuda.current_device()`. |
 | `CaraBackend.forward` | `ContinuesBatchBackend.forward` | inputs on the device, the step's `LoraBatch`, the seedable sampler; a pure decode step replays a CUDA graph when it can (`cuda_graph.DecodeGraphRunner`, `--cuda-graphs`). With `--prefill-chunk-tokens` a decode step that has prompts still to prefill runs as a mixed step (`_forward_mixed`, chunked prefill; replaces `SplitFuseBackend.decode_batch`, which is CUDA-bound and gives every prefilling request a whole block per step). |
 | `CaraBackend.filter_batch` / `remove_batch` | `ModeBackend.*` | release per-request state (generator, adapter reference) of finished requests. |
@@ -31,6 +31,8 @@ from lightllm_patches.device import resolve_device, resolve_dtype
 from caraserve_router.lora.runtime import LoraRuntime
 from lightllm_patches.model_registry import model_class_for
 from lightllm_patches.sampling import make_generator, sample, split_extra
+from lightllm_patches.tp_group import join_group
+
 
 log = logging.getLogger("caraserve.backend")
 
@@ -113,7 +115,8 @@ class CaraBackend(ContinuesBatchBackend):
     def init_model(self, kvargs):
         config: InstanceConfig = kvargs["cara_config"]
         self.config = config
-        self.tp_rank, self.world_size = 0, 1
+        # tp > 1: this is rank tp_rank of an instance's ranks (lightllm_patches/tp_ranks.py)
+        self.tp_rank, self.world_size = kvargs.get("tp_rank", 0), kvargs.get("world_size", 1)
         self.is_multimodal = False
         # Upstream's SplitFuseBackend is never used: with `config.chunked_prefill` this backend
         # plans the mixed steps itself (forward), so its inherited splitfuse switch stays off.
@@ -125,13 +128,15 @@ class CaraBackend(ContinuesBatchBackend):
         self.logger = log
         self.eos_id = kvargs["eos_id"]
         self.device = resolve_device(config.device)
+        if self.world_size > 1:
+            self.device = join_group(self.device, self.tp_rank, self.world_size, kvargs["dist_port"])
         split_cpu_cores(config, self.device)
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
         dtype = resolve_dtype(config.dtype, self.device)
         self.model = model_class_for(config.model_dir)({
-            "tp_rank": 0,
-            "world_size": 1,
+            "tp_rank": self.tp_rank,
+            "world_size": self.world_size,
             "weight_dir": config.model_dir,
             "max_total_token_num": config.max_total_token_num,
             "load_way": "HF",

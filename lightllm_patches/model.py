@@ -36,6 +36,8 @@ from lightllm_patches.kv_slots import HostMirroredSlots
 from lightllm_patches.layer_infer import LINEAR_NAMES, CaraTransformerLayerInfer
 from lightllm_patches.llama_ops import cpu_decode_plan, ops_for
 from lightllm_patches.mixed_infer_state import CaraMixedInferState
+from lightllm_patches.weight_files import map_safetensors
+
 
 
 def can_use_token_shm_name(shm_prefix: str) -> str:
@@ -229,6 +231,9 @@ class CaraLlamaModel(LlamaTpPartModel):
             raise FileNotFoundError(f"no *.safetensors weights in {self.weight_dir_}")
         weights = {}
         for path in files:
+            if self.world_size_ > 1:  # each rank copies only its slices (weight_files.py)
+                weights.update(map_safetensors(path))
+                continue
             with safe_open(path, "pt", "cpu") as f:
                 for key in f.keys():
                     weights[key] = f.get_tensor(key)

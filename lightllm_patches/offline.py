@@ -30,13 +30,18 @@ class OfflineEngine:
                  sidecar: Optional[SidecarConfig] = None, adapters: Optional[dict] = None,
                  max_total_tokens: int = 8192, max_seq: int = 1024, max_req: int = 64,
                  cpu_weight_layout: str = "lightllm", shm_prefix: str = "caraserve_offline",
-                 dtype: str = "float32", model_class: Optional[type] = None, cuda_graphs: bool = False):
+                 dtype: str = "float32", model_class: Optional[type] = None, cuda_graphs: bool = False,
+                 tp_rank: int = 0, world_size: int = 1):
         # model_class: None for the model family's class (model_registry), or a subclass of it
-        # (scripts/bench/gpu.py builds random weights on the device instead of reading safetensors)
+        # (scripts/bench/gpu.py builds random weights on the device instead of reading safetensors).
+        # tp_rank / world_size: one rank of a tensor-parallel engine (lightllm_patches.tp_engine
+        # starts the ranks and the process group).
         model_class = model_class or model_class_for(str(model_dir))
-        self.shm_prefix = f"{shm_prefix}_{uuid.uuid4().hex[:8]}"  # unique per engine
+        self.shm_prefix = f"{shm_prefix}_{uuid.uuid4().hex[:8]}"  # unique per engine (and rank)
         self.model = model_class({
-            "tp_rank": 0, "world_size": 1, "weight_dir": str(model_dir), "max_total_token_num": max_total_tokens,
+            "tp_rank": tp_rank, "world_size": world_size, "weight_dir": str(model_dir),
+            "max_total_token_num": max_total_tokens,
+
             "load_way": "HF", "mode": [], "max_req_num": max_req, "max_seq_length": max_seq,
             "data_type": dtype, "device": torch.device(device), "shm_prefix": self.shm_prefix,
             "cpu_weight_layout": cpu_weight_layout,

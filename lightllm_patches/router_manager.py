@@ -2,7 +2,8 @@
 
 `CaraRouterManager` overrides `lightllm.server.router.manager.RouterManager`:
 
-- `wait_to_model_ready`: starts `CaraBackend` (in process; tp = 1) with the instance config,
+- `wait_to_model_ready`: starts `CaraBackend` (in process: rank 0) with the instance config,
+  and with `--tp N` ranks 1..N-1 (`tp_ranks.py`; a rank's failure stops the instance),
   and `CaraReqQueue` (adapter-aware admission); registers the adapters of `--adapters`.
 - `loop_for_netio_req`: also serves `ControlRequest`s (typed calls: `AdapterCall`s on the
   worker's `AdapterManager`, `GetStats` -> `InstanceStats`, `GetSamples`, `Ping`) and answers
@@ -43,7 +44,8 @@ from caraserve_router.contracts.control import (
     AdapterCall, ControlReply, ControlRequest, GetSamples, GetStats, Ping, RequestFailed,
 )
 from caraserve_router.contracts.stats import InstanceStats, RequestView, ResidentAdapter
-from caraserve_router.contracts.processes import die_with_parent, remove_shm
+from caraserve_router.contracts.processes import die_with_parent, free_ports, remove_shm, stop_processes
+from lightllm_patches import tp_ranks
 from lightllm_patches.lightllm_args import lightllm_args
 from caraserve_router.lora.adapter_store import AdapterError
 from lightllm_patches.req_queue import CaraReqQueue
@@ -64,13 +66,28 @@ class CaraRouterManager(RouterManager):
     async def wait_to_model_ready(self):
         self.model_rpc = CaraModelRpcClient()
         self.model_rpcs = [self.model_rpc]
-        await self.model_rpc.init_model({
-            "cara_config": self.config,
-            "eos_id": self.eos_id,
-            "shm_prefix": self.config.shm_prefix,
-            "world_size": 1,
-        })
-        self.lora = self.model_rpc.lora  # the worker's AdapterManager (in process, tp = 1)
+        # --tp N: ranks 1..N-1 are processes driven like upstream's model RPCs (tp_ranks.py);
+        # rank 0 stays in process. They rendezvous while each builds its shard of the model.
+        dist_port = free_ports(1)[0] if self.config.tp > 1 else 0
+        ranks = tp_ranks.start_ranks(self.config, dist_port, self.eos_id, self._tp_fatal) if self.config.tp > 1 else []
+        try:
+            await self.model_rpc.init_model({
+                "cara_config": self.config,
+                "eos_id": self.eos_id,
+                "shm_prefix": self.config.shm_prefix,
+                "tp_rank": 0,
+                "world_size": self.config.tp,
+                "dist_port": dist_port,
+            })
+            clients = tp_ranks.wait_ready(ranks, self._tp_fatal) if ranks else []
+        except BaseException:
+            stop_processes([proc for _, proc, _ in ranks])
+            raise
+        self.tp_procs = [proc for _, proc, _ in ranks]
+        self.model_rpcs += clients  # upstream's step code calls every rank (self.world_size = tp)
+        self.lora = self.model_rpc.lora  # the worker's AdapterManager (in process, rank 0)
+        if clients:
+            self.lora = tp_ranks.TpLora(self.lora, clients)  # rank 0 decides, every rank applies
         self.req_queue = CaraReqQueue(self.args, self, admit_adapter=self.lora.admit,
                                       begin_admission=self.lora.begin_admission, chunked=self.config.chunked_prefill)
         if self.config.lora.adapters:
@@ -234,7 +251,18 @@ class CaraRouterManager(RouterManager):
         except Exception:  # noqa: BLE001
             self._fail_batch(batch, "decode")
 
+    def _tp_fatal(self, reason: str) -> None:
+        """A rank died or failed: the ranks are out of step, so the instance stops (exit 1; its
+        supervisor restarts it). Runs on a rank's reader thread, maybe while this process's main
+        thread waits in a collective that will never complete."""
+        log.error("%s; stopping the instance", reason)
+        stop_processes([p for p in getattr(self, "tp_procs", []) if p.is_alive()], grace_s=1.0)
+        remove_shm(self.config.shm_prefix)
+        os._exit(1)
+
     def _fail_batch(self, batch, phase: str) -> None:
+        if self.config.tp > 1:  # the other ranks may have run the step, or be waiting in it
+            self._tp_fatal(f"{phase} step failed on rank 0:\n{traceback.format_exc()}")
         log.error("%s step failed; failing its %d request(s):\n%s", phase, len(batch.reqs), traceback.format_exc())
         ids = [r.request_id for r in batch.reqs]
         try:
@@ -253,6 +281,12 @@ class CaraRouterManager(RouterManager):
         backend = self.model_rpc.backend if hasattr(self, "model_rpc") else None
         if backend is not None:
             backend.shutdown()
+        for rpc in getattr(self, "model_rpcs", [])[1:]:
+            rpc.close()  # EOF: the rank shuts its backend (and sidecar) down and exits
+
+        for proc in getattr(self, "tp_procs", []):
+            proc.join(5)
+        stop_processes(getattr(self, "tp_procs", []))
 
 
 def _req_view(req, ranks: dict) -> RequestView:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import json
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from caraserve_router.contracts.names import DecodeKernel, LoraMode, values
+from caraserve_router.contracts.tensor_parallel import tp_split_problem
+
 
 
 def option(default: Any, help: str, choices: Optional[tuple] = None, aliases: tuple = (), **kw) -> Any:
@@ -210,6 +213,9 @@ class SidecarConfig:
             raise ValueError("sidecar deadline_ms must be > 0")
 
 
+# Tensor-parallel degrees an instance accepts (LightLLM splits heads, KV heads and the MLP evenly).
+TP_SIZES = (1, 2, 4, 8)
+
 # CPU base-projection weight layouts (see InstanceConfig.cpu_weight_layout); value: whether
 # nn.Linear's [out, in] copy is kept beside LightLLM's [in, out] weight.
 WEIGHT_LAYOUTS = {"lightllm": False, "both": True}
@@ -234,7 +240,9 @@ class InstanceConfig:
     device: str = option("auto", "Compute device: auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     dtype: str = option("auto", "Model dtype: auto (float32 on CPU, float16 on CUDA), float32, "
                         "float16, bfloat16")
-    tp: int = option(1, "Tensor-parallel degree (CaraServe supports 1)")
+    tp: int = option(1, "Tensor-parallel degree: ranks of LightLLM's TP llama per instance, one GPU each on CUDA "
+                     "(gloo processes on the CPU); every adapter is sharded like the base (docs/DEPLOY.md)",
+                     choices=TP_SIZES)
     max_total_token_num: int = option(8192, "KV-cache capacity in tokens")
     max_req_input_len: int = option(2048, "Longest prompt accepted, in tokens")
     max_req_total_len: int = option(3072, "Longest prompt + output accepted, in tokens")
@@ -273,8 +281,13 @@ class InstanceConfig:
     def validate(self) -> None:
         if not self.model_dir or not os.path.isdir(self.model_dir):
             raise ValueError(f"model_dir {self.model_dir!r} is not a directory")
-        if self.tp != 1:
-            raise ValueError("tensor parallelism (tp > 1) is not supported by CaraServe yet; use tp=1")
+        if self.tp not in TP_SIZES:
+            raise ValueError(f"tp must be one of {TP_SIZES}, got {self.tp}")
+        if self.tp > 1 and os.path.isfile(os.path.join(self.model_dir, "config.json")):
+            with open(os.path.join(self.model_dir, "config.json")) as f:
+                problem = tp_split_problem(json.load(f), self.tp)
+            if problem:
+                raise ValueError(problem)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
         if not 0 < self.max_req_input_len < self.max_req_total_len <= self.max_total_token_num:

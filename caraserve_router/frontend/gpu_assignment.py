@@ -30,15 +30,22 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def assign_gpus(count: int, share: bool, gpus: Optional[list[str]] = None) -> list[Optional[str]]:
-    """The GPU of each of `count` local instances (None everywhere on a host without GPUs)."""
+def assign_gpus(count: int, share: bool, gpus: Optional[list[str]] = None, per_instance: int = 1) -> list[Optional[str]]:
+    """The GPU(s) of each of `count` local instances, as CUDA_VISIBLE_DEVICES (None everywhere
+    on a host without GPUs). A tensor-parallel instance (`per_instance` = tp) gets that many
+    consecutive GPUs, its rank k the k-th of them."""
     gpus = visible_gpus() if gpus is None else gpus
     if not gpus:
         return [None] * count
-    if count > len(gpus) and not share:
-        raise ValueError(f"{count} local instances but {len(gpus)} GPU(s) ({','.join(gpus)}): give at most "
-                         f"{len(gpus)} instances, or --share-gpus to put several on one GPU")
-    return [gpus[i % len(gpus)] for i in range(count)]
+    if per_instance > len(gpus):
+        raise ValueError(f"--tp {per_instance} needs {per_instance} GPUs per instance; this host has "
+                         f"{len(gpus)} ({','.join(gpus)})")
+    if count * per_instance > len(gpus) and not share:
+        each = f" for {per_instance} GPUs each (--tp {per_instance})" if per_instance > 1 else ""
+        raise ValueError(f"{count} local instances but {len(gpus)} GPU(s) ({','.join(gpus)}){each}: give at most "
+                         f"{len(gpus) // per_instance} instances, or --share-gpus to put several on one GPU")
+    return [",".join(gpus[(i * per_instance + k) % len(gpus)] for k in range(per_instance)) for i in range(count)]
+
 
 
 def gpu_env(gpu: Optional[str]) -> Optional[dict]:

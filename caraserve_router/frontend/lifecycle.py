@@ -8,6 +8,8 @@ import sys
 import time
 
 from caraserve_router.frontend.config import FrontendConfig, parse_configs
+from caraserve_router.frontend.tp_capacity import check_tp_capacity
+
 from caraserve_router.frontend.service import FrontEnd
 
 log = logging.getLogger("caraserve.api")
@@ -63,6 +65,14 @@ def main(argv=None, description: str = "") -> int:
         prepare_model(front_cfg, max_context=template.max_req_total_len)
         template.model_dir = front_cfg.model_dir
         template.lora.validate()
+        # a --tp this host cannot hold is refused here, before any instance starts
+        check_tp_capacity(template, front_cfg.instances, front_cfg.share_gpus, local=front_cfg.cluster == "local")
+        if front_cfg.perf_model:  # profiled per TP size: one of another size is refused now, not later
+            from caraserve_router.frontend.perf_bootstrap import check_tp
+            from caraserve_router.scheduling.perf_model import PerfModel
+
+            check_tp(PerfModel.load(front_cfg.perf_model), template.tp, front_cfg.perf_model)
+
         uvloop.run(serve(FrontEnd(front_cfg, template)))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"caraserve: error: {e}", file=sys.stderr)

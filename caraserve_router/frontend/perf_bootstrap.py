@@ -21,12 +21,24 @@ from caraserve_router.scheduling.perf_model import PerfModel, PerfModelError
 log = logging.getLogger("caraserve.perf")
 
 
-def cache_path(cache_dir: str, model_dir: str, device: str, kernel: str, lora_mode: str) -> Path:
-    """One file per model (its name and a hash of its config), device, decode kernel and mode."""
+def cache_path(cache_dir: str, model_dir: str, device: str, kernel: str, lora_mode: str, tp: int = 1) -> Path:
+    """One file per model (its name and a hash of its config), device, decode kernel, mode and
+    tensor-parallel size (an instance of N ranks has other step times than one of 1)."""
     config = Path(model_dir, "config.json")
     digest = hashlib.sha1(config.read_bytes() if config.exists() else model_dir.encode()).hexdigest()[:10]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(model_dir).name}-{digest}-{device}-{kernel}-{lora_mode}")
+    tp_part = f"-tp{tp}" if tp > 1 else ""  # tp = 1 keeps the names of earlier caches
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(model_dir).name}-{digest}-{device}-{kernel}-{lora_mode}{tp_part}")
     return Path(cache_dir) / f"{slug}.json"
+
+
+def check_tp(model: PerfModel, tp: int, source: str) -> PerfModel:
+    """A perf model is profiled per TP size: refuse one whose metadata names another (none: 1)."""
+    profiled = int(model.metadata.get("tp", 1))
+    if profiled != tp:
+        raise PerfModelError(f"{source} was profiled with tp={profiled}; these instances run tp={tp}: profile "
+                             f"them (scripts/profile_instance.py, or no --perf-model for a start-up profile)")
+    return model
+
 
 
 def load_cached(path: Optional[Path]) -> Optional[PerfModel]:

@@ -141,7 +141,9 @@ async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid
                      "date": time.strftime("%Y-%m-%d"), "kernel": kernel, "instance": stats.get("name"),
                      "emulated": {"device": not str(stats.get("device", "")).startswith("cuda"),
                                   "link": lora.get("link") == "emulated"},
-                     "step_overhead_ms": round(step_overhead_ms, 3), "decode_context": grid.decode_context},
+                     "step_overhead_ms": round(step_overhead_ms, 3), "decode_context": grid.decode_context,
+                     "tp": int(lora.get("tp", 1))},  # a PerfModel is per TP size (perf_bootstrap.check_tp)
+
         "prefill": prefill,
         "decode": decode,
     }

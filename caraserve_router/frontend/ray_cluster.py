@@ -162,12 +162,14 @@ class RayLauncher:
         """At exit, leave the instances to other front ends (attached, or asked to)."""
         return self.config.attach or self.config.keep_instances
 
-    def _gpus(self) -> float:
+    def _gpus(self, tp: int = 1) -> float:
+        """GPUs one actor asks Ray for: a tensor-parallel instance holds `tp` (one per rank; Ray's
+        CUDA_VISIBLE_DEVICES then lists them, and rank k takes the k-th)."""
         import ray
 
         if self.config.gpus_per_instance >= 0:
             return self.config.gpus_per_instance
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return float(tp) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
     def start(self, handle: RayInstanceHandle) -> None:
         """Create the actor; its URL arrives with the next `RayCluster.refresh` (non-blocking,
@@ -182,7 +184,8 @@ class RayLauncher:
             split_cores=self.split_cores, orphan_timeout_s=self.config.orphan_timeout_s)
         # Detached: the actor outlives this front end (ray_attach.py); named for the others to find.
         handle.actor = self._actor_cls.options(
-            num_cpus=self.config.cpus_per_instance, num_gpus=self._gpus(), max_restarts=self.config.max_restarts,
+            num_cpus=self.config.cpus_per_instance, num_gpus=self._gpus(config.tp),
+            max_restarts=self.config.max_restarts,
             scheduling_strategy=PLACEMENTS[self.config.placement], namespace=self.config.namespace,
             name=actor_name(handle.index, handle.actors_created), lifetime="detached",
         ).remote(config, settings)

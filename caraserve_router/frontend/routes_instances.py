@@ -46,8 +46,8 @@ def _new_local(front, index: int):
     from caraserve_router.frontend.gpu_assignment import assign_gpus
 
     local = sum(1 for h in front.cluster.handles if h.local and not h.removed)
-    gpu = assign_gpus(local + 1, front.config.share_gpus)[-1]  # ValueError when no GPU is left
     template = front.template
+    gpu = assign_gpus(local + 1, front.config.share_gpus, per_instance=template.tp)[-1]  # ValueError: none left
     cores = template.cpu_cores or (host_core_shares(local + 1)[-1] if front.config.split_cores else "")
     config = dataclasses.replace(template, port=0, host="127.0.0.1", name=f"instance{index}", cpu_cores=cores,
                                  lora=dataclasses.replace(template.lora),

@@ -112,7 +112,8 @@ class FrontEnd:
         use_key(self.session, key)
         handles = local_handles(self.template, self.config.instances, self.config.instance_base_port,
                                 "127.0.0.1", self.config.split_cores) if self.config.instances else []
-        for handle, gpu in zip(handles, assign_gpus(len(handles), self.config.share_gpus)):
+        for handle, gpu in zip(handles, assign_gpus(len(handles), self.config.share_gpus,
+                                                    per_instance=self.template.tp)):
             handle.gpu = gpu
         clients: list = [HandleClient(h, self.session, self.config.request_timeout_s) for h in handles]
         for url in self.config.urls:
@@ -153,7 +154,7 @@ class FrontEnd:
             return None
         device = str(self.stats.get(0, {}).get("device") or self.template.device)
         return cache_path(self.config.perf_model_cache, self.config.model_dir, device,
-                          str(self.template.lora.decode_kernel), str(self.template.lora.mode))
+                          str(self.template.lora.decode_kernel), str(self.template.lora.mode), self.template.tp)
 
     async def _profile_then_switch(self) -> None:
         """Profile instance 0 while the warm-up policy serves; then serve with the configured one."""
@@ -169,6 +170,7 @@ class FrontEnd:
                       type(e).__name__, e, self.active_policy)
             self.profiling = False
             return
+        model.metadata["tp"] = self.template.tp  # profiled per TP size (perf_bootstrap.check_tp)
         save_cached(model, self._perf_cache_path())
         self.perf_model = model
         self.active_policy = self.config.policy
@@ -184,10 +186,12 @@ class FrontEnd:
     async def _perf_model(self):
         """The model from --perf-model or the cache, else None (then profiled in the background)."""
         from caraserve_router.frontend.perf_bootstrap import load_cached
+
+
         from caraserve_router.scheduling.perf_model import PerfModel
 
         if self.config.perf_model:
-            model = PerfModel.load(self.config.perf_model)
+            model = PerfModel.load(self.config.perf_model)  # its TP size was checked at start (lifecycle)
             log.info("perf model from %s: %s", self.config.perf_model, model.describe())
             return model
         if not self.policy_cls.needs_perf_model:

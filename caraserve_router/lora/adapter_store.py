@@ -42,6 +42,7 @@ import torch
 from caraserve_router.contracts import host_segments
 from caraserve_router.lora.peft_files import AdapterError, AdapterSpec, parse_adapter, read_into, weights_path
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
+from caraserve_router.lora.tp_shard import TpShard
 
 __all__ = ["AdapterError", "AdapterSpec", "AdapterStore", "HostAdapter", "HostLayout", "parse_adapter"]
 
@@ -52,10 +53,12 @@ log = logging.getLogger("caraserve.lora.store")
 class HostLayout:
     """Element offsets of every (layer, group, A | B slice) block inside an adapter's segment.
 
-    `ranks`: {group: per-slice ranks} (an adapter's `slice_ranks`), or one int for every slice."""
+    `ranks`: {group: per-slice ranks} (an adapter's `slice_ranks`), or one int for every slice.
+    `shard`: the tensor-parallel rank whose shard the segment holds (`shapes` are that rank's)."""
 
     shapes: ModelShapes
     ranks: object
+    shard: TpShard = TpShard()
 
     def slice_ranks(self, group: str) -> tuple[int, ...]:
         if isinstance(self.ranks, int):
@@ -202,11 +205,17 @@ class AdapterStore:
     a byte budget (LRU over the adapters no load holds).
 
     `shm_prefix`: the segments' name prefix; instances of one host given the same one share each
-    adapter's copy (a segment is counted in the budget of every store that maps it)."""
+    adapter's copy (a segment is counted in the budget of every store that maps it).
+
+    `shapes` are the base model's; with a tensor-parallel `shard` a segment holds only that
+    rank's shard of each adapter (`tp_shard`), laid out by `self.shapes`, the rank's shapes."""
 
     def __init__(self, shapes: ModelShapes, dtype: torch.dtype, shm_prefix: str, max_rank: int, pin: bool,
-                 cache_bytes: Optional[int] = None, max_mapped: Optional[int] = None):
-        self.shapes = shapes
+                 cache_bytes: Optional[int] = None, max_mapped: Optional[int] = None,
+                 shard: TpShard = TpShard()):
+        self.file_shapes = shapes  # what an adapter file is checked against
+        self.shard = shard
+        self.shapes = shard.shapes(shapes)  # this rank's: the segments' layout
         self.dtype = dtype
         self.shm_prefix = shm_prefix
         self.max_rank = max_rank
@@ -245,7 +254,7 @@ class AdapterStore:
             raise AdapterError(f"invalid adapter name {name!r} (letters, digits, . _ : - /; at most 128)")
         if name in self._adapters:
             raise AdapterError(f"adapter {name!r} is already registered", status=409)
-        spec, found, ranks = parse_adapter(name, path, self.shapes, self.max_rank)
+        spec, found, ranks = parse_adapter(name, path, self.file_shapes, self.max_rank)
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"adapter {name!r} is already registered", status=409)
@@ -256,7 +265,7 @@ class AdapterStore:
             name_of_segment = segment
             while name_of_segment in taken:
                 name_of_segment, n = f"{segment}_{n}", n + 1
-            host = HostAdapter(spec, HostLayout(self.shapes, spec.slice_ranks), self.dtype, None,
+            host = HostAdapter(spec, HostLayout(self.shapes, spec.slice_ranks, self.shard), self.dtype, None,
                                store=self, shm_name=name_of_segment)
             self._adapters[name] = host
             self._sources[name] = (found, ranks)
@@ -271,6 +280,8 @@ class AdapterStore:
         st = os.stat(weights_path(spec.path))
         ident = (os.path.realpath(spec.path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, str(self.dtype),
                  self.shapes, sorted(spec.slice_ranks.items()), sorted(ranks.items()))
+        if self.shard.sharded:  # the ranks' shapes are equal, their bytes are not
+            ident += (self.shard,)
         return hashlib.sha1(repr(ident).encode()).hexdigest()[:20]
 
     def remove(self, name: str) -> None:
@@ -363,6 +374,8 @@ class AdapterStore:
             view = HostAdapter(host.spec, host.layout, host.dtype, segment)
             try:
                 read_into(view, *source)
+
+
             finally:
                 view._flat = None  # no export left: the segment can be closed
             read.append(True)

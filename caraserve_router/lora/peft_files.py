@@ -223,7 +223,8 @@ def read_into(host, found: dict, ranks: dict) -> None:
 
     It runs when an adapter is first used, so it is kept to one copy per tensor: B is scaled and
     transposed in one op straight into the segment, and the NaN / inf check is one pass over
-    the whole segment at the end (the offending module is looked up only when it fails)."""
+    the whole segment at the end (the offending module is looked up only when it fails).
+    Under tensor parallelism only the layout's rank's slice of each pair is kept (tp_shard)."""
     path = host.spec.path
     try:
         f = safe_open(weights_path(path), "pt", "cpu")
@@ -234,6 +235,7 @@ def read_into(host, found: dict, ranks: dict) -> None:
             group, slot = MODULE_SLOTS[module]
             r, scale = ranks[(layer, module)]
             a, b = f.get_tensor(pair["A"][0]), f.get_tensor(pair["B"][0])
+            a, b = host.layout.shard.slice_pair(module, a, b)  # a [r, IN], b [OUT_s, r] of this rank
             first = sum(host.layout.slice_ranks(group)[:slot])
             host.block(layer, group, "A")[first : first + r].copy_(a)                  # [r, IN]
             bt = b.t() if b.dtype == torch.float32 else b.t().float()                  # [r, OUT_s], scaled in fp32

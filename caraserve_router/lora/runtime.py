@@ -24,6 +24,7 @@ from caraserve_router.lora.resolver import AdapterResolver, pool_mb
 from caraserve_router.contracts.names import DecodeKernel, LoraMode
 from caraserve_router.lora.shapes import ModelShapes
 from caraserve_router.lora.step_context import LoraStepContext
+from caraserve_router.lora.tp_shard import TpShard
 
 log = logging.getLogger("caraserve.lora")
 
@@ -38,11 +39,15 @@ class LoraRuntime:
     def __init__(self, config, model):
         self.config = config
         lora = config.lora
-        self.shapes = ModelShapes.from_config(model.config)
+        # Under tensor parallelism (LightLLM's tp_rank_ / world_size_) this rank's pool, host
+        # segments, link and sidecar carry only its shard of every adapter (lora/tp_shard.py).
+        self.shard = TpShard(model.tp_rank_, model.world_size_)
+        self.shapes = self.shard.shapes(ModelShapes.from_config(model.config))  # this rank's
         self.device = model.device
-        self.store = AdapterStore(self.shapes, model.data_type, config.adapter_store_prefix,
+        self.store = AdapterStore(ModelShapes.from_config(model.config), model.data_type, config.adapter_store_prefix,
                                   lora.max_rank, pin=self.device.type == "cuda",
-                                  cache_bytes=int(lora.host_cache_mb * 2**20) if lora.host_cache_mb else None)
+                                  cache_bytes=int(lora.host_cache_mb * 2**20) if lora.host_cache_mb else None,
+                                  shard=self.shard)
         self.mode: LoraMode = lora.mode  # the configured mode; `policy` is its decisions (lora/modes.py)
         self.decode_kernel: DecodeKernel = lora.decode_kernel
         self.pool = AdapterPool(self.shapes, model.data_type, self.device, pool_mb(lora, self.device), lora.max_rank)
@@ -326,6 +331,7 @@ class LoraRuntime:
         ]
         return {
             "mode": self.mode.value,
+            "tp": self.shard.size,  # the instance's tensor-parallel size (these stats are rank 0's shard)
             "link": "emulated" if self.link.emulated else "cuda",
             "registered": self.names.names(),
             "host_copies": len(self.store.names()),
