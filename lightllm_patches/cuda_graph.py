@@ -309,6 +309,12 @@ def decode_graphs_for(config, model, lora_runtime) -> Optional[DecodeGraphRunner
     device = model.device
     if not ((device.type == "cuda" and config.cuda_graphs) or (device.type == "cpu" and config.graph_emulation)):
         return None
+    if getattr(model, "world_size_", 1) > 1:
+        # Ranks 1.. step through upstream's eager loop: a graph padded to its bucket would all-reduce
+        # tensors of another size than theirs. Graphs under TP need every rank to replay: owed.
+        log.warning("CUDA graphs: off with tp = %d (every rank steps eagerly; graphs under TP are not built yet)",
+                    model.world_size_)
+        return None
     ctx = lora_runtime.step_context if lora_runtime is not None else None
     runner = DecodeGraphRunner(model, ctx, max_batch=config.running_max_req_size)
     if runner.capture:
