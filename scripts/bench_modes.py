@@ -33,7 +33,7 @@ from pathlib import Path
 import requests as http
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("cached", "on-demand", "pipeline", "cpu-assist")
+MODES = ("cached", "on-demand", "pipeline", "cpu-assist", "auto")
 
 
 def pct(values: list, q: float):

@@ -21,7 +21,7 @@ from caraserve_router.lora.adapter_pool import AdapterPool
 from caraserve_router.lora.adapter_store import AdapterError, AdapterStore
 from caraserve_router.lora.batch import LoraBatch
 from caraserve_router.lora.device_link import make_link
-from caraserve_router.lora.modes import mode_for
+from caraserve_router.lora.modes import AutoMode, mode_for
 from caraserve_router.lora.resolver import AdapterResolver, pool_mb
 from caraserve_router.contracts.names import DecodeKernel, LoraMode
 from caraserve_router.lora.shapes import GROUPS, ModelShapes
@@ -50,6 +50,13 @@ class LoraRuntime:
         self.resolver = AdapterResolver(lora.adapter_dir) if lora.adapter_dir else None
         self.link = make_link(self.pool, lora)
         self.mode = mode_for(self.kind)
+        self.auto = None  # auto mode: chooses on-demand / pipeline / cpu-assist per cold load
+        if self.kind is LoraMode.AUTO:
+            from caraserve_router.lora.auto_mode import AutoChooser
+
+            self.auto = AutoChooser(self, lora)
+            self.mode = AutoMode(self.auto.choices)
+        self._step_started = 0.0
         self.slice_offsets = {
             g: torch.tensor(self.shapes.group(g).slice_offsets, dtype=torch.int32, device=self.device) for g in GROUPS
         }
@@ -307,6 +314,9 @@ class LoraRuntime:
         seg_lens = None
         if kwargs["is_prefill"]:
             seg_lens = (kwargs["b_seq_len"] - kwargs["b_ready_cache_len"]).tolist()
+        if self.auto is not None:
+            self.auto.decide(entries, seg_lens)
+            self._step_started = time.monotonic()
         batch = LoraBatch(self, entries, kwargs["is_prefill"], seg_lens, self.mode, self.sidecar,
                           previous=self._last_batch)
         self._last_batch = batch
@@ -317,6 +327,8 @@ class LoraRuntime:
         """Postprocess a step (also a failed one): disarm the sidecar, keep the step's counters."""
         if batch is not None:
             batch.finish()
+            if self.auto is not None:
+                self.auto.observe_step(batch, time.monotonic() - self._step_started)
             self.counters.update(batch.counters)
 
     # ---- introspection -------------------------------------------------------------------
@@ -346,6 +358,7 @@ class LoraRuntime:
             "link_bandwidth_mbps": self.config.lora.link_bandwidth_mbps if self.link.emulated else None,
             "link_latency_us": self.config.lora.link_latency_us if self.link.emulated else None,
             "sidecar": self.sidecar.stats() if self.sidecar is not None else None,
+            "auto": self.auto.stats() if self.auto is not None else None,
         }
 
     @property
