@@ -45,8 +45,9 @@ def merge(profiles: list[dict]) -> dict:
     for p in profiles:
         merged["prefill"] += p["prefill"]
         merged["decode"] += p["decode"]
-        if "link" in p:
-            merged["link"] = p["link"]
+        for key in ("link", "cpu_assist"):
+            if key in p:
+                merged[key] = p[key]
     return merged
 
 
@@ -63,7 +64,7 @@ def start_and_profile(args, grid) -> list[dict]:
         log = Path(args.log_dir) / f"profile_instance.{kernel}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         flags = ["--model-dir", model_dir, "--lora-adapters", str(adapters), "--lora-decode-kernel", kernel,
-                 "--lora-mode", "cached", "--lora-pool-mb", "1600", "--torch-threads", str(args.torch_threads)]
+                 "--lora-mode", "auto", "--lora-pool-mb", "1600", "--torch-threads", str(args.torch_threads)]
         print(f"starting an instance with the {kernel} decode kernel ...", flush=True)
         with RunningServer("lightllm_patches.instance", flags, log) as srv:
             profiles.append(asyncio.run(profile_url(srv.url, grid, args.seed)))

@@ -54,12 +54,12 @@ class ColdLoadCosts:
 
     load_ms: float                     # the rest of the load (`load_ms_of`)
     prompt_tokens: int                 # tokens of the step's rows that use the adapter
-    rank: int                          # the adapter's largest slice rank
+    rank: float                        # the adapter's rank (the instance: its all-projection equivalent)
     prefill_ms: float | None           # predicted step time (None: no estimate yet)
     layers: int
     sidecar_ms_per_token_rank: float = math.inf  # one worker, one layer (inf: no sidecar)
     sidecar_workers_free: int = 0      # workers up (0: no sidecar, or none healthy)
-    sidecar_queued_token_rank: int = 0  # tokens x rank the step already gives the sidecar (other loads)
+    sidecar_queued_token_rank: float = 0  # tokens x rank the step already gives the sidecar (other loads)
     layer_sync_ms: float = 0.0         # per layer waited on (pipeline) or handed to the sidecar
 
 
@@ -97,7 +97,7 @@ def estimate_extra_ms(c: ColdLoadCosts) -> dict:
     sync = n * c.layer_sync_ms if load > 0 else 0.0
     pipeline = (max(0.0, load - prefill + per_layer) if load > 0 else 0.0) + sync
     if c.sidecar_workers_free > 0 and math.isfinite(c.sidecar_ms_per_token_rank):
-        work = c.sidecar_queued_token_rank + c.prompt_tokens * max(1, c.rank)
+        work = c.sidecar_queued_token_rank + c.prompt_tokens * c.rank
         side_layer = work * c.sidecar_ms_per_token_rank / c.sidecar_workers_free
         cpu = covered * max(0.0, side_layer - per_layer) + sync
     else:

@@ -33,6 +33,7 @@ from collections import deque
 from typing import Optional
 
 from caraserve_router.contracts.configs import InstanceConfig, to_cli
+from caraserve_router.contracts.device_kind import kind_name
 from caraserve_router.contracts.processes import kill_groups, remove_shm
 from caraserve_router.lora.host_segments import SharedDir, remove_idle
 
@@ -94,15 +95,8 @@ def device_kind(gpu_ids: list) -> str:
                 return "cuda:" + out.stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError):
             pass
-        return "cuda:unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return "cpu:" + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu:unknown"
+        return kind_name("cuda")
+    return kind_name("cpu")
 
 
 class InstanceActor:

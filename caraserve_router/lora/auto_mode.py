@@ -83,7 +83,7 @@ class AutoChooser:
 
     def __init__(self, runtime, lora_config) -> None:
         self.runtime = runtime
-        self.bytes_per_ms, self.emulated = measure_link(runtime.link, runtime.pool, lora_config)
+        self.bytes_per_ms, self.emulated = runtime.link_bytes_per_ms, runtime.link.emulated
         kind = "emulated" if self.emulated else "cuda"
         sync_us = lora_config.auto_layer_sync_us if lora_config.auto_layer_sync_us >= 0 else LAYER_SYNC_US[kind]
         self.layer_sync_ms = sync_us / 1e3
@@ -126,8 +126,13 @@ class AutoChooser:
         sidecar = self.runtime.sidecar
         workers = sidecar.num_workers if sidecar is not None and sidecar.healthy() else 0
 
-        def token_rank(entry) -> int:
-            return sum(n for e, n in zip(entries, lens) if e is entry) * entry.rank
+        def all_module_rank(entry) -> float:
+            # the sidecar's profile ran a rank-r adapter on all seven projections; an adapter on
+            # fewer costs its bytes' worth of that: bytes / bytes of one all-projection rank
+            return self.runtime.pool.entry_bytes(entry) / self.runtime.page_bytes
+
+        def token_rank(entry) -> float:
+            return sum(n for e, n in zip(entries, lens) if e is entry) * all_module_rank(entry)
 
         queued = sum(token_rank(e) for k, e in loading.items() if self.choices.get(k) is LoraMode.CPU_ASSIST)
         for entry in new:
@@ -137,7 +142,7 @@ class AutoChooser:
             costs = ColdLoadCosts(
                 load_ms=load_ms_of(load_bytes, self.bytes_per_ms, math.ceil(pending / self.group_size),
                                    self.latency_ms),
-                prompt_tokens=tokens, rank=entry.rank, prefill_ms=self.prefill.predict(step_tokens), layers=layers,
+                prompt_tokens=tokens, rank=all_module_rank(entry), prefill_ms=self.prefill.predict(step_tokens), layers=layers,
                 sidecar_ms_per_token_rank=self.sidecar_ms_per_token_rank(),
                 sidecar_workers_free=workers, sidecar_queued_token_rank=queued, layer_sync_ms=self.layer_sync_ms)
             choice = choose(costs)

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from caraserve_router.contracts.adapters import AdapterRequest, check_adapter_name
+from caraserve_router.contracts.device_kind import kind_name
 from caraserve_router.lora.adapter_names import AdapterNames, preflight, scrub
 from caraserve_router.lora.adapter_pool import AdapterPool
 from caraserve_router.lora.adapter_store import AdapterError, AdapterStore
@@ -50,6 +51,12 @@ class LoraRuntime:
         self.resolver = AdapterResolver(lora.adapter_dir) if lora.adapter_dir else None
         self.link = make_link(self.pool, lora)
         self.mode = mode_for(self.kind)
+        from caraserve_router.lora.auto_mode import measure_link
+
+        # the link's rate, measured now (emulated: its configured rate): the profile's load cost
+        self.link_bytes_per_ms, _ = measure_link(self.link, self.pool, lora)
+        self.device_kind = kind_name(self.device.type, torch.cuda.get_device_name(self.device)
+                                     if self.device.type == "cuda" else "")
         self.auto = None  # auto mode: chooses on-demand / pipeline / cpu-assist per cold load
         if self.kind is LoraMode.AUTO:
             from caraserve_router.lora.auto_mode import AutoChooser
@@ -341,6 +348,9 @@ class LoraRuntime:
         return {
             "mode": self.kind.value,
             "link": "emulated" if self.link.emulated else "cuda",
+            "device_kind": self.device_kind,
+            "link_measured_mb_s": self.link_bytes_per_ms / 1e3,
+            "num_layers": self.shapes.num_layers,
             "registered": self.names.names(),
             "host_copies": len(self.store.names()),
             "resident": resident,
