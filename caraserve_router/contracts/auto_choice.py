@@ -92,7 +92,7 @@ def covered_layers(load_ms: float, prefill_ms: float, layers: int) -> int:
 def estimate_extra_ms(c: ColdLoadCosts) -> dict:
     """Extra ms of the step per mode (see the module docstring); cpu-assist inf without a worker."""
     load, prefill, n = c.load_ms, float(c.prefill_ms or 0.0), max(1, c.layers)
-    per_layer = prefill / n
+    per_layer = prefill / c.layers if c.layers > 0 else 0.0  # 0 layers: unknown, a continuous overlap
     covered = covered_layers(load, prefill, n)
     sync = n * c.layer_sync_ms if load > 0 else 0.0
     pipeline = (max(0.0, load - prefill + per_layer) if load > 0 else 0.0) + sync

@@ -20,7 +20,7 @@ def cold_costs(pm, tokens: int, rank: int, prefill_ms: float, workers_free: int 
     side = pm.sidecar_ms_per_token_rank
     return ColdLoadCosts(
         load_ms=pm.predict_load_ms(rank), prompt_tokens=tokens, rank=rank, prefill_ms=prefill_ms,
-        layers=pm.layers or 1, sidecar_ms_per_token_rank=side if side is not None else math.inf,
+        layers=pm.layers, sidecar_ms_per_token_rank=side if side is not None else math.inf,
         sidecar_workers_free=pm.sidecar_workers if workers_free is None else workers_free,
         layer_sync_ms=pm.layer_sync_ms)
 
