@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from caraserve_router.contracts.device_kind import kind_name
 from caraserve_router.evaluation.truth_table import KERNEL_FEATURE, TruthTable
 
 SMOLLM2_LAYERS = 30
@@ -52,7 +53,8 @@ def cpu_vm_table(repo: Path) -> TruthTable:
     # the calibration's sidecar ran a rank-64 q,k,v adapter over the mean prompt through all
     # layers on one worker: per token x rank x layer of a q,k,v adapter (the simulated adapters')
     per = cal["sidecar_lora_ms"] / (cal["prompt_tokens"] * 64 * SMOLLM2_LAYERS)
-    profile = {**profile, "link": {**profile["link"], "bytes_per_rank": 20.7e6 / 64}}
+    profile = {**profile, "link": {**profile["link"], "bytes_per_rank": 20.7e6 / 64},
+               "metadata": {**profile["metadata"], "device": kind_name("cpu")}}
     return from_profile(profile, "cpu-vm-smollm2", SMOLLM2_LAYERS,
                         {"ms_per_token_rank": per, "workers": 1}, layer_sync_ms=0.02,
                         notes=("sidecar: one worker's rank-64 q,k,v LoRA time from bench_modes' calibration "
@@ -117,3 +119,59 @@ def h200_table(gpu_dir: Path) -> TruthTable:
                       "all-rank-64 (NOT measured)", "bgmv decode: not measured (mbgmv only)",
                       "layer sync 0.18 ms: from pipeline's cold TTFT minus on-demand's over 32 layers (derived)",
                       "model: Llama-2-7B shapes with random weights; no trace was served on the H200"])
+
+
+def fitted_model(table: TruthTable):
+    """The PerfModel a policy predicts with beside `table`: the usual linear fit of the table's own
+    mean points (so the policy's error is the linear model's, against measured, noisy steps)."""
+    from caraserve_router.scheduling.perf_model import PerfModel
+
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    prefill = [{"tokens": p["tokens"], "rank": p["rank"], "ms": mean(p["ms"])} for p in table.prefill]
+    decode = [{"kernel": d["kernel"], "ranks": d.get("ranks") or [d["feature"] // max(1, d["batch"])] * d["batch"],
+               "ms": mean(d["ms"])} for d in table.decode]
+    side = table.sidecar or {}
+    profile = {"metadata": {"source": f"fitted to truth table {table.name}", "device": table.device},
+               "prefill": prefill, "decode": decode,
+               "link": {"bandwidth_gbps": table.load["bytes_per_ms"] / 1e6, "bytes_per_rank": table.load["bytes_per_rank"],
+                        "latency_ms": table.load["fixed_ms"]},
+               "cpu_assist": {"sidecar_ms_per_token_rank": side.get("ms_per_token_rank"),
+                              "sidecar_workers": side.get("workers", 1), "layers": table.layers,
+                              "layer_sync_ms": table.load.get("layer_sync_ms", 0.0)}}
+    return PerfModel.fit(profile)
+
+
+def shipped_for(kind: str, directory: Path) -> TruthTable | None:
+    """The shipped table whose device is the longest one contained in `kind` (None: none)."""
+    tables = [TruthTable.load_file(p) for p in sorted(Path(directory).glob("*.json"))]
+    matches = [t for t in tables if t.device and t.device.lower() in kind.lower()]
+    return max(matches, key=lambda t: len(t.device)) if matches else None
+
+
+def resolve_truth(arg: str, perf_model_path, default_model_path, tables_dir: Path):
+    """(truth table or None, the PerfModel the policies predict with, a line saying which) for
+    `--truth` ('machine', 'none' or a path) and `--perf-model` (None: the table's fit)."""
+    from caraserve_router.scheduling.perf_model import PerfModel
+
+    if arg == "none":
+        path = perf_model_path or default_model_path
+        return None, PerfModel.load(path), f"truth: the PerfModel itself ({Path(path).name}), NOT measured"
+    if arg == "machine":
+        kind = kind_name("cpu")
+        try:
+            import torch  # noqa: PLC0415 - only to name a GPU of this machine
+
+            if torch.cuda.is_available():
+                kind = kind_name("cuda", torch.cuda.get_device_name(0))
+        except ImportError:
+            pass
+        table = shipped_for(kind, tables_dir)
+        if table is None:
+            path = perf_model_path or default_model_path
+            return None, PerfModel.load(path), (f"truth: no shipped truth table for {kind!r} in {tables_dir.name}/; "
+                                                 f"the PerfModel itself ({Path(path).name}), NOT measured")
+    else:
+        table = TruthTable.load_file(arg)
+    pm = PerfModel.load(perf_model_path) if perf_model_path else fitted_model(table)
+    return table, pm, (f"truth: MEASURED table {table.name} ({table.device}); policies predict with "
+                       f"{Path(perf_model_path).name if perf_model_path else 'its linear fit'}")
