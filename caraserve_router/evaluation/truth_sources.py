@@ -63,6 +63,19 @@ def cpu_vm_table(repo: Path) -> TruthTable:
                                "load: bytes per rank of a q,k,v adapter (20.7 MB at rank 64)"))
 
 
+def cpu_vm_1thread_table(repo: Path) -> TruthTable:
+    """This VM with one torch thread per instance (the live validation cluster's setting): the raw
+    points kept in docs/results/validation/perf_model.json's grid (profiled 2026-11-23)."""
+    model = json.loads((repo / "docs/results/validation/perf_model.json").read_text())
+    grid, load = model["grid"], model["load"]
+    profile = {"metadata": {**model["metadata"], "device": kind_name("cpu") + " (1 torch thread)"},
+               "prefill": grid["prefill"], "decode": grid["decode"],
+               "link": {"bandwidth_gbps": load["bandwidth_gbps"], "bytes_per_rank": load["bytes_per_rank"],
+                        "latency_ms": load["fixed_ms"] / SMOLLM2_LAYERS}}
+    return from_profile(profile, "cpu-vm-smollm2-1thread", SMOLLM2_LAYERS, None, layer_sync_ms=0.02,
+                        notes=("sidecar: not measured in this profile (cpu-assist falls back to pipeline)",))
+
+
 def h200_table(gpu_dir: Path) -> TruthTable:
     """The H200 run (docs/results/gpu): 7B-shaped engine steps of bench_gpu_engine*.json, the
     link's 100.7 MB in 2.4 ms, the sidecar's profile. Only what those files hold is measured."""
