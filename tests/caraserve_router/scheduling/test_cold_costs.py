@@ -49,7 +49,10 @@ def test_policy_costs_follow_the_profile_not_a_constant():
     assert cold_extra_ms(pm, LoraMode.CPU_ASSIST, 256, 64, prefill) == pytest.approx(3.2)
     assert cold_extra_ms(pm, LoraMode.AUTO, 256, 64, prefill) == pytest.approx(1.6)
     assert auto_choice(pm, 256, 64, prefill).mode is LoraMode.ON_DEMAND
-    assert set(COLD_START_COST) == set(LoraMode)
+    from caraserve_router.evaluation.sim_instance import PREFILL_WITH_COLD
+    from caraserve_router.lora.modes import MODES
+
+    assert set(COLD_START_COST) == set(MODES) == set(PREFILL_WITH_COLD) == set(LoraMode)
     # a 100x slower link: 160 ms of load; the sidecar hides it for 32 x max(0, 0.512 - 0.556) + 3.2
     slow = PerfModel.fit({**profiled_model().to_json()["grid"], "metadata": {},
                           **cold_start_inputs({**LORA_STATS, "link_measured_mb_s": 400.0})})
