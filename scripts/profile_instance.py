@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from caraserve_router.scheduling.perf_model import PerfModel
-from caraserve_router.scheduling.profiler import FULL_GRID, QUICK_GRID, collect_profile
+from caraserve_router.scheduling.profiler import FULL_GRID, QUICK_GRID, SWEEP_GRID, collect_profile
 
 
 async def profile_url(url: str, grid, seed: int) -> dict:
@@ -84,12 +84,15 @@ def main() -> int:
     parser.add_argument("--kernels", default="mbgmv,bgmv", help="decode kernels to profile with started instances")
     parser.add_argument("--torch-threads", type=int, default=0, help="threads of started instances (0: all cores)")
     parser.add_argument("--quick", action="store_true", help="a small grid (what the api_server does at start)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the full grid x 3 repeats, every decode cycle kept, and a measured truth table "
+                             "beside --out (<out>.truth.json) for scripts/simulate.py --truth")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and rank mixes")
     parser.add_argument("--decode-context", type=int, default=None,
                         help="prompt tokens of the decode requests (default 128): the model has no context "
                              "term, so profile at your workload's typical context")
     args = parser.parse_args()
-    grid = QUICK_GRID if args.quick else FULL_GRID
+    grid = QUICK_GRID if args.quick else SWEEP_GRID if args.sweep else FULL_GRID
     if args.decode_context is not None:
         if args.decode_context < 1:
             parser.error("--decode-context must be >= 1")
@@ -107,6 +110,16 @@ def main() -> int:
     Path(args.out).with_suffix(".profile.json").write_text(json.dumps(profile, indent=2))
     print(model.describe())
     print(f"wrote {args.out}")
+    if args.sweep:
+        from caraserve_router.evaluation.truth_sources import from_profile
+
+        cpu = profile.get("cpu_assist") or {}
+        side = ({"ms_per_token_rank": cpu["sidecar_ms_per_token_rank"], "workers": cpu.get("sidecar_workers", 1)}
+                if cpu.get("sidecar_ms_per_token_rank") else None)
+        table = from_profile(profile, Path(args.out).stem, int(cpu.get("layers") or 1), side,
+                             float(cpu.get("layer_sync_ms") or 0.0))
+        table.save(Path(args.out).with_suffix(".truth.json"))
+        print(f"wrote {Path(args.out).with_suffix('.truth.json')} (truth table: measured {table.measured})")
     return 0
 
 

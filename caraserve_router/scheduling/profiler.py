@@ -43,6 +43,9 @@ class ProfileGrid:
 QUICK_GRID = ProfileGrid(decode_context=32)
 FULL_GRID = ProfileGrid(prefill_tokens=(16, 32, 64, 128, 256, 512), batch_sizes=(1, 2, 4, 8, 16, 32),
                         decode_steps=32, repeats=2)
+# `profile_instance.py --sweep`: the full grid with three repeats, for a measured truth table
+SWEEP_GRID = ProfileGrid(prefill_tokens=(16, 32, 64, 128, 256, 512), batch_sizes=(1, 2, 4, 8, 16, 32),
+                         decode_steps=32, repeats=3)
 
 
 def _prompt(rng: random.Random, length: int) -> list[int]:
@@ -130,7 +133,8 @@ async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid
                 ranks = sorted(steps[-1]["ranks"]) if steps else ranks
             if cycle:
                 decode.append({"kernel": kernel, "ranks": ranks, "ms": statistics.median(cycle),
-                               "forward_ms": statistics.median(forward)})
+                               "forward_ms": statistics.median(forward),
+                               "ms_samples": [round(c, 3) for c in cycle]})  # the spread, for truth tables
         progress(f"  decode batch {batch} done")
     step_overhead_ms = statistics.median(overheads) if overheads else 0.0
     for p in prefill:
