@@ -109,7 +109,8 @@ class AutoChooser:
         return PROFILE_LAYER_BUDGET_MS / max(1, sidecar.tokens_per_core) / PROFILE_RANK
 
     def _forget_done(self) -> None:
-        for key in [k for k, e in self._entries.items() if e.residency.all_ready()]:
+        for key in [k for k, e in self._entries.items()
+                    if e.residency.all_ready() or self.runtime.pool.get(k) is not e]:
             del self._entries[key]
             del self.choices[key]
 
@@ -117,7 +118,8 @@ class AutoChooser:
         """Choose for every entry of this step that is still loading and has no choice yet."""
         self._forget_done()
         loading = {e.name: e for e in entries if e is not None and not e.residency.all_ready()}
-        new = [e for k, e in loading.items() if k not in self.choices]
+        # a key decided for an earlier pool entry (evicted, placed again) is a new load
+        new = [e for k, e in loading.items() if self._entries.get(k) is not e]
         if not new:
             return
         lens = seg_lens or [1] * len(entries)
