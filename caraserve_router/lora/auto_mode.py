@@ -30,8 +30,9 @@ from caraserve_router.contracts.names import LoraMode
 log = logging.getLogger("caraserve.lora.auto")
 PREFILL_WINDOW = 64  # warm prefill steps the fit keeps
 # Per layer waited on / handed to the sidecar when `--lora-auto-layer-sync-us` is -1 (by link).
-# cuda: the H200 7B run's pipeline cold TTFT (30.1 ms) minus on-demand's (26.3 ms) plus the
-# on-demand wait (2.7 ms) over 32 layers (docs/GPU.md); emulated: the condition-variable wait.
+# cuda: what pipeline paid beyond on-demand's load wait in the H200 7B run, over 32 layers
+# (docs/GPU.md: cold - warm 8.3 vs 6.2 ms with a 2.7 ms wait -> 0.15 ms; cold TTFT 30.1 vs 26.3
+# ms -> 0.20 ms); emulated: the emulated link's default copy latency.
 LAYER_SYNC_US = {"cuda": 180.0, "emulated": 20.0}
 
 
