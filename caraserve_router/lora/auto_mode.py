@@ -7,8 +7,9 @@ module gathers what it needs when a step first meets an adapter that is still lo
   copy; on the emulated link its configured rate (labelled emulated, it *is* the emulation);
 - the bytes still to copy (the layers of the entry not yet resident);
 - the prompt tokens of the step's rows that use the adapter, and the step's prefill time from
-  a PerfModel-shaped fit (`ms = p0 + p_tok x tokens`) of this instance's own warm prefill
-  steps (`observe_step`); until two steps are seen the rule answers `no-prefill-estimate`;
+  a PerfModel-shaped fit (`ms = p0 + p_tok x tokens`) of this instance's own prefill steps,
+  less their waits (`observe_step`); until two steps are seen the rule answers
+  `no-prefill-estimate`;
 - the sidecar's time per token and rank, from its start-up profile, its workers (0 when it is
   not healthy), and the tokens x rank the step already gives it for other loads.
 
@@ -159,11 +160,14 @@ class AutoChooser:
                      load_bytes / 1e6, tokens, choice.describe())
 
     def observe_step(self, batch, seconds: float) -> None:
-        """A prefill (or mixed) step's compute time for the fit: its time less what it waited for
-        loads; a step the sidecar assisted is left out (its time is not the device's alone)."""
-        if not batch.is_prefill or batch.armed or batch.counters.get("cpu_assisted_steps"):
+        """A prefill (or mixed) step's device time for the fit: its time less what it waited for
+        loads and for the sidecar beyond the overlap (`sidecar_s`: time spent collecting its
+        answers). Assisted steps count too: in a workload where most prompts are cold they are
+        most of the prefills, and leaving them out left auto without an estimate."""
+        if not batch.is_prefill:
             return
-        waited = batch.counters.get("full_wait_s", 0.0) + batch.counters.get("layer_wait_s", 0.0)
+        c = batch.counters
+        waited = c.get("full_wait_s", 0.0) + c.get("layer_wait_s", 0.0) + c.get("sidecar_s", 0.0)
         self.prefill.observe(batch.row_starts[-1], (seconds - waited) * 1e3)
 
     def stats(self) -> dict:
