@@ -60,6 +60,9 @@ class InstanceMetrics:
                                   registry=self.registry)
         self.load_bytes = Gauge("caraserve_instance_adapter_load_bytes", "Bytes moved host -> device by adapter "
                                 "loads since start", ("instance", "link"), registry=self.registry)
+        self.auto_choices = Gauge("caraserve_instance_auto_choices", "--lora-mode auto: cold loads since start by the "
+                                  "mode chosen and the reason (contracts/auto_choice.py)",
+                                  ("instance", "mode", "reason"), registry=self.registry)
         self.vllm = VllmMetrics(self.registry, model_name, max_lora_rank)  # what cluster routers read
 
     def observe_request(self, adapter, outcome, e2e: float, ttft=None, tpot=None) -> None:
@@ -88,6 +91,8 @@ class InstanceMetrics:
         for kind, count in lora.get("loads", {}).items():
             self.loads.labels(self.instance, kind, self.link).set(count)
         self._residency(lora.get("residency") or {})
+        for choice in (lora.get("auto") or {}).get("choices", []):
+            self.auto_choices.labels(self.instance, choice["mode"], choice["reason"]).set(choice["loads"])
         self.vllm.update(stats)
 
     def _residency(self, r: dict) -> None:

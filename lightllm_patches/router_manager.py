@@ -114,7 +114,7 @@ class CaraRouterManager(RouterManager):
             healthy=True,
             lora_mode=self.config.lora.mode,
             kernel=self.config.lora.decode_kernel,
-            device=str(self.model_rpc.backend.device) if self.model_rpc.backend else "",
+            device=lora.get("device_kind") or (str(self.model_rpc.backend.device) if self.model_rpc.backend else ""),
             max_batch=self.config.running_max_req_size,
             resident_adapters=[ResidentAdapter(e["name"], e["rank"]) for e in lora["resident"]],
             running=[_req_view(r, ranks) for r in running],

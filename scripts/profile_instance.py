@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from caraserve_router.scheduling.perf_model import PerfModel
-from caraserve_router.frontend.profiler import FULL_GRID, QUICK_GRID, collect_profile
+from caraserve_router.frontend.profiler import FULL_GRID, QUICK_GRID, SWEEP_GRID, collect_profile
 
 
 async def profile_url(url: str, grid, seed: int) -> dict:
@@ -49,8 +49,9 @@ def merge(profiles: list[dict]) -> dict:
     for p in profiles:
         merged["prefill"] += p["prefill"]
         merged["decode"] += p["decode"]
-        if "link" in p:
-            merged["link"] = p["link"]
+        for key in ("link", "cpu_assist"):
+            if key in p:
+                merged[key] = p[key]
     return merged
 
 
@@ -67,7 +68,7 @@ def start_and_profile(args, grid) -> list[dict]:
         log = Path(args.log_dir) / f"profile_instance.{kernel}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         flags = ["--model-dir", model_dir, "--lora-adapters", str(adapters), "--lora-decode-kernel", kernel,
-                 "--lora-mode", "cached", "--lora-pool-mb", "1600", "--torch-threads", str(args.torch_threads)]
+                 "--lora-mode", "auto", "--lora-pool-mb", "1600", "--torch-threads", str(args.torch_threads)]
         print(f"starting an instance with the {kernel} decode kernel ...", flush=True)
         with RunningServer("lightllm_patches.instance", flags, log) as srv:
             profiles.append(asyncio.run(profile_url(srv.url, grid, args.seed)))
@@ -87,12 +88,15 @@ def main() -> int:
     parser.add_argument("--kernels", default="mbgmv,bgmv", help="decode kernels to profile with started instances")
     parser.add_argument("--torch-threads", type=int, default=0, help="threads of started instances (0: all cores)")
     parser.add_argument("--quick", action="store_true", help="a small grid (what the api_server does at start)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the full grid x 3 repeats, every decode cycle kept, and a measured truth table "
+                             "beside --out (<out>.truth.json) for scripts/simulate.py --truth")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and rank mixes")
     parser.add_argument("--decode-context", type=int, default=None,
                         help="prompt tokens of the decode requests (default 128): the model has no context "
                              "term, so profile at your workload's typical context")
     args = parser.parse_args()
-    grid = QUICK_GRID if args.quick else FULL_GRID
+    grid = QUICK_GRID if args.quick else SWEEP_GRID if args.sweep else FULL_GRID
     if args.decode_context is not None:
         if args.decode_context < 1:
             parser.error("--decode-context must be >= 1")
@@ -110,6 +114,16 @@ def main() -> int:
     Path(args.out).with_suffix(".profile.json").write_text(json.dumps(profile, indent=2))
     print(model.describe())
     print(f"wrote {args.out}")
+    if args.sweep:
+        from caraserve_router.evaluation.truth_sources import from_profile
+
+        cpu = profile.get("cpu_assist") or {}
+        side = ({"ms_per_token_rank": cpu["sidecar_ms_per_token_rank"], "workers": cpu.get("sidecar_workers", 1)}
+                if cpu.get("sidecar_ms_per_token_rank") else None)
+        table = from_profile(profile, Path(args.out).stem, int(cpu.get("layers") or 1), side,
+                             float(cpu.get("layer_sync_ms") or 0.0))
+        table.save(Path(args.out).with_suffix(".truth.json"))
+        print(f"wrote {Path(args.out).with_suffix('.truth.json')} (truth table: measured {table.measured})")
     return 0
 
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Simulate a CaraServe cluster: sweep policies x request rates x cluster sizes.
 
-Drives the live router's policy classes with a PerfModel (default: the reference GPU model
-"assumed, from paper figures", data/perf_models/paper_a100_llama2_7b.json) over a workload
-from the shared traces. Prints a table as it goes, writes --out JSON and PNG plots.
-Every number it produces is SIMULATED.
+Drives the live router's policy classes with a PerfModel over a workload from the shared traces;
+the simulated steps are drawn from a measured truth table (`--truth`, default: the shipped table
+of this machine's device kind; the policies predict with the table's linear fit unless
+`--perf-model` says otherwise). `--truth none` is the old way: the PerfModel (default the
+reference GPU model "assumed, from paper figures") is both the truth and the prediction. Prints a
+table as it goes, writes --out JSON and PNG plots. Every number it produces is SIMULATED.
 
 Example (the paper's scale: 64 instances, ~300 req/s, 10 simulated minutes):
     python scripts/simulate.py --instances 64 --rates 300 --duration 600 --out results/sim.json
@@ -57,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="treat --rates as req/s per instance (total = rate x instances)")
     g.add_argument("--instances", type=csv_list(int), default=(64,),
                    help="comma-separated cluster sizes (default 64)")
-    g.add_argument("--perf-model", type=Path, default=DEFAULT_PERF_MODEL,
-                   help="PerfModel JSON: the shipped reference GPU model (default) or any profiled one")
+    g.add_argument("--perf-model", type=Path, default=None,
+                   help="PerfModel JSON the policies predict with (default: the fit of the truth table; with "
+                        "--truth none, the shipped reference GPU model)")
+    g.add_argument("--truth", default="machine",
+                   help="where simulated step times come from: a truth table JSON (data/truth_tables/), 'machine' "
+                        "(default: the shipped table of this machine's device kind), or 'none' (the PerfModel "
+                        "itself: the policies graded with their own answer key)")
     # --rate is the sweep's (--rates); the workload is generated at 1 req/s and rescaled per run
     add_workload_arguments(p, WORKLOAD_DEFAULTS, skip=("--rate",),
                            help_overrides={"--seed": "workload and random-policy seed",
@@ -164,25 +171,33 @@ def plot_cdf(samples, spec, n, directory, stem, slo, plt) -> Path:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from caraserve_router.evaluation.truth_sources import resolve_truth
+    from caraserve_router.evaluation.truth_table import TruthTableError
+
     try:
-        pm = PerfModel.load(args.perf_model)
+        truth, pm, note = resolve_truth(args.truth, args.perf_model, DEFAULT_PERF_MODEL, REPO / "data" / "truth_tables")
         spec, wl, sim, pol = configs(args)
-    except (PerfModelError, PolicyError, SimulatorError, WorkloadError) as exc:
+    except (PerfModelError, PolicyError, SimulatorError, WorkloadError, TruthTableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"SIMULATED cluster; perf model {args.perf_model}\n{pm.describe()}")
+    print(f"SIMULATED cluster; {note}\n{pm.describe()}")
     t0 = time.monotonic()
     try:
-        res = run_sweep(spec, wl, sim, pol, pm, mean_output_len=args.mean_output_len, log=lambda s: print(s, flush=True))
+        res = run_sweep(spec, wl, sim, pol, pm, mean_output_len=args.mean_output_len, log=lambda s: print(s, flush=True),
+                        truth=truth)
     except (WorkloadError, SimulatorError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     samples = res.pop("tpot_samples")
     res["label"] = "simulated"
+    res["truth"] = "measured" if truth is not None else "perf-model"
+    res["truth_table"] = truth.name if truth is not None else None
+    res["policies"] = {m["policy"]: {k: m.get(k) for k in ("slo_attainment", "tpot_ms_mean", "ttft_ms_mean",
+                                                         "e2e_ms_mean")} for m in res["runs"]}  # the last run of each
     res["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.node(),
         "platform": platform.platform(), "python": platform.python_version(),
-        "perf_model": str(args.perf_model), "perf_model_metadata": pm.metadata,
+        "perf_model": str(args.perf_model or "fitted to the truth table"), "perf_model_metadata": pm.metadata,
         "sweep": asdict(spec), "workload": asdict(wl) | {"rate": "per run"}, "sim": asdict(sim), "policy": asdict(pol),
         "command": " ".join(sys.argv), "wall_s": time.monotonic() - t0,
     }

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Validate the cluster simulator against a real two-instance cluster on this machine.
+"""Validate the cluster simulator against a real cluster on this machine (`--instances`, default 4).
 
 1. Profiles one instance (`scripts/profile_instance.py --quick`, same threads per instance as
    the cluster) unless `--perf-model` is given.
-2. For each policy of `--policies`: starts a real cluster (`api_server --instances 2 --policy P
+2. For each policy of `--policies`: starts a real cluster (`api_server --instances N --policy P
    --perf-model ...`, adapters resident: `--lora-mode cached`) and replays a workload
    (`scripts/replay.py`); simulates the *same* workload (same generator, flags and seed) with
-   the same perf model and policy (`scripts/simulate.py --instances 2`).
-3. Prints and writes predicted vs measured mean TTFT and time per output token per policy, and
-   the replays side by side (`replay_policies.png`).
+   the same perf model and policy (`scripts/simulate.py --instances N`), its steps drawn from
+   `--truth` (default: this machine's measured truth table; `none`: the PerfModel itself).
+3. Prints and writes predicted vs measured mean TTFT, TPOT and E2E per policy (the target:
+   within 15%), and the replays side by side (`replay_policies.png`).
 
 Every simulated number is labelled so; the measured ones come from real requests over HTTP.
 """
@@ -37,12 +38,13 @@ def workload_flags(args, rate_flag: str = "--rate") -> list[str]:
     return ["--arrival", "poisson", rate_flag, str(args.rate), "--max-requests", str(args.requests),
             "--duration", str(args.duration), "--length-source", "sharegpt", "--max-prompt", str(args.max_prompt),
             "--max-output", str(args.max_output), "--prompt-scale", "1", "--output-scale", "1",
-            "--num-adapters", "4", "--seed", str(args.seed), "--slo-tpot-ms", str(args.slo_tpot_ms)]
+            "--num-adapters", "4", "--seed", str(args.seed), "--slo-tpot-ms", str(args.slo_tpot_ms)] \
+        + (["--lengths", args.lengths] if args.lengths else [])
 
 
 def validate_policy(args, policy: str, model_dir: str, adapters: Path, perf: str, out_dir: Path) -> dict:
     """Replay the workload on a real 2-instance cluster under `policy`, simulate it, compare."""
-    flags = ["--model-dir", model_dir, "--adapters", str(adapters), "--instances", "2", "--policy", policy,
+    flags = ["--model-dir", model_dir, "--adapters", str(adapters), "--instances", str(args.instances), "--policy", policy,
              "--perf-model", perf, "--slo-tpot-ms", str(args.slo_tpot_ms), "--lora-mode", "cached",
              "--torch-threads", str(args.threads), "--log-dir", str(out_dir / "logs")]
     replay_json = out_dir / f"replay_{policy}.json"
@@ -53,13 +55,13 @@ def validate_policy(args, policy: str, model_dir: str, adapters: Path, perf: str
             run([PY, "scripts/replay.py", "--url", srv.url, *workload_flags(args), "--out", str(replay_json),
                  "--label", policy, "--no-plots"])
     sim_json = out_dir / f"simulated_{policy}.json"
-    run([PY, "scripts/simulate.py", "--instances", "2", "--policies", policy,
+    run([PY, "scripts/simulate.py", "--instances", str(args.instances), "--policies", policy, "--truth", args.truth,
          "--perf-model", perf, "--lora-mode", "cached", "--kernel", "mbgmv", "--max-batch", "64",
          *workload_flags(args, "--rates"), "--out", str(sim_json), "--no-plots", "--progress-s", "0"])
     measured = json.loads(replay_json.read_text())["summary"]
     simulated = json.loads(sim_json.read_text())["runs"][0]
     rows = {}
-    for key in ("ttft_ms_mean", "tpot_ms_mean"):
+    for key in ("ttft_ms_mean", "tpot_ms_mean", "e2e_ms_mean"):
         m, s = measured[key], simulated[key]
         rows[key] = {"measured": m, "simulated": s, "error": (s - m) / m if m else None}
     return {"comparison": rows, "measured_summary": measured, "simulated_run": simulated}
@@ -74,7 +76,10 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=300, help="longest arrival window, seconds")
     parser.add_argument("--max-prompt", type=int, default=256, help="prompt length clip")
     parser.add_argument("--max-output", type=int, default=48, help="output length clip")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per instance (2 instances, 2 cores)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per instance")
+    parser.add_argument("--instances", type=int, default=4, help="instances of the live cluster and the simulation")
+    parser.add_argument("--truth", default="machine", help="simulate.py --truth: a table, 'machine' or 'none'")
+    parser.add_argument("--lengths", default="", help="ShareGPT lengths CSV (default: the workload's default path)")
     parser.add_argument("--slo-tpot-ms", type=float, default=300.0, help="SLO of the policy and the report")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument("--policies", default="rank-aware,first-fit,random",
@@ -99,8 +104,10 @@ def main() -> int:
     for policy in args.policies.split(","):
         results[policy] = validate_policy(args, policy, model_dir, adapters, perf, out.parent)
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "requests": args.requests,
-              "threads_per_instance": args.threads, "perf_model": perf, "policies": results,
-              "note": "simulated = discrete-event simulator with the profiled PerfModel; measured = real cluster"}
+              "instances": args.instances, "threads_per_instance": args.threads, "perf_model": Path(perf).name,
+              "truth": args.truth, "policies": results,
+              "note": "simulated = discrete-event simulator, policies predicting with the profiled PerfModel, steps "
+                      f"from truth {args.truth!r}; measured = real cluster over HTTP"}
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"{'policy':12s} {'metric':14s} {'measured':>10s} {'simulated':>10s} {'error':>8s}")
     for policy, r in results.items():

@@ -142,10 +142,12 @@ def check_shm_prefix(flag: str, prefix: str) -> None:
 class LoRAConfig:
     """LoRA serving: adapter pool, loading mode and kernels of one instance."""
 
-    mode: LoraMode = option(LoraMode.CPU_ASSIST, "How cold adapters are brought to the device: cached (all "
+    mode: LoraMode = option(LoraMode.AUTO, "How cold adapters are brought to the device: cached (all "
                        "preloaded: the ideal), on-demand (load fully, then prefill; running batch waits: "
                        "S-LoRA), pipeline (layer-wise async load, device waits per layer: vLLM/SGLang), "
-                       "cpu-assist (CaraServe: CPU computes the LoRA term of layers not yet loaded)",
+                       "cpu-assist (CaraServe: CPU computes the LoRA term of layers not yet loaded), auto "
+                       "(per cold load, the cheapest of the last three from the link's measured rate, the "
+                       "adapter's bytes, the prompt, the predicted prefill and the free sidecar workers)",
                        choices=LORA_MODES)
     adapters: Optional[str] = option(None, "Directory whose subdirectories are PEFT adapters, all "
                                      "registered at start (name = subdirectory name)")
@@ -171,6 +173,8 @@ class LoRAConfig:
                        choices=("auto", "cuda", "emulated"))
     link_bandwidth_mbps: float = option(2000.0, "Emulated link bandwidth in MB/s (emulated link only)")
     link_latency_us: float = option(20.0, "Emulated per-copy latency in microseconds (emulated link only)")
+    auto_layer_sync_us: float = option(-1.0, "auto mode: cost of one layer waited on or handed to the sidecar, "
+                                       "in microseconds (-1 = by link: 180 on cuda, from the H200 run; 20 emulated)")
     prefetch: bool = option(True, "Start loading a cold adapter when its request arrives (it may wait in "
                             "the queue for several decode steps) instead of at admission into a batch")
 

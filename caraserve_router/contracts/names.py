@@ -16,6 +16,7 @@ class LoraMode(str, enum.Enum):
     ON_DEMAND = "on-demand"    # the whole step waits for the full load (S-LoRA)
     PIPELINE = "pipeline"      # layer-wise load; the forward waits per layer (vLLM / SGLang)
     CPU_ASSIST = "cpu-assist"  # layer-wise load; the CPU sidecar computes missing layers (CaraServe)
+    AUTO = "auto"              # per cold load, the cheapest of the three above (contracts/auto_choice.py)
 
     @property
     def preloads(self) -> bool:
@@ -25,7 +26,7 @@ class LoraMode(str, enum.Enum):
     @property
     def uses_sidecar(self) -> bool:
         """The instance runs CPU LoRA worker processes."""
-        return self is LoraMode.CPU_ASSIST
+        return self in (LoraMode.CPU_ASSIST, LoraMode.AUTO)
 
     def __str__(self) -> str:
         return self.value

@@ -26,6 +26,8 @@ class SimConfig:
         then count as SLO misses (None: run until every request finishes).
     slo_tpot_ms: per-token latency SLO for attainment; slo_ttft_ms: optional TTFT SLO as well.
     progress_s: wall seconds between progress lines (0: silent).
+    instances_per_host: with a truth table, instances whose cpu-assisted prefills queue for one
+        host's sidecar workers.
     """
 
     num_instances: int = 8
@@ -40,9 +42,10 @@ class SimConfig:
     slo_tpot_ms: float = 40.0
     slo_ttft_ms: float | None = None
     progress_s: float = 10.0
+    instances_per_host: int = 1  # measured truth: instances sharing one host's sidecar workers
 
     def __post_init__(self) -> None:
-        for name in ("num_instances", "max_batch", "max_wait_steps"):
+        for name in ("num_instances", "max_batch", "max_wait_steps", "instances_per_host"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SimulatorError(f"SimConfig.{name} must be an integer >= 1, got {v!r}")

@@ -127,10 +127,20 @@ def _cold_cpu_assist(inst, t, prefill_ms, loads_ms, pm):
     return prefill_ms * (1.0 + pm.cpu_assist_overhead)
 
 
+def _cold_auto(inst, t, prefill_ms, loads_ms, pm):
+    """The step as the cheapest of on-demand, pipeline and cpu-assist would run it (by this
+    module's own rules, so auto is the best fixed mode per step here: an oracle of the model)."""
+    wait_ms = (max(t, inst.link_free) - t) * 1000.0 + loads_ms
+    options = ((wait_ms + prefill_ms, _cold_on_demand), (max(prefill_ms, wait_ms), _cold_pipeline),
+               (prefill_ms * (1.0 + pm.cpu_assist_overhead), _cold_cpu_assist))
+    return min(options, key=lambda o: o[0])[1](inst, t, prefill_ms, loads_ms, pm)
+
+
 # Duration (ms) of a prefill step with ``loads_ms`` > 0 of cold adapters, by LoRA mode.
 PREFILL_WITH_COLD: dict[LoraMode, Callable] = {
     LoraMode.CACHED: _cold_cached,
     LoraMode.ON_DEMAND: _cold_on_demand,
     LoraMode.PIPELINE: _cold_pipeline,
     LoraMode.CPU_ASSIST: _cold_cpu_assist,
+    LoraMode.AUTO: _cold_auto,
 }

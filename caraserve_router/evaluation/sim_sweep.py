@@ -55,9 +55,10 @@ def table_row(m: dict[str, Any]) -> str:
 
 def run_sweep(spec: SweepSpec, workload_config, sim_config: SimConfig, policy_config: PolicyConfig,
               perf_model: PerfModel, mean_output_len: float | None = None,
-              log: Callable[[str], None] = print, keep_tpot_samples: int = 2000) -> dict[str, Any]:
+              log: Callable[[str], None] = print, keep_tpot_samples: int = 2000, truth=None) -> dict[str, Any]:
     """Run the grid; returns {"runs": [...], "results": {policy: {"instances=N": {"rate=R": metrics}}},
-    "tpot_samples": {(policy, n, rate): sorted sample}} (samples are not JSON; drop them before saving)."""
+    "tpot_samples": {(policy, n, rate): sorted sample}} (samples are not JSON; drop them before saving).
+    With `truth` (a TruthTable) every run's steps are drawn from it (measured truth)."""
     from dataclasses import replace
 
     from caraserve_router.evaluation.workload import generate
@@ -80,7 +81,7 @@ def run_sweep(spec: SweepSpec, workload_config, sim_config: SimConfig, policy_co
             for policy in spec.policies:
                 k += 1
                 label = f"{k}/{total} {policy} n={n} rate={total_rate:g}"
-                m, sim = simulate(w, perf_model, policy, scfg, pcfg, label=label)
+                m, sim = simulate(w, perf_model, policy, scfg, pcfg, label=label, truth=truth, seed=policy_config.seed)
                 m.update({"rate": total_rate, "offered_rate": w.summary().get("rate"),
                           "mean_output_len_policy": mol})
                 runs.append(m)

@@ -9,7 +9,8 @@ Each simulated instance does LightLLM's continuous batching at decode-step granu
   instead (FIFO, up to ``max_batch`` running requests and ``max_prefill_tokens`` prompt
   tokens); the prefill step stalls decoding; the counter restarts after each try;
 - a prefill step produces each new request's first token; each decode step one token of
-  every running request. Step durations come from the PerfModel.
+  every running request. Step durations come from the PerfModel, or, with a measured truth
+  table (`truth=`, sim_truth.py), are drawn from it while the policies keep the PerfModel.
 
 Adapter residency per instance: an LRU of adapters on the device (capacity in rank units,
 ``adapter_capacity_ranks``; adapters of queued-for-prefill or running requests are never
@@ -53,6 +54,8 @@ from caraserve_router.evaluation.sim_config import SimConfig, SimulatorError
 from caraserve_router.evaluation.sim_instance import (PREFILL_WITH_COLD, DONE, PREFILLING, QUEUED, RUNNING,
                                                       SimInstance, SimRequest)
 from caraserve_router.evaluation.sim_metrics import summarize_records
+from caraserve_router.evaluation.sim_truth import TruthSteps
+from caraserve_router.evaluation.truth_table import TruthTable
 from caraserve_router.evaluation.workload import Request, Workload
 from caraserve_router.scheduling.perf_model import PerfModel
 from caraserve_router.scheduling.policies import Policy, PolicyConfig, make_policy
@@ -69,9 +72,12 @@ class Simulation:
 
     def __init__(self, workload: Workload | Sequence[Request], perf_model: PerfModel, policy: Policy | str,
                  sim_config: SimConfig | None = None, policy_config: PolicyConfig | None = None,
-                 label: str = "") -> None:
+                 label: str = "", truth: TruthTable | None = None, seed: int = 0) -> None:
         self.cfg = sim_config or SimConfig()
         self.pm = perf_model
+        # measured truth: steps drawn from the table; policies still predict with perf_model
+        self.truth = (TruthSteps(truth, self.cfg.lora_mode, self.cfg.num_instances, self.cfg.instances_per_host,
+                                 seed) if truth is not None else None)
         if isinstance(policy, str):
             pcfg = policy_config or PolicyConfig(slo_tpot_ms=self.cfg.slo_tpot_ms, max_batch=self.cfg.max_batch)
             policy = make_policy(policy, pcfg)
@@ -207,9 +213,12 @@ class Simulation:
             if inst.queue and inst.running < cfg.max_batch:
                 self._start_prefill(inst, t)
                 return
-        dur = self.pm.decode_step_ms(inst.running, inst.sum_r, inst.max_r, cfg.kernel) / 1000.0
-        if t < inst.assist_until:
-            dur *= 1.0 + self.pm.cpu_assist_overhead
+        if self.truth is not None:
+            dur = self.truth.decode_ms(inst.running, inst.sum_r, inst.max_r, cfg.kernel) / 1000.0
+        else:
+            dur = self.pm.decode_step_ms(inst.running, inst.sum_r, inst.max_r, cfg.kernel) / 1000.0
+            if t < inst.assist_until:
+                dur *= 1.0 + self.pm.cpu_assist_overhead
         inst.busy = True
         inst.step_batch = None
         inst.busy_s += dur
@@ -222,6 +231,7 @@ class Simulation:
         batch: list[SimRequest] = []
         tokens = rank_tokens = 0
         loads_ms = 0.0
+        prompts, cold = [], []
         q = inst.queue
         while q and len(batch) < room:
             sr = q[0]
@@ -233,10 +243,15 @@ class Simulation:
             batch.append(sr)
             tokens += p
             rank_tokens += p * sr.req.rank
+            prompts.append((p, sr.req.rank))
             if sr.req.rank and inst.touch(sr.req.adapter, sr.req.rank):
                 loads_ms += pm.predict_load_ms(sr.req.rank)
-        prefill_ms = pm.prefill_batch_ms(tokens, rank_tokens)
-        dur_ms = self._prefill_with_cold(inst, t, prefill_ms, loads_ms, pm) if loads_ms else prefill_ms
+                cold.append((p, sr.req.rank))
+        if self.truth is not None:
+            dur_ms = self.truth.prefill_ms(inst, t, prompts, cold, pm)
+        else:
+            prefill_ms = pm.prefill_batch_ms(tokens, rank_tokens)
+            dur_ms = self._prefill_with_cold(inst, t, prefill_ms, loads_ms, pm) if loads_ms else prefill_ms
         inst.busy = True
         inst.step_batch = batch
         inst.busy_s += dur_ms / 1000.0
@@ -300,12 +315,14 @@ class Simulation:
                                    if self.now > 0 else 0.0),
             "sim_time_s": self.now, "wall_s": wall_s,
         })
+        out.update(self.truth.stats() if self.truth is not None else {"truth": "perf-model"})
         return out
 
 
 def simulate(workload: Workload | Sequence[Request], perf_model: PerfModel, policy: str,
              sim_config: SimConfig | None = None, policy_config: PolicyConfig | None = None,
-             label: str = "") -> tuple[dict[str, Any], Simulation]:
-    """Run one simulation; returns (metrics, the Simulation with its per-request records)."""
-    sim = Simulation(workload, perf_model, policy, sim_config, policy_config, label)
+             label: str = "", truth: TruthTable | None = None, seed: int = 0) -> tuple[dict[str, Any], Simulation]:
+    """Run one simulation; returns (metrics, the Simulation with its per-request records).
+    With `truth`, step times are drawn from that measured table (sim_truth.py)."""
+    sim = Simulation(workload, perf_model, policy, sim_config, policy_config, label, truth, seed)
     return sim.run(), sim

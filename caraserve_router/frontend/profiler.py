@@ -43,6 +43,9 @@ class ProfileGrid:
 QUICK_GRID = ProfileGrid(decode_context=32)
 FULL_GRID = ProfileGrid(prefill_tokens=(16, 32, 64, 128, 256, 512), batch_sizes=(1, 2, 4, 8, 16, 32),
                         decode_steps=32, repeats=2)
+# `profile_instance.py --sweep`: the full grid with three repeats, for a measured truth table
+SWEEP_GRID = ProfileGrid(prefill_tokens=(16, 32, 64, 128, 256, 512), batch_sizes=(1, 2, 4, 8, 16, 32),
+                         decode_steps=32, repeats=3)
 
 
 def _prompt(rng: random.Random, length: int) -> list[int]:
@@ -130,7 +133,8 @@ async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid
                 ranks = sorted(steps[-1]["ranks"]) if steps else ranks
             if cycle:
                 decode.append({"kernel": kernel, "ranks": ranks, "ms": statistics.median(cycle),
-                               "forward_ms": statistics.median(forward)})
+                               "forward_ms": statistics.median(forward),
+                               "ms_samples": [round(c, 3) for c in cycle]})  # the spread, for truth tables
         progress(f"  decode batch {batch} done")
     step_overhead_ms = statistics.median(overheads) if overheads else 0.0
     for p in prefill:
@@ -147,10 +151,29 @@ async def collect_profile(client: InstanceClient, adapters: dict[str, int], grid
         "prefill": prefill,
         "decode": decode,
     }
-    if lora.get("link_bandwidth_mbps"):
-        profile["link"] = {"bandwidth_gbps": lora["link_bandwidth_mbps"] / 1000.0,
-                           "bytes_per_rank": lora["page_bytes"], "latency_ms": lora["link_latency_us"] / 1000.0}
+    profile.update(cold_start_inputs(lora))
     return profile
+
+
+def cold_start_inputs(lora: dict) -> dict:
+    """The profile's `link` and `cpu_assist` from an instance's LoRA stats: the link's rate as the
+    instance measured it at start (emulated: its configured rate), bytes per rank of an adapter on
+    all seven projections, the sidecar's profiled time per token and rank, its workers, the
+    model's layers and auto's per-layer sync cost (0 outside auto mode)."""
+    out: dict = {}
+    rate = lora.get("link_bandwidth_mbps") or lora.get("link_measured_mb_s")
+    if rate and lora.get("page_bytes"):
+        out["link"] = {"bandwidth_gbps": rate / 1000.0, "bytes_per_rank": lora["page_bytes"],
+                       "latency_ms": (lora.get("link_latency_us") or 0.0) / 1000.0,
+                       "measured": lora.get("link") != "emulated"}
+    sidecar = lora.get("sidecar") or {}
+    prof = sidecar.get("profile") or {}
+    if prof.get("per_token_us") and prof.get("rank"):
+        out["cpu_assist"] = {"sidecar_ms_per_token_rank": prof["per_token_us"] / 1e3 / prof["rank"],
+                             "sidecar_workers": int(sidecar.get("workers") or 1),
+                             "layers": int(lora.get("num_layers") or 0),
+                             "layer_sync_ms": ((lora.get("auto") or {}).get("layer_sync_us") or 0.0) / 1e3}
+    return out
 
 
 async def quick_profile(client: InstanceClient, tokenizer, adapters: dict[str, dict], kernel: str) -> PerfModel:

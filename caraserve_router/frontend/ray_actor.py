@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from caraserve_router.contracts.configs import InstanceConfig, instance_command
+from caraserve_router.contracts.device_kind import kind_name
 from caraserve_router.contracts.instance_auth import INSTANCE_KEY_ENV
 from caraserve_router.contracts.processes import kill_groups, read_port_file, remove_shm
 from caraserve_router.frontend.core_claims import claim_cores, claims_path, release_cores
@@ -106,15 +107,8 @@ def device_kind(gpu_ids: list) -> str:
                 return "cuda:" + out.stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError):
             pass
-        return "cuda:unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return "cpu:" + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu:unknown"
+        return kind_name("cuda")
+    return kind_name("cpu")
 
 
 class InstanceActor:

@@ -8,6 +8,7 @@ All modes give the same tokens; only the timing differs.
 | `on-demand` | load starts | the whole step waits for the full load before the forward (S-LoRA): the running batch stalls |
 | `pipeline` | load starts, layer group by group | the forward waits for that layer only (vLLM / SGLang overlap loading) |
 | `cpu-assist` | load starts, layer group by group | the CPU sidecar computes that layer's LoRA term for the rows of that adapter; the device kernel runs for the rest (CaraServe). If the sidecar fails or is late, it falls back to waiting, like `pipeline` |
+| `auto` | load starts, layer group by group | per load, what `on-demand`, `pipeline` or `cpu-assist` would do, whichever the rule of `contracts/auto_choice.py` finds cheapest (chosen by `lora/auto_mode.py` when a step first meets the load; `pipeline` until chosen) |
 
 A mode only *decides*; it holds no state and writes nowhere. Per step the flow runs one way
 (nano-vllm's schedule -> run -> postprocess): the runtime asks the mode for a `StepDecision`
@@ -75,7 +76,29 @@ class CpuAssistMode(Mode):
         return LayerDecision(sidecar=tuple(pending))
 
 
-MODES: dict[LoraMode, Mode] = {m.kind: m() for m in (CachedMode, OnDemandMode, PipelineMode, CpuAssistMode)}
+class AutoMode(Mode):
+    """Each loading adapter takes the mode chosen for its load (`choices`: storage key ->
+    LoraMode, written by `AutoChooser.decide` before the step is built); undecided: pipeline."""
+
+    kind = LoraMode.AUTO
+
+    def __init__(self, choices: dict | None = None) -> None:
+        self.choices = {} if choices is None else choices
+
+    def _of(self, entries, mode: LoraMode) -> tuple:
+        return tuple(e for e in entries if self.choices.get(e.name, LoraMode.PIPELINE) is mode)
+
+    def step(self, loading: list) -> StepDecision:
+        return StepDecision(wait_full=self._of(loading, LoraMode.ON_DEMAND),
+                            arm_sidecar=bool(self._of(loading, LoraMode.CPU_ASSIST)))
+
+    def layer(self, pending: list) -> LayerDecision:
+        return LayerDecision(wait=self._of(pending, LoraMode.PIPELINE), sidecar=self._of(pending, LoraMode.CPU_ASSIST))
+
+
+# AUTO's entry here has no choices (all pipeline); the runtime builds its own with its chooser's.
+MODES: dict[LoraMode, Mode] = {m.kind: m() for m in (CachedMode, OnDemandMode, PipelineMode, CpuAssistMode,
+                                                      AutoMode)}
 
 
 def mode_for(mode: LoraMode) -> Mode:

@@ -13,13 +13,16 @@ import os
 import time
 from typing import Optional
 
+import torch
+
 from caraserve_router.contracts.adapters import AdapterRequest, check_adapter_name
+from caraserve_router.contracts.device_kind import kind_name
 from caraserve_router.lora.adapter_names import AdapterNames, preflight, scrub
 from caraserve_router.lora.adapter_pool import AdapterPool
 from caraserve_router.lora.adapter_store import AdapterError, AdapterStore
 from caraserve_router.lora.batch import LoraBatch
 from caraserve_router.lora.device_link import make_link
-from caraserve_router.lora.modes import mode_for
+from caraserve_router.lora.modes import AutoMode, mode_for
 from caraserve_router.lora.resolver import AdapterResolver, pool_mb
 from caraserve_router.contracts.names import DecodeKernel, LoraMode
 from caraserve_router.lora.shapes import ModelShapes
@@ -54,6 +57,19 @@ class LoraRuntime:
         self.resolver = AdapterResolver(lora.adapter_dir) if lora.adapter_dir else None
         self.link = make_link(self.pool, lora)
         self.policy = mode_for(self.mode)
+        from caraserve_router.lora.auto_mode import measure_link
+
+        # the link's rate, measured now (emulated: its configured rate): the profile's load cost
+        self.link_bytes_per_ms, _ = measure_link(self.link, self.pool, lora)
+        self.device_kind = kind_name(self.device.type, torch.cuda.get_device_name(self.device)
+                                     if self.device.type == "cuda" else "")
+        self.auto = None  # auto mode: chooses on-demand / pipeline / cpu-assist per cold load
+        if self.mode is LoraMode.AUTO:
+            from caraserve_router.lora.auto_mode import AutoChooser
+
+            self.auto = AutoChooser(self, lora)
+            self.policy = AutoMode(self.auto.choices)
+        self._step_started = 0.0
         # what every step's LoraBatch reads of this instance, frozen (step_context.py)
         self.step_context = LoraStepContext.build(self.pool, self.shapes, self.decode_kernel)
         self.sidecar = self._start_sidecar(config, model) if self.mode.uses_sidecar else None
@@ -310,6 +326,9 @@ class LoraRuntime:
         seg_lens = None
         if kwargs["is_prefill"]:
             seg_lens = (kwargs["b_seq_len"] - kwargs["b_ready_cache_len"]).tolist()
+        if self.auto is not None:
+            self.auto.decide(entries, seg_lens)
+            self._step_started = time.monotonic()
         batch = LoraBatch(self.step_context, entries, kwargs["is_prefill"], seg_lens, self.policy, self.sidecar,
                           previous=self._last_batch)
         self._last_batch = batch
@@ -320,6 +339,8 @@ class LoraRuntime:
         """Postprocess a step (also a failed one): disarm the sidecar, keep the step's counters."""
         if batch is not None:
             batch.finish()
+            if self.auto is not None:
+                self.auto.observe_step(batch, time.monotonic() - self._step_started)
             self.counters.update(batch.counters)
 
     # ---- introspection -------------------------------------------------------------------
@@ -333,6 +354,9 @@ class LoraRuntime:
             "mode": self.mode.value,
             "tp": self.shard.size,  # the instance's tensor-parallel size (these stats are rank 0's shard)
             "link": "emulated" if self.link.emulated else "cuda",
+            "device_kind": self.device_kind,
+            "link_measured_mb_s": self.link_bytes_per_ms / 1e3,
+            "num_layers": self.shapes.num_layers,
             "registered": self.names.names(),
             "host_copies": len(self.store.names()),
             "resident": resident,
@@ -350,6 +374,7 @@ class LoraRuntime:
             "link_bandwidth_mbps": self.config.lora.link_bandwidth_mbps if self.link.emulated else None,
             "link_latency_us": self.config.lora.link_latency_us if self.link.emulated else None,
             "sidecar": self.sidecar.stats() if self.sidecar is not None else None,
+            "auto": self.auto.stats() if self.auto is not None else None,
         }
 
     @property

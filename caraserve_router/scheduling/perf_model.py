@@ -111,6 +111,13 @@ class PerfModel:
     bandwidth_gbps: float | None = None
     bytes_per_rank: int | None = None
     cpu_assist_overhead: float = DEFAULT_CPU_ASSIST_OVERHEAD
+    # Profiled cold-start inputs (scheduling/cold_costs.py): one sidecar worker's ms per token x
+    # rank for one layer (None: not profiled), its workers, the model's layers, and the cost of
+    # one layer waited on / handed to the sidecar.
+    sidecar_ms_per_token_rank: float | None = None
+    sidecar_workers: int = 1
+    layers: int = 0
+    layer_sync_ms: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list] = field(default_factory=lambda: {"prefill": [], "decode": [], "load": []})
 
@@ -211,6 +218,7 @@ class PerfModel:
         cpu = profile.get("cpu_assist", {}) or {}
         return cls(prefill=prefill, decode=decode,
                    cpu_assist_overhead=float(cpu.get("prefill_overhead_frac", DEFAULT_CPU_ASSIST_OVERHEAD)),
+                   **_cold_inputs(cpu),
                    metadata=dict(profile.get("metadata", {}) or {}),
                    grid={"prefill": prefill_pts, "decode": decode_pts, "load": load_pts}, **load_kwargs)
 
@@ -223,7 +231,10 @@ class PerfModel:
             "load": {"fixed_ms": self.load_fixed_ms, "ms_per_rank": self.load_ms_per_rank,
                      "r2": self.load_r2, "n": self.load_n, "bandwidth_gbps": self.bandwidth_gbps,
                      "bytes_per_rank": self.bytes_per_rank},
-            "cpu_assist": {"prefill_overhead_frac": self.cpu_assist_overhead},
+            "cpu_assist": {"prefill_overhead_frac": self.cpu_assist_overhead,
+                           "sidecar_ms_per_token_rank": self.sidecar_ms_per_token_rank,
+                           "sidecar_workers": self.sidecar_workers, "layers": self.layers,
+                           "layer_sync_ms": self.layer_sync_ms},
             "grid": self.grid,
         }
 
@@ -260,7 +271,7 @@ class PerfModel:
             bandwidth_gbps=load.get("bandwidth_gbps"), bytes_per_rank=load.get("bytes_per_rank"),
             cpu_assist_overhead=_number(cpu, "prefill_overhead_frac", f"{source}: cpu_assist",
                                         default=DEFAULT_CPU_ASSIST_OVERHEAD),
-            metadata=dict(metadata), grid=dict(grid),
+            **_cold_inputs(cpu, source), metadata=dict(metadata), grid=dict(grid),
         )
 
     @classmethod
@@ -286,7 +297,12 @@ class PerfModel:
                 lines.append(f"  decode {k} ms = {_formula(self.decode[k])}  (R^2 {_fmt_r2(self.decode[k].r2)})")
         lines.append(f"  load ms = {self.load_fixed_ms:.4g} + {self.load_ms_per_rank:.4g} * rank"
                      f"  (R^2 {_fmt_r2(self.load_r2)})")
-        lines.append(f"  cpu-assist prefill overhead = {self.cpu_assist_overhead:.3g} x prefill")
+        if self.sidecar_ms_per_token_rank is not None:
+            lines.append(f"  cpu-assist: sidecar {1e3 * self.sidecar_ms_per_token_rank:.4g} us per token x rank x layer, "
+                         f"{self.sidecar_workers} worker(s), {self.layers} layers, "
+                         f"{1e3 * self.layer_sync_ms:.3g} us sync per layer (profiled)")
+        else:
+            lines.append(f"  cpu-assist prefill overhead = {self.cpu_assist_overhead:.3g} x prefill (assumed)")
         return "\n".join(lines)
 
 
@@ -409,6 +425,19 @@ def _fit_load(points: list[dict], link: Any) -> dict[str, Any]:
                                           link.get("latency_ms", 0.0))
     return {"load_fixed_ms": fixed, "load_ms_per_rank": per_rank,
             "bandwidth_gbps": float(link["bandwidth_gbps"]), "bytes_per_rank": int(link["bytes_per_rank"])}
+
+
+def _cold_inputs(cpu: Mapping, source: str = "profile") -> dict[str, Any]:
+    """The profiled cold-start inputs of a `cpu_assist` object (absent: not profiled)."""
+    side = cpu.get("sidecar_ms_per_token_rank")
+    if side is not None and not (_is_number(side) and side > 0):
+        raise PerfModelError(f"{source}: cpu_assist.sidecar_ms_per_token_rank must be > 0 or null, got {side!r}")
+    out = {"sidecar_ms_per_token_rank": float(side) if side is not None else None,
+           "sidecar_workers": int(cpu.get("sidecar_workers") or 1), "layers": int(cpu.get("layers") or 0),
+           "layer_sync_ms": float(cpu.get("layer_sync_ms") or 0.0)}
+    if out["sidecar_workers"] < 1 or out["layers"] < 0 or out["layer_sync_ms"] < 0:
+        raise PerfModelError(f"{source}: cpu_assist workers must be >= 1, layers and layer_sync_ms >= 0")
+    return out
 
 
 # ---------------------------------------------------------------------- validation helpers

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from caraserve_router.contracts.names import LoraMode
+from caraserve_router.scheduling.cold_costs import cold_extra_ms
 from caraserve_router.scheduling.perf_model import PerfModel
 from caraserve_router.scheduling.scheduler_state import InstanceState, RequestInfo
 
@@ -197,29 +198,14 @@ class MostIdlePolicy(Policy):
 
 
 # ---------------------------------------------------------------------- rank-aware
-def _cold_none(inst, req, pm, prefill_ms):
-    return 0.0
+def _cold(mode: LoraMode) -> Callable:
+    return lambda inst, req, pm, prefill_ms: cold_extra_ms(pm, mode, req.prompt_tokens, req.rank, prefill_ms)
 
 
-def _cold_on_demand(inst, req, pm, prefill_ms):
-    return pm.predict_load_ms(req.rank)
-
-
-def _cold_pipeline(inst, req, pm, prefill_ms):
-    return max(0.0, pm.predict_load_ms(req.rank) - prefill_ms)
-
-
-def _cold_cpu_assist(inst, req, pm, prefill_ms):
-    return pm.cpu_assist_overhead * prefill_ms
-
-
-# Predicted extra prefill-step time (ms) when the adapter is not resident, by LoRA mode.
-COLD_START_COST: dict[LoraMode, Callable] = {
-    LoraMode.CACHED: _cold_none,
-    LoraMode.ON_DEMAND: _cold_on_demand,
-    LoraMode.PIPELINE: _cold_pipeline,
-    LoraMode.CPU_ASSIST: _cold_cpu_assist,
-}
+# Predicted extra prefill-step time (ms) when the adapter is not resident, by LoRA mode: the
+# profiled load, sidecar and sync costs of the PerfModel (scheduling/cold_costs.py); auto: the
+# cheapest of on-demand, pipeline and cpu-assist, as the instance chooses.
+COLD_START_COST: dict[LoraMode, Callable] = {mode: _cold(mode) for mode in LoraMode}
 
 
 @dataclass(frozen=True)

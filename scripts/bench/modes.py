@@ -33,7 +33,7 @@ from pathlib import Path
 import requests as http
 
 REPO = Path(__file__).resolve().parents[2]
-MODES = ("cached", "on-demand", "pipeline", "cpu-assist")
+MODES = ("cached", "on-demand", "pipeline", "cpu-assist", "auto")
 
 
 def pct(values: list, q: float):
@@ -81,6 +81,7 @@ def run_mode(mode: str, repeat: int, workload, args, model_dir: str, adapters_di
                    if s.get("kind") == "mixed"]
     return {"records": records, "gaps": gaps, "loads": lora.get("loads", {}), "counters": lora.get("counters", {}),
             "chunk_steps_ms": chunk_steps, "wall_s": result["summary"]["wall_s"],
+            "auto": (lora.get("auto") or {}).get("choices"),
             "errors": sorted({r["error"] for r in records if r["status"] != "ok" and r["error"]})[:5]}
 
 
@@ -109,6 +110,7 @@ def summarize_mode(runs: list) -> dict:
     out["cold_requests"] = [run["loads"].get("cold_requests") for run in runs]
     out["cpu_assisted_steps"] = [run["loads"].get("cpu_assisted_steps") for run in runs]
     out["sidecar_fallbacks"] = [run["counters"].get("sidecar_fallbacks", 0) for run in runs]
+    out["auto_choices"] = [run.get("auto") for run in runs]  # auto mode: [{mode, reason, loads}] per repeat
     out["errors"] = sorted({e for run in runs for e in run["errors"]})[:5]
     return out
 

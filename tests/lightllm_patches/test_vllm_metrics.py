@@ -76,3 +76,13 @@ def test_residency_series():
     link = (("instance", "i0"), ("link", "emulated"))
     assert got["caraserve_instance_adapter_load_seconds"] == {link: 1.25}
     assert got["caraserve_instance_adapter_load_bytes"] == {link: 9e6}
+
+
+def test_auto_choices_series():
+    """auto's choices (runtime stats lora.auto) reach /metrics by mode and reason."""
+    m = InstanceMetrics("i0", emulated_link=True)
+    m.update_from_stats({"lora": {"auto": {"choices": [
+        {"mode": "on-demand", "reason": "load-shorter-than-overlap", "loads": 3},
+        {"mode": "cpu-assist", "reason": "sidecar-hides-load", "loads": 5}]}}})
+    got = {(s["mode"], s["reason"]): v for s, v in scrape(m)["caraserve_instance_auto_choices"]}
+    assert got == {("on-demand", "load-shorter-than-overlap"): 3, ("cpu-assist", "sidecar-hides-load"): 5}

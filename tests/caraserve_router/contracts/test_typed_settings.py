@@ -55,7 +55,7 @@ def test_flags_give_the_enums_and_to_cli_gives_the_flags_back(mode, kernel):
 
 def test_every_way_of_building_the_config_holds_the_enum():
     default = LoRAConfig()
-    assert default.mode is LoraMode.CPU_ASSIST and default.decode_kernel is DecodeKernel.MBGMV
+    assert default.mode is LoraMode.AUTO and default.decode_kernel is DecodeKernel.MBGMV  # auto: issue 25
     by_string = LoRAConfig(mode="pipeline", decode_kernel="bgmv")
     assert by_string.mode is LoraMode.PIPELINE and by_string.decode_kernel is DecodeKernel.BGMV
     assert dataclasses.replace(default, mode="cached").mode is LoraMode.CACHED

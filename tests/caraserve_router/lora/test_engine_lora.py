@@ -233,3 +233,21 @@ def test_prefetched_bad_file_refuses_the_adapter_not_the_step(adapters, tmp_path
         assert engine.run(PROMPTS[:1], [dirs[0].name], 1)  # the others still serve
     finally:
         engine.close()
+
+
+def test_auto_chooses_per_load_and_gives_peft_output(adapters):
+    """`auto` on a link too slow for any layer to land: every cold load goes to the sidecar
+    (counted with its reason), never waited for (the test would hang), and the output is PEFT's.
+    (Which mode wins in which regime is tested on synthetic costs in test_auto_choice.py.)"""
+    model_dir, dirs = adapters
+    names = [dirs[0].name, None, dirs[2].name]
+    engine = lora_engine(model_dir, dirs, mode="auto", pool_mb=16, max_rank=8, link_bandwidth_mbps=0.001)
+    try:
+        outs = engine.run(PROMPTS[:3], names, STEPS)
+        auto = engine.runtime.stats()["auto"]
+        assert {c["mode"] for c in auto["choices"]} == {"cpu-assist"}
+        assert sum(c["loads"] for c in auto["choices"]) == 2
+        assert engine.runtime.counters["sidecar_calls"] > 0 and engine.runtime.counters["layer_wait_s"] == 0
+    finally:
+        engine.close()
+    check_against_peft(model_dir, dirs, names[:3], outs)

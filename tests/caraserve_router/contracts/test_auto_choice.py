@@ -1,0 +1,81 @@
+"""auto's rule on synthetic costs: each regime picks the mode whose mechanism wins there.
+
+The expected modes are derived by hand from the timelines in the rule's docstring, not from
+its code: a 2 ms load against a 22 ms prefill (the H200's 7B rank-64 q,k,v case) is cheapest
+waited for whole; a load half a prefill long hides under a pipelined prefill when per-layer
+waits are free; a load 4x a prefill is hidden only by the sidecar, unless no worker is free.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from caraserve_router.contracts.auto_choice import AutoReason, ColdLoadCosts, choose, covered_layers, load_ms_of
+from caraserve_router.contracts.names import LoraMode
+
+H200_BYTES_PER_MS = 100.7e6 / 2.4  # docs/GPU.md: a 100.7 MB adapter in 2.4 ms of device time
+
+
+def costs(**kw) -> ColdLoadCosts:
+    base = dict(load_ms=10.0, prompt_tokens=256, rank=64, prefill_ms=20.0, layers=32,
+                sidecar_ms_per_token_rank=1e-5, sidecar_workers_free=4, layer_sync_ms=0.0)
+    return ColdLoadCosts(**{**base, **kw})
+
+
+def test_fast_link_picks_on_demand_for_the_h200_7b_case():
+    load = load_ms_of(32 * 3 * (4096 + 4096) * 64 * 2, H200_BYTES_PER_MS)
+    assert 2.0 < load < 2.6
+    c = choose(costs(load_ms=load, prompt_tokens=128, prefill_ms=22.0, layer_sync_ms=0.18))
+    assert (c.mode, c.reason) == (LoraMode.ON_DEMAND, AutoReason.LOAD_CHEAPEST)
+    # 32 layer waits of 0.18 ms cost more than the whole 2.4 ms load
+    assert c.estimates_ms[LoraMode.PIPELINE] > c.estimates_ms[LoraMode.ON_DEMAND]
+
+
+def test_load_shorter_than_prefill_is_hidden_by_the_pipeline():
+    c = choose(costs(load_ms=10.0, prefill_ms=20.0, layer_sync_ms=0.0, sidecar_ms_per_token_rank=1e-3))
+    assert (c.mode, c.reason) == (LoraMode.PIPELINE, AutoReason.PREFILL_HIDES_LOAD)
+    # the last layer lands at 10 ms, the forward reaches it at 20 - 20/32 ms: no wait at all
+    assert c.estimates_ms[LoraMode.PIPELINE] == 0.0
+    # a load as long as the prefill: only the last layer's own compute after its copy, P / N
+    even = choose(costs(load_ms=20.0, prefill_ms=20.0, sidecar_ms_per_token_rank=1e-3))
+    assert even.estimates_ms[LoraMode.PIPELINE] == pytest.approx(20.0 / 32)
+
+
+def test_slow_link_goes_to_the_sidecar_unless_no_worker_is_free():
+    slow = costs(load_ms=80.0, prefill_ms=20.0, sidecar_ms_per_token_rank=1e-6)
+    c = choose(slow)
+    assert (c.mode, c.reason) == (LoraMode.CPU_ASSIST, AutoReason.SIDECAR_HIDES_LOAD)
+    busy = choose(costs(load_ms=80.0, prefill_ms=20.0, sidecar_ms_per_token_rank=1e-6, sidecar_workers_free=0))
+    assert busy.mode is LoraMode.PIPELINE and busy.reason is AutoReason.NO_FREE_WORKER
+    assert math.isinf(busy.estimates_ms[LoraMode.CPU_ASSIST])
+
+
+def test_a_slow_sidecar_loses_to_waiting():
+    # 256 tokens x rank 64 x 1e-3 ms = 16 ms per layer against 0.6 ms of device time per layer
+    c = choose(costs(load_ms=30.0, prefill_ms=20.0, sidecar_ms_per_token_rank=1e-3, sidecar_workers_free=1))
+    assert c.mode is LoraMode.PIPELINE
+
+
+def test_without_a_prefill_estimate_no_overlap_is_credited():
+    long = choose(costs(load_ms=50.0, prefill_ms=None))
+    assert long.reason is AutoReason.NO_PREFILL_ESTIMATE and long.mode is LoraMode.CPU_ASSIST
+    short = choose(costs(load_ms=0.05, prefill_ms=None, layer_sync_ms=0.02))
+    assert short.mode is LoraMode.ON_DEMAND
+
+
+def test_covered_layers():
+    assert covered_layers(40.0, 20.0, 32) == 32       # load longer than prefill: every layer
+    assert covered_layers(10.0, 20.0, 32) == 1        # i < L / (P - L) = 1
+    assert covered_layers(15.0, 20.0, 32) == 3        # i < 3
+    assert covered_layers(0.0, 20.0, 32) == 0
+
+
+def test_cold_loads_of_one_step_share_the_sidecar():
+    # alone: 256 x 64 x 3e-5 = 0.49 ms per layer, under the 0.625 ms of device time: free
+    alone = costs(load_ms=80.0, sidecar_ms_per_token_rank=3e-5, sidecar_workers_free=1)
+    assert choose(alone).estimates_ms[LoraMode.CPU_ASSIST] == 0.0
+    # behind another load's 4 x that work the layer takes 2.46 ms: 32 x 1.83 ms late
+    shared = choose(costs(load_ms=80.0, sidecar_ms_per_token_rank=3e-5, sidecar_workers_free=1,
+                          sidecar_queued_token_rank=4 * 256 * 64))
+    assert shared.estimates_ms[LoraMode.CPU_ASSIST] == pytest.approx(32 * (5 * 256 * 64 * 3e-5 - 20.0 / 32))
