@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,10 +70,17 @@ def requirement_names(path: Path) -> set[str]:
     return names
 
 
+def environment_dists():
+    """The distributions installed in this interpreter's environment (its site-packages), not
+    whatever else `sys.path` may hold at the time (a test or a .pth can add folders to it)."""
+    paths = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    return metadata.distributions(path=paths)
+
+
 def installed(dists=None) -> dict[str, str]:
-    """name -> version of every installed distribution but ours."""
+    """name -> version of every distribution installed in this environment but ours."""
     found = {}
-    for dist in dists if dists is not None else metadata.distributions():
+    for dist in dists if dists is not None else environment_dists():
         name = normalize(dist.metadata["Name"] or "")
         if name and name != OURS:
             found[name] = dist.version

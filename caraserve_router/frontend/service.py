@@ -153,8 +153,9 @@ class FrontEnd:
         if not self.config.perf_model_cache:
             return None
         device = str(self.stats.get(0, {}).get("device") or self.template.device)
+        # the device kind the instance reports (`cpu:<model>`, `cuda:<GPU>`): one cache per kind
         return cache_path(self.config.perf_model_cache, self.config.model_dir, device,
-                          str(self.template.lora.decode_kernel), str(self.template.lora.mode), self.template.tp)
+                          self.template.lora.decode_kernel.value, self.template.lora.mode.value, self.template.tp)
 
     async def _profile_then_switch(self) -> None:
         """Profile instance 0 while the warm-up policy serves; then serve with the configured one."""

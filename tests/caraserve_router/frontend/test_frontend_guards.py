@@ -17,6 +17,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from caraserve_router.evaluation.server_process import RunningServer
+from caraserve_router.contracts.device_kind import kind_name
 from caraserve_router.frontend.perf_bootstrap import cache_path
 from caraserve_router.scheduling.perf_model import PerfModel
 from tests import fixtures
@@ -39,7 +40,7 @@ def server(tiny, tmp_path_factory):
     logs = tmp_path_factory.mktemp("guards-server")
     cache = logs / "perf_cache"
     # A perf model cached by an "earlier start" of this model on this device: reused, no profile.
-    path = cache_path(str(cache), str(model_dir), "cpu", "mbgmv", "pipeline")
+    path = cache_path(str(cache), str(model_dir), kind_name("cpu"), "mbgmv", "pipeline")
     path.parent.mkdir(parents=True)
     PerfModel.load(fixtures_perf_model()).save(path)
     srv = RunningServer("caraserve_router.api_server", [
