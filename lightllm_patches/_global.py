@@ -7,7 +7,7 @@ class-definition time, so they must be replaced before its modules load.
 |---|---|
 | `torch.cuda.get_device_name` (CPU-only torch) | `lightllm.models.llama.triton_kernel.context_flashattention_nopad` calls it at import time; without CUDA it raises. We return "cpu" so the module imports; its kernels are never called on the CPU. |
 | `lightllm.utils.infer_utils.mark_cost_time`, `calculate_time`, `mark_start`, `mark_end` | decorators applied at class definition to the llama layer and backend methods; they call `torch.cuda.synchronize()` and `dist.get_rank()` unconditionally, which fail without CUDA or without a process group. Ours synchronise only when CUDA is in use and time only on request. |
-| logger `lightllm` level | LightLLM defaults to DEBUG through an environment variable; CaraServe sets the level from its own config (`set_log_level`). |
+| logger `lightllm` level | LightLLM defaults to DEBUG through an environment variable; CaraServe sets the level from its own config (`set_log_level`), and gives the `caraserve` logger a stderr handler in processes with no root handler (an instance's children). |
 """
 from __future__ import annotations
 
@@ -105,6 +105,14 @@ def _patch_infer_utils() -> None:
 def set_log_level(level: str) -> None:
     """Set the level of LightLLM's and CaraServe's loggers (e.g. "info", "debug")."""
     value = getattr(logging, level.upper())
+    caraserve = logging.getLogger("caraserve")
+    if not caraserve.handlers and not logging.getLogger().handlers:
+        # An instance's processes configure no root logger (the front end's `basicConfig` is in
+        # another process), so without a handler of its own every caraserve INFO line there
+        # (auto's choices, the sidecar's health) fell to logging's last resort: WARNING and up.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        caraserve.addHandler(handler)
     for name in ("lightllm", "caraserve"):
         logger = logging.getLogger(name)
         logger.setLevel(value)

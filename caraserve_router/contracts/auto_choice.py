@@ -7,13 +7,19 @@ Every estimate is the time a step with the cold adapter takes *beyond* the same 
 adapter resident (the running batch pays it too, whichever mode, so the ranking is the same for
 the request and for its neighbours):
 
-- on-demand: the whole load, `L = bytes / link rate + copies x copy latency` (`load_ms_of`), before
-  the forward;
-- pipeline: layer i is resident at (i+1) L / N and the forward reaches it at i P / N, so the
-  forward ends max(0, L - P + P / N) late, plus a check or wait at every layer (`layer_sync_ms`:
-  an event wait on CUDA; on the H200 the 7B pipeline paid ~4 ms over on-demand for a 2 ms load);
+- the link is one queue served a load at a time (`DeviceLink`: every layer group of the load first
+  in line, then the next), so a load starts after `Q` ms of the loads ahead of it
+  (`queued_ms`); two cold adapters in one step is the common case under a bursty trace, and
+  leaving `Q` out had pipeline wait ~300 ms at layer 0 for the other adapter's whole load, where
+  it predicted 45 (bench_modes at F = 1.5, issue 25);
+- on-demand: `Q` and the whole load, `L = bytes / link rate + copies x copy latency`
+  (`load_ms_of`), before the forward;
+- pipeline: layer i is resident at Q + (i+1) L / N and the forward reaches it at i P / N, so the
+  forward ends Q + L / N + max(0, (N - 1)(L - P) / N) late (the worst layer: the first when
+  L <= P, the last otherwise), plus a check or wait at every layer (`layer_sync_ms`: an event
+  wait on CUDA; on the H200 the 7B pipeline paid ~4 ms over on-demand for a 2 ms load);
 - cpu-assist: the layers not yet resident when the forward reaches them (all when L >= P, else
-  those with i < L / (P - L)) have their LoRA term computed by the free sidecar workers while the
+  those with i < (Q N + L) / (P - L)) have their LoRA term computed by the free sidecar workers while the
   device runs the base projections; each such layer costs max(0, sidecar layer time - P / N),
   and every layer a check or hand-off (`layer_sync_ms`). The sidecar's layer time is `(tokens x
   rank + what the step already gives it) x sidecar_ms_per_token_rank / workers`: the cold loads
@@ -57,6 +63,7 @@ class ColdLoadCosts:
     rank: float                        # the adapter's rank (the instance: its all-projection equivalent)
     prefill_ms: float | None           # predicted step time (None: no estimate yet)
     layers: int
+    queued_ms: float = 0.0             # link time of the loads ahead of this one in the link's queue
     sidecar_ms_per_token_rank: float = math.inf  # one worker, one layer (inf: no sidecar)
     sidecar_workers_free: int = 0      # workers up (0: no sidecar, or none healthy)
     sidecar_queued_token_rank: float = 0  # tokens x rank the step already gives the sidecar (other loads)
@@ -80,29 +87,40 @@ class AutoChoice:
         return f"{self.mode.value} ({self.reason.value}; extra ms: {est})"
 
 
-def covered_layers(load_ms: float, prefill_ms: float, layers: int) -> int:
-    """Layers not yet resident when the forward reaches them (layer-wise load started with it)."""
+def covered_layers(load_ms: float, prefill_ms: float, layers: int, queued_ms: float = 0.0) -> int:
+    """Layers not yet resident when the forward reaches them: the layer-wise load starts `queued_ms`
+    after the forward (the loads ahead of it on the link) and lands layer i at Q + (i+1) L / N."""
     if load_ms <= 0:
         return 0
     if load_ms >= prefill_ms:
         return layers
-    return min(layers, math.ceil(load_ms / (prefill_ms - load_ms)))
+    return min(layers, math.ceil((queued_ms * layers + load_ms) / (prefill_ms - load_ms)))
+
+
+def pipeline_late_ms(load_ms: float, prefill_ms: float, layers: int, queued_ms: float = 0.0) -> float:
+    """How late a pipelined forward ends: the worst layer's wait, max over i of
+    Q + (i+1) L / N - i P / N (the first layer when L <= P, the last otherwise)."""
+    if load_ms <= 0:
+        return 0.0
+    frac = 1.0 / layers if layers > 0 else 0.0  # 0 layers (unknown): continuous, max(0, L - P) late
+    return max(0.0, queued_ms) + load_ms * frac + max(0.0, (load_ms - prefill_ms) * (1 - frac))
 
 
 def estimate_extra_ms(c: ColdLoadCosts) -> dict:
     """Extra ms of the step per mode (see the module docstring); cpu-assist inf without a worker."""
     load, prefill, n = c.load_ms, float(c.prefill_ms or 0.0), max(1, c.layers)
+    queued = max(0.0, c.queued_ms) if load > 0 else 0.0
     per_layer = prefill / c.layers if c.layers > 0 else 0.0  # 0 layers: unknown, a continuous overlap
-    covered = covered_layers(load, prefill, n)
+    covered = covered_layers(load, prefill, n, queued)
     sync = n * c.layer_sync_ms if load > 0 else 0.0
-    pipeline = (max(0.0, load - prefill + per_layer) if load > 0 else 0.0) + sync
+    pipeline = pipeline_late_ms(load, prefill, c.layers, queued) + sync
     if c.sidecar_workers_free > 0 and math.isfinite(c.sidecar_ms_per_token_rank):
         work = c.sidecar_queued_token_rank + c.prompt_tokens * c.rank
         side_layer = work * c.sidecar_ms_per_token_rank / c.sidecar_workers_free
         cpu = covered * max(0.0, side_layer - per_layer) + sync
     else:
         cpu = math.inf
-    return {LoraMode.ON_DEMAND: load, LoraMode.PIPELINE: pipeline, LoraMode.CPU_ASSIST: cpu}
+    return {LoraMode.ON_DEMAND: queued + load, LoraMode.PIPELINE: pipeline, LoraMode.CPU_ASSIST: cpu}
 
 
 def choose(c: ColdLoadCosts) -> AutoChoice:

@@ -5,7 +5,8 @@ A prefill batch with cold adapters runs as its instance's mode would run it, on 
 costs: the link is the table's (loads of one instance serial), and
 
 - on-demand: the load, then the prefill;
-- pipeline: max(prefill, load + one layer's compute) + a sync per layer;
+- pipeline: the prefill, late by its worst layer's wait (`pipeline_late_ms`: the loads ahead on
+  the link, then layer i lands at (i+1) L / N), + a sync per layer;
 - cpu-assist: the layers not yet resident when the forward reaches them (`covered_layers`) have
   their LoRA term computed by the host's sidecar workers (`SidecarHost`: concurrent
   cpu-assisted prefills of the instances of one host queue for them); the step ends when both
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import random
 
-from caraserve_router.contracts.auto_choice import covered_layers
+from caraserve_router.contracts.auto_choice import covered_layers, pipeline_late_ms
 from caraserve_router.contracts.names import LoraMode
 from caraserve_router.evaluation.truth_table import SidecarHost, TruthTable
 from caraserve_router.scheduling.cold_costs import auto_choice
@@ -48,23 +49,23 @@ class TruthSteps:
         if not cold or self.mode is LoraMode.CACHED:
             return prefill
         mode = self.mode
+        start = max(t, inst.link_free)
+        queued = (start - t) * 1000.0  # the instance's earlier loads still on the link
         if mode is LoraMode.AUTO:
             tokens = sum(p for p, _ in cold)
             rank = max(r for _, r in cold)
             predicted = pm.prefill_batch_ms(sum(p for p, _ in prompts), sum(p * r for p, r in prompts))
-            mode = auto_choice(pm, tokens, rank, predicted).mode
+            mode = auto_choice(pm, tokens, rank, predicted, queued_ms=queued).mode
             self.choices[mode.value] = self.choices.get(mode.value, 0) + 1
         load_ms = sum(tab.load_ms(r) for _, r in cold)
-        start = max(t, inst.link_free)
         inst.link_free = start + load_ms / 1000.0
-        wait = (inst.link_free - t) * 1000.0
         n = tab.layers
         sync = n * tab.load.get("layer_sync_ms", 0.0)
         if mode is LoraMode.ON_DEMAND:
-            return wait + prefill
+            return queued + load_ms + prefill
         if mode is LoraMode.PIPELINE or not tab.sidecar:
-            return max(prefill, wait + prefill / n) + sync
-        covered = covered_layers(wait, prefill, n)
+            return prefill + pipeline_late_ms(load_ms, prefill, n, queued) + sync
+        covered = covered_layers(load_ms, prefill, n, queued)
         work = sum(tab.sidecar_ms(p, r, covered) for p, r in cold)
         end = self.hosts[inst.index // self.per_host].run(t, work)
         inst.assist_until = max(inst.assist_until, inst.link_free)

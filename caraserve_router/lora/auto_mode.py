@@ -5,7 +5,8 @@ module gathers what it needs when a step first meets an adapter that is still lo
 
 - the link's rate, measured at start (`measure_link`): on CUDA a timed pinned host -> device
   copy; on the emulated link its configured rate (labelled emulated, it *is* the emulation);
-- the bytes still to copy (the layers of the entry not yet resident);
+- the bytes still to copy (the layers of the entry not yet resident), and the link time of the
+  loads queued ahead of it (`DeviceLink.ms_ahead`: the link serves one load at a time);
 - the prompt tokens of the step's rows that use the adapter, and the step's prefill time from
   a PerfModel-shaped fit (`ms = p0 + p_tok x tokens`) of this instance's own prefill steps,
   less their waits (`observe_step`); until two steps are seen the rule answers
@@ -96,6 +97,7 @@ class AutoChooser:
         self._entries: dict = {}  # storage key -> PoolEntry of a decided load
         self.counts: collections.Counter = collections.Counter()  # (mode, reason) -> loads
         self.last: Optional[AutoChoice] = None
+        self._predicted_ms: Optional[float] = None  # the step time predicted for the last deciding step
         log.info("auto mode: link %.1f MB/s (%s), %.0f us per layer sync", self.bytes_per_ms / 1e3,
                  "emulated" if self.emulated else "measured", sync_us)
 
@@ -142,11 +144,14 @@ class AutoChooser:
         for entry in new:
             tokens = sum(n for e, n in zip(entries, lens) if e is entry)
             pending = sum(1 for i in range(layers) if not entry.residency.is_ready(i))
-            load_bytes = self.runtime.pool.entry_bytes(entry) * pending / layers
+            store = self.runtime.store  # the host copy's bytes are what the link moves
+            nbytes = store.get(entry.name).nbytes if entry.name in store else self.runtime.pool.entry_bytes(entry)
+            load_bytes = nbytes * pending / layers
             costs = ColdLoadCosts(
                 load_ms=load_ms_of(load_bytes, self.bytes_per_ms, math.ceil(pending / self.group_size),
                                    self.latency_ms),
                 prompt_tokens=tokens, rank=all_module_rank(entry), prefill_ms=self.prefill.predict(step_tokens), layers=layers,
+                queued_ms=self.runtime.link.ms_ahead(entry, self.bytes_per_ms),
                 sidecar_ms_per_token_rank=self.sidecar_ms_per_token_rank(),
                 sidecar_workers_free=workers, sidecar_queued_token_rank=queued, layer_sync_ms=self.layer_sync_ms)
             choice = choose(costs)
@@ -156,8 +161,10 @@ class AutoChooser:
             self._entries[entry.name] = entry
             self.counts[(choice.mode.value, choice.reason.value)] += 1
             self.last = choice
-            log.info("auto: adapter %s (rank %d, %.1f MB, %d tokens): %s", entry.name, entry.rank,
-                     load_bytes / 1e6, tokens, choice.describe())
+            log.info("auto: adapter %s (rank %d, %.1f MB, %.1f ms behind other loads, %d tokens, step of %d "
+                     "predicted %s ms): %s", entry.name, entry.rank, load_bytes / 1e6, costs.queued_ms, tokens,
+                     step_tokens, "-" if costs.prefill_ms is None else f"{costs.prefill_ms:.0f}", choice.describe())
+            self._predicted_ms = costs.prefill_ms
 
     def observe_step(self, batch, seconds: float) -> None:
         """A prefill (or mixed) step's device time for the fit: its time less what it waited for
@@ -168,6 +175,11 @@ class AutoChooser:
             return
         c = batch.counters
         waited = c.get("full_wait_s", 0.0) + c.get("layer_wait_s", 0.0) + c.get("sidecar_s", 0.0)
+        if self._predicted_ms is not None:  # a step that decided a load: how far the estimate was
+            log.debug("auto: step of %d tokens took %.1f ms (predicted %.1f), waited %.1f ms for loads, "
+                      "%.1f for the sidecar", batch.row_starts[-1], seconds * 1e3, self._predicted_ms,
+                      1e3 * (c.get("full_wait_s", 0.0) + c.get("layer_wait_s", 0.0)), 1e3 * c.get("sidecar_s", 0.0))
+            self._predicted_ms = None
         self.prefill.observe(batch.row_starts[-1], (seconds - waited) * 1e3)
 
     def stats(self) -> dict:

@@ -100,6 +100,7 @@ class DeviceLink(ABC):
         self.bytes_moved = 0
         self.groups_moved = 0
         self.busy_s = 0.0
+        self._current = None  # the job of the group being copied (ms_ahead)
         self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
         self._thread.start()
 
@@ -137,6 +138,29 @@ class DeviceLink(ABC):
         with self._cv:
             return len(self._heap)
 
+    def ms_ahead(self, entry: PoolEntry, bytes_per_ms: float) -> float:
+        """Link time before `entry`'s next layer group starts: the groups still queued of the loads
+        ahead of it (served whole, in priority order) and the rest of another load's group in
+        flight; 0 when `entry` has no queued load. `auto`'s rule adds it to the load's own time."""
+        layers = self.pool.shapes.num_layers
+        with self._cv:
+            queue = sorted(self._heap, key=lambda item: item[:2])
+            current = self._current
+        ahead = 0.0
+        for _, _, job in queue:
+            if job.entry is entry:
+                break
+            left = sum(len(g) for g in job.groups[job.next:])
+            ahead += job.host.nbytes * left / layers  # what the copies move (copy_layers' bytes)
+        else:
+            return 0.0
+        in_flight = self._in_flight_ms() if current is not None and current.entry is not entry else 0.0
+        return ahead / bytes_per_ms + in_flight
+
+    def _in_flight_ms(self) -> float:
+        """The rest of the group being copied now, in ms (0 where copies are asynchronous)."""
+        return 0.0
+
     def stop(self) -> None:
         with self._cv:
             self._stop = True
@@ -163,6 +187,7 @@ class DeviceLink(ABC):
             job, layers = self._next_group()
             if job is None:
                 return
+            self._current = job
             start = time.monotonic()
             try:
                 self._transfer(job, layers)
@@ -171,6 +196,7 @@ class DeviceLink(ABC):
                 job.entry.residency.failed = True
                 job.failed = True
             self.busy_s += time.monotonic() - start
+            self._current = None
             self.groups_moved += 1
             if (job.next == len(job.groups) or job.failed) and job.on_done is not None:
                 done, job.on_done = job.on_done, None
@@ -195,6 +221,9 @@ class EmulatedLink(DeviceLink):
 
     def new_residency(self):
         return EmulatedResidency(self.pool.shapes.num_layers)
+
+    def _in_flight_ms(self) -> float:
+        return max(0.0, self.free_at - time.monotonic()) * 1e3
 
     def _transfer(self, job: _Job, layers: range) -> None:
         start = max(time.monotonic(), self.free_at)

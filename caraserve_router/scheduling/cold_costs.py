@@ -16,13 +16,14 @@ from caraserve_router.contracts.auto_choice import AutoChoice, ColdLoadCosts, ch
 from caraserve_router.contracts.names import LoraMode
 
 
-def cold_costs(pm, tokens: int, rank: int, prefill_ms: float, workers_free: int | None = None) -> ColdLoadCosts:
+def cold_costs(pm, tokens: int, rank: int, prefill_ms: float, workers_free: int | None = None,
+               queued_ms: float = 0.0) -> ColdLoadCosts:
     side = pm.sidecar_ms_per_token_rank
     return ColdLoadCosts(
         load_ms=pm.predict_load_ms(rank), prompt_tokens=tokens, rank=rank, prefill_ms=prefill_ms,
         layers=pm.layers, sidecar_ms_per_token_rank=side if side is not None else math.inf,
         sidecar_workers_free=pm.sidecar_workers if workers_free is None else workers_free,
-        layer_sync_ms=pm.layer_sync_ms)
+        layer_sync_ms=pm.layer_sync_ms, queued_ms=queued_ms)
 
 
 def cold_extra_ms(pm, mode: LoraMode, tokens: int, rank: int, prefill_ms: float,
@@ -41,6 +42,8 @@ def cold_extra_ms(pm, mode: LoraMode, tokens: int, rank: int, prefill_ms: float,
     return extra
 
 
-def auto_choice(pm, tokens: int, rank: int, prefill_ms: float, workers_free: int | None = None) -> AutoChoice:
-    """What an `auto` instance with this PerfModel would choose (the simulator's auto)."""
-    return choose(cold_costs(pm, tokens, rank, prefill_ms, workers_free))
+def auto_choice(pm, tokens: int, rank: int, prefill_ms: float, workers_free: int | None = None,
+                queued_ms: float = 0.0) -> AutoChoice:
+    """What an `auto` instance with this PerfModel would choose (the simulator's auto), the link
+    busy `queued_ms` more with earlier loads."""
+    return choose(cold_costs(pm, tokens, rank, prefill_ms, workers_free, queued_ms))

@@ -110,6 +110,8 @@ def summarize_mode(runs: list) -> dict:
     out["cold_requests"] = [run["loads"].get("cold_requests") for run in runs]
     out["cpu_assisted_steps"] = [run["loads"].get("cpu_assisted_steps") for run in runs]
     out["sidecar_fallbacks"] = [run["counters"].get("sidecar_fallbacks", 0) for run in runs]
+    # the runtime's counters per repeat (waits for loads, sidecar time, fallbacks): why a mode costs what it does
+    out["lora_counters"] = [run["counters"] for run in runs]
     out["auto_choices"] = [run.get("auto") for run in runs]  # auto mode: [{mode, reason, loads}] per repeat
     out["errors"] = sorted({e for run in runs for e in run["errors"]})[:5]
     return out

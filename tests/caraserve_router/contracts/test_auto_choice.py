@@ -11,7 +11,8 @@ import math
 
 import pytest
 
-from caraserve_router.contracts.auto_choice import AutoReason, ColdLoadCosts, choose, covered_layers, load_ms_of
+from caraserve_router.contracts.auto_choice import (AutoReason, ColdLoadCosts, choose, covered_layers, load_ms_of,
+                                                    pipeline_late_ms)
 from caraserve_router.contracts.names import LoraMode
 
 H200_BYTES_PER_MS = 100.7e6 / 2.4  # docs/GPU.md: a 100.7 MB adapter in 2.4 ms of device time
@@ -35,8 +36,8 @@ def test_fast_link_picks_on_demand_for_the_h200_7b_case():
 def test_load_shorter_than_prefill_is_hidden_by_the_pipeline():
     c = choose(costs(load_ms=10.0, prefill_ms=20.0, layer_sync_ms=0.0, sidecar_ms_per_token_rank=1e-3))
     assert (c.mode, c.reason) == (LoraMode.PIPELINE, AutoReason.PREFILL_HIDES_LOAD)
-    # the last layer lands at 10 ms, the forward reaches it at 20 - 20/32 ms: no wait at all
-    assert c.estimates_ms[LoraMode.PIPELINE] == 0.0
+    # the forward waits only at layer 0, for its copy: L / N (later layers land before it gets there)
+    assert c.estimates_ms[LoraMode.PIPELINE] == pytest.approx(10.0 / 32)
     # a load as long as the prefill: only the last layer's own compute after its copy, P / N
     even = choose(costs(load_ms=20.0, prefill_ms=20.0, sidecar_ms_per_token_rank=1e-3))
     assert even.estimates_ms[LoraMode.PIPELINE] == pytest.approx(20.0 / 32)
@@ -79,3 +80,27 @@ def test_cold_loads_of_one_step_share_the_sidecar():
     shared = choose(costs(load_ms=80.0, sidecar_ms_per_token_rank=3e-5, sidecar_workers_free=1,
                           sidecar_queued_token_rank=4 * 256 * 64))
     assert shared.estimates_ms[LoraMode.CPU_ASSIST] == pytest.approx(32 * (5 * 256 * 64 * 3e-5 - 20.0 / 32))
+
+
+def test_pipeline_waits_at_its_worst_layer():
+    # timelines by hand, N = 4, layer i lands at Q + (i+1) L / 4, the forward reaches it at i P / 4
+    assert pipeline_late_ms(8.0, 20.0, 4) == pytest.approx(2.0)         # layer 0: 2 vs 0
+    assert pipeline_late_ms(40.0, 20.0, 4) == pytest.approx(25.0)       # layer 3: 40 vs 15
+    assert pipeline_late_ms(8.0, 20.0, 4, queued_ms=30.0) == pytest.approx(32.0)  # layer 0: 32 vs 0
+    assert pipeline_late_ms(0.0, 20.0, 4, queued_ms=30.0) == 0.0        # nothing left to load
+    assert pipeline_late_ms(40.0, 20.0, 0) == pytest.approx(20.0)       # layers unknown: L - P
+
+
+def test_a_load_behind_another_on_the_link_goes_to_the_sidecar():
+    # alone, a 10 ms load under a 40 ms prefill costs pipeline one layer's copy; queued behind a
+    # 300 ms load (two cold adapters in one step: the link serves one load at a time) pipeline
+    # waits the whole 300 ms at layer 0, on-demand 310, while the sidecar covers every layer
+    alone = choose(costs(load_ms=10.0, prefill_ms=40.0, sidecar_ms_per_token_rank=1e-6))
+    assert alone.estimates_ms[LoraMode.PIPELINE] == pytest.approx(10.0 / 32)
+    behind = choose(costs(load_ms=10.0, prefill_ms=40.0, sidecar_ms_per_token_rank=1e-6, queued_ms=300.0))
+    assert behind.estimates_ms[LoraMode.PIPELINE] == pytest.approx(300.0 + 10.0 / 32)
+    assert behind.estimates_ms[LoraMode.ON_DEMAND] == pytest.approx(310.0)
+    assert (behind.mode, behind.reason) == (LoraMode.CPU_ASSIST, AutoReason.SIDECAR_HIDES_LOAD)
+    assert covered_layers(10.0, 40.0, 32, queued_ms=300.0) == 32
+    # Q N + L = 2 x 32 + 10 = 74 -> layers i < 74 / 30: 3
+    assert covered_layers(10.0, 40.0, 32, queued_ms=2.0) == 3

@@ -8,6 +8,7 @@ poisoned (NaN) and checked unchanged.
 from __future__ import annotations
 
 import math
+import time
 import types
 
 import pytest
@@ -36,6 +37,7 @@ def with_bytes(h, seed: int):
     h.layout = HostLayout(SHAPES, h.spec.slice_ranks)
     h.dtype = torch.float32
     h.flat = torch.randn(h.layout.total_floats(), generator=torch.Generator().manual_seed(seed))
+    h.nbytes = h.flat.numel() * h.flat.element_size()  # HostAdapter.nbytes
     return h
 
 
@@ -84,3 +86,32 @@ def test_a_second_adapter_reuses_nothing_of_the_first_index():
     copy_layers(p, e2, two, range(0, 3))
     assert e1.unit_index is not e2.unit_index and len(e1.unit_index) != len(e2.unit_index)
     assert not set(e1.unit_index.tolist()) & set(e2.unit_index.tolist())
+
+
+def test_ms_ahead_is_the_link_time_of_the_loads_queued_before():
+    """The link serves one load at a time in priority order: a load queued behind another waits
+    for every group of it (reference: the host bytes of the load ahead over the emulated rate)."""
+    from caraserve_router.lora.device_link import EmulatedLink
+
+    p = fragmented_pool()
+    first, second = with_bytes(host("a", q=3, v=2), seed=3), with_bytes(host("b", q=2), seed=4)
+    entries = [p.place(h, EmulatedResidency(SHAPES.num_layers)) for h in (first, second)]
+    bandwidth = first.nbytes / 0.4 / 1e6  # MB/s: the first load takes 0.4 s
+    link = EmulatedLink(p, 1, bandwidth, 0.0)
+    try:
+        bytes_per_ms = bandwidth * 1e3
+        assert link.ms_ahead(entries[1], bytes_per_ms) == 0.0  # nothing queued
+        link.submit(entries[1], second, priority=2.0)
+        link.submit(entries[0], first, priority=1.0)  # overtakes the second
+        t0 = time.monotonic()
+        ahead = link.ms_ahead(entries[1], bytes_per_ms)
+        elapsed = (time.monotonic() - t0 + 0.05) * 1e3
+        # the first load's 400 ms less whatever of it already went (its first group may be under way)
+        assert 400.0 - elapsed - 400.0 / SHAPES.num_layers <= ahead <= 400.0 + 1.0, ahead
+        assert link.ms_ahead(entries[0], bytes_per_ms) == 0.0  # first in line
+        entries[1].residency._done.wait(5)
+        assert link.ms_ahead(entries[1], bytes_per_ms) == 0.0  # done: nothing ahead
+        # it started after the first load: its last layer landed ~0.4 s + its own time after t0
+        assert max(entries[1].residency.ready_at) - t0 >= 0.4 - 0.05
+    finally:
+        link.stop()
