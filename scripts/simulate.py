@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-prefill-tokens", type=int, default=None, help="prompt tokens per prefill batch")
     c.add_argument("--adapter-capacity-ranks", type=int, default=None,
                    help="device memory for adapters per instance, in rank units (default unlimited)")
+    c.add_argument("--instances-per-host", type=int, default=1,
+                   help="instances of one host: their cpu-assisted prefills share its sidecar workers (with a "
+                        "truth table) and, with --host-cores, their steps its cores (default 1)")
+    c.add_argument("--host-cores", type=int, default=None,
+                   help="cores one host's instances share (default: none shared, the GPU case); a step runs "
+                        "max(1, busy instances x --threads-per-instance / cores) times its measured time")
+    c.add_argument("--threads-per-instance", type=int, default=1, help="torch threads of one instance (default 1)")
     c.add_argument("--sync-interval", type=float, default=1.0,
                    help="seconds between router stats syncs / dlora rebalances (default 1)")
     c.add_argument("--drain-limit", type=float, default=600.0,
@@ -111,7 +118,8 @@ def configs(args):
                     max_prefill_tokens=args.max_prefill_tokens, lora_mode=args.lora_mode, kernel=args.kernel,
                     adapter_capacity_ranks=args.adapter_capacity_ranks, sync_interval_s=args.sync_interval,
                     drain_limit_s=args.drain_limit, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
-                    progress_s=args.progress_s)
+                    progress_s=args.progress_s, instances_per_host=args.instances_per_host,
+                    host_cores=args.host_cores, threads_per_instance=args.threads_per_instance)
     pol = PolicyConfig(slo_tpot_ms=args.slo_tpot_ms, max_batch=args.max_batch, max_queue=args.max_queue,
                        seed=args.seed, prefill_factor=args.prefill_factor)
     spec = SweepSpec(tuple(args.policies), tuple(args.rates), tuple(args.instances), args.rate_per_instance)

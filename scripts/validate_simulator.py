@@ -8,6 +8,8 @@
    (`scripts/replay.py`); simulates the *same* workload (same generator, flags and seed) with
    the same perf model and policy (`scripts/simulate.py --instances N`), its steps drawn from
    `--truth` (default: this machine's measured truth table; `none`: the PerfModel itself).
+   The simulated instances share the machine's cores as the live ones do (`--host-cores`: a
+   table measures one instance alone; four instances on two cores run each step ~2x slower).
 3. Prints and writes predicted vs measured mean TTFT, TPOT and E2E per policy (the target:
    within 15%), and the replays side by side (`replay_policies.png`).
 
@@ -33,6 +35,13 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
+def host_cores() -> int:
+    """Cores this process may run on (the cluster's instances share them)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def workload_flags(args, rate_flag: str = "--rate") -> list[str]:
     """The workload, identically for replay.py (`--rate`) and simulate.py (`--rates`)."""
     return ["--arrival", "poisson", rate_flag, str(args.rate), "--max-requests", str(args.requests),
@@ -43,7 +52,7 @@ def workload_flags(args, rate_flag: str = "--rate") -> list[str]:
 
 
 def validate_policy(args, policy: str, model_dir: str, adapters: Path, perf: str, out_dir: Path) -> dict:
-    """Replay the workload on a real 2-instance cluster under `policy`, simulate it, compare."""
+    """Replay the workload on a real `--instances` cluster under `policy`, simulate it, compare."""
     flags = ["--model-dir", model_dir, "--adapters", str(adapters), "--instances", str(args.instances), "--policy", policy,
              "--perf-model", perf, "--slo-tpot-ms", str(args.slo_tpot_ms), "--lora-mode", "cached",
              "--torch-threads", str(args.threads), "--log-dir", str(out_dir / "logs")]
@@ -55,7 +64,10 @@ def validate_policy(args, policy: str, model_dir: str, adapters: Path, perf: str
             run([PY, "scripts/replay.py", "--url", srv.url, *workload_flags(args), "--out", str(replay_json),
                  "--label", policy, "--no-plots"])
     sim_json = out_dir / f"simulated_{policy}.json"
-    run([PY, "scripts/simulate.py", "--instances", str(args.instances), "--policies", policy, "--truth", args.truth,
+    # the live instances share this machine's cores: so do the simulated ones (SimConfig.host_cores)
+    cores = ["--instances-per-host", str(args.instances), "--host-cores", str(host_cores()),
+             "--threads-per-instance", str(args.threads)]
+    run([PY, "scripts/simulate.py", "--instances", str(args.instances), *cores, "--policies", policy, "--truth", args.truth,
          "--perf-model", perf, "--lora-mode", "cached", "--kernel", "mbgmv", "--max-batch", "64",
          *workload_flags(args, "--rates"), "--out", str(sim_json), "--no-plots", "--progress-s", "0"])
     measured = json.loads(replay_json.read_text())["summary"]
@@ -104,7 +116,7 @@ def main() -> int:
     for policy in args.policies.split(","):
         results[policy] = validate_policy(args, policy, model_dir, adapters, perf, out.parent)
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "requests": args.requests,
-              "instances": args.instances, "threads_per_instance": args.threads, "perf_model": Path(perf).name,
+              "instances": args.instances, "threads_per_instance": args.threads, "host_cores": host_cores(), "perf_model": Path(perf).name,
               "truth": args.truth, "policies": results,
               "note": "simulated = discrete-event simulator, policies predicting with the profiled PerfModel, steps "
                       f"from truth {args.truth!r}; measured = real cluster over HTTP"}

@@ -26,8 +26,14 @@ class SimConfig:
         then count as SLO misses (None: run until every request finishes).
     slo_tpot_ms: per-token latency SLO for attainment; slo_ttft_ms: optional TTFT SLO as well.
     progress_s: wall seconds between progress lines (0: silent).
-    instances_per_host: with a truth table, instances whose cpu-assisted prefills queue for one
-        host's sidecar workers.
+    instances_per_host: instances of one host: with a truth table their cpu-assisted prefills
+        queue for the host's sidecar workers, and with `host_cores` their steps share its cores.
+    host_cores: cores of one host that its instances' steps share (None: every instance has its
+        own, the GPU case). A step that starts while k other instances of its host are mid-step
+        runs max(1, (k + 1) x threads_per_instance / host_cores) times its measured time (a
+        share taken at the step's start, not re-timed as others start and end). This is how a
+        live CPU cluster of more instances than cores runs (the validation's 4 on 2 cores).
+    threads_per_instance: torch threads of one instance (with `host_cores`).
     """
 
     num_instances: int = 8
@@ -42,14 +48,16 @@ class SimConfig:
     slo_tpot_ms: float = 40.0
     slo_ttft_ms: float | None = None
     progress_s: float = 10.0
-    instances_per_host: int = 1  # measured truth: instances sharing one host's sidecar workers
+    instances_per_host: int = 1  # instances sharing one host's sidecar workers (and cores)
+    host_cores: int | None = None
+    threads_per_instance: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_instances", "max_batch", "max_wait_steps", "instances_per_host"):
+        for name in ("num_instances", "max_batch", "max_wait_steps", "instances_per_host", "threads_per_instance"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SimulatorError(f"SimConfig.{name} must be an integer >= 1, got {v!r}")
-        for name in ("max_prefill_tokens", "adapter_capacity_ranks"):
+        for name in ("max_prefill_tokens", "adapter_capacity_ranks", "host_cores"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise SimulatorError(f"SimConfig.{name} must be None or an integer >= 1, got {v!r}")

@@ -219,10 +219,22 @@ class Simulation:
             dur = self.pm.decode_step_ms(inst.running, inst.sum_r, inst.max_r, cfg.kernel) / 1000.0
             if t < inst.assist_until:
                 dur *= 1.0 + self.pm.cpu_assist_overhead
+        dur *= self._core_share(inst)
         inst.busy = True
         inst.step_batch = None
         inst.busy_s += dur
         self._push(t + dur, _STEP, inst.index)
+
+    def _core_share(self, inst: SimInstance) -> float:
+        """How much slower a step starting now runs for the other busy instances of its host
+        (SimConfig.host_cores; 1 without)."""
+        cores = self.cfg.host_cores
+        if cores is None:
+            return 1.0
+        per = self.cfg.instances_per_host
+        first = inst.index // per * per
+        others = sum(1 for o in self.insts[first:first + per] if o is not inst and o.busy)
+        return max(1.0, (others + 1) * self.cfg.threads_per_instance / cores)
 
     def _start_prefill(self, inst: SimInstance, t: float) -> None:
         cfg, pm = self.cfg, self.pm
@@ -252,6 +264,7 @@ class Simulation:
         else:
             prefill_ms = pm.prefill_batch_ms(tokens, rank_tokens)
             dur_ms = self._prefill_with_cold(inst, t, prefill_ms, loads_ms, pm) if loads_ms else prefill_ms
+        dur_ms *= self._core_share(inst)
         inst.busy = True
         inst.step_batch = batch
         inst.busy_s += dur_ms / 1000.0
@@ -308,6 +321,7 @@ class Simulation:
         out = summarize_records(self.records, self.cfg.slo_tpot_ms, self.cfg.slo_ttft_ms)
         out.update({
             "policy": self.policy.name, "num_instances": self.cfg.num_instances,
+            "instances_per_host": self.cfg.instances_per_host, "host_cores": self.cfg.host_cores,
             "lora_mode": self.cfg.lora_mode.value, "kernel": self.cfg.kernel.value,
             "cold_loads": sum(i.cold_loads for i in self.insts),
             "queued_moves": self.moves, "max_router_queue": self.max_router_queue,
