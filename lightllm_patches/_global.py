@@ -7,6 +7,7 @@ class-definition time, so they must be replaced before its modules load.
 |---|---|
 | `torch.cuda.get_device_name` (CPU-only torch) | `lightllm.models.llama.triton_kernel.context_flashattention_nopad` calls it at import time; without CUDA it raises. We return "cpu" so the module imports; its kernels are never called on the CPU. |
 | `lightllm.utils.infer_utils.mark_cost_time`, `calculate_time`, `mark_start`, `mark_end` | decorators applied at class definition to the llama layer and backend methods; they call `torch.cuda.synchronize()` and `dist.get_rank()` unconditionally, which fail without CUDA or without a process group. Ours synchronise only when CUDA is in use and time only on request. |
+| `lightllm.server.router.dynamic_prompt.shared_arr.SharedArray.__init__` | the KV counter and `TokenLoad` segments are created (or attached) through it, and Python (before 3.13) registers every such segment with the process's resource tracker. The instance removes its `/dev/shm` names itself when it stops (by its prefix, in the process that made them), so at every exit the tracker warned of "leaked" segments already gone; ours untracks them after upstream's `__init__`. |
 | logger `lightllm` level | LightLLM defaults to DEBUG through an environment variable; CaraServe sets the level from its own config (`set_log_level`), and gives the `caraserve` logger a stderr handler in processes with no root handler (an instance's children). |
 """
 from __future__ import annotations
@@ -102,6 +103,24 @@ def _patch_infer_utils() -> None:
     infer_utils.mark_end = _mark_end
 
 
+def _patch_shared_array() -> None:
+    from multiprocessing import resource_tracker
+
+    from lightllm.server.router.dynamic_prompt import shared_arr
+
+    upstream = shared_arr.SharedArray.__init__
+
+    @functools.wraps(upstream)
+    def __init__(self, name, shape, dtype):
+        upstream(self, name, shape, dtype)
+        try:  # the instance's own clean-up unlinks the name (remove_shm by prefix)
+            resource_tracker.unregister(self.shm._name, "shared_memory")
+        except Exception:  # noqa: BLE001 - no tracker process (it starts lazily): nothing tracked
+            pass
+
+    shared_arr.SharedArray.__init__ = __init__
+
+
 def set_log_level(level: str) -> None:
     """Set the level of LightLLM's and CaraServe's loggers (e.g. "info", "debug")."""
     value = getattr(logging, level.upper())
@@ -127,6 +146,7 @@ def apply_global_patches() -> None:
         return
     _patch_cuda_device_name()
     _patch_infer_utils()
+    _patch_shared_array()
     # LightLLM's logger is created on import of lightllm.utils.log_utils (DEBUG by default).
     import lightllm.utils.log_utils  # noqa: F401
 
