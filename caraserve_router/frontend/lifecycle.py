@@ -36,7 +36,18 @@ async def serve(front: FrontEnd) -> None:
     from caraserve_router.frontend.shutdown import QuietServer, Shutdown
     import uvicorn
 
+    from caraserve_router.contracts.processes import bind_listening
+
     config = front.config
+    # Bound before any instance starts, and held: a busy port is refused at once (not after the
+    # instances' start-up), and no process can take it meanwhile; the instances choose their own
+    # internal ports while starting, and one of those had taken the front end's port before it
+    # was bound (a bench_modes run died of "address already in use" that way).
+    try:
+        listener = bind_listening(config.host, config.port, scan=1)
+    except OSError as e:
+        raise OSError(f"cannot serve on {config.host}:{config.port} (--host / --port): {e}") from None
+    config.port = listener.getsockname()[1]  # --port 0: the one the OS gave
     # The graceful part of uvicorn's shutdown waits for in-flight requests; ours ends them with
     # an error at half the timeout, so this only bounds what remains.
     server = QuietServer(uvicorn.Config(build_app(front), host=config.host, port=config.port, log_level="warning",
@@ -46,12 +57,13 @@ async def serve(front: FrontEnd) -> None:
     try:
         await front.start()
         if shutdown.started_at is None:
-            await server.serve()
+            await server.serve(sockets=[listener])
     except asyncio.CancelledError:
         log.warning("start-up interrupted")
     finally:
         shutdown.begin("stopping", interrupt_start=False)
         await front.stop(grace_s=max(1.0, shutdown.remaining_s() - 2.0))
+        listener.close()
 
 
 def main(argv=None, description: str = "") -> int:

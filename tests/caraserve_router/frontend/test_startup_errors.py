@@ -41,3 +41,21 @@ def test_instance_start_failure_is_a_clear_error(tiny_llama_dir, tmp_path):
     assert not left, left
     ps = subprocess.run(["ps", "-eo", "pgid="], capture_output=True, text=True).stdout.split()
     assert not any(int(g) == proc.pid for g in ps), "its process group is gone"
+
+
+def test_a_busy_port_is_refused_before_any_instance_starts(tiny_llama_dir, tmp_path):
+    from caraserve_router.contracts.processes import bind_listening
+
+    taken = bind_listening("127.0.0.1", 0)  # held by this test for the whole run
+    port = taken.getsockname()[1]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "caraserve_router.api_server", "--model-dir", str(tiny_llama_dir),
+             "--port", str(port), "--policy", "round-robin", "--log-dir", str(tmp_path / "logs"),
+             "--shm-prefix", f"cs_busyport_{uuid.uuid4().hex[:8]}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, start_new_session=True)
+    finally:
+        taken.close()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"caraserve: error: cannot serve on 127.0.0.1:{port}" in done.stderr
+    assert "started instance" not in done.stderr, "refused before starting instances"
