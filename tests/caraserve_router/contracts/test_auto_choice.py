@@ -104,3 +104,20 @@ def test_a_load_behind_another_on_the_link_goes_to_the_sidecar():
     assert covered_layers(10.0, 40.0, 32, queued_ms=300.0) == 32
     # Q N + L = 2 x 32 + 10 = 74 -> layers i < 74 / 30: 3
     assert covered_layers(10.0, 40.0, 32, queued_ms=2.0) == 3
+
+
+def test_a_saving_under_one_percent_of_the_step_keeps_the_simpler_mechanism():
+    # bench_modes at load factor 0.1: a 20 ms load under a 194 ms prefill, 30 layers, 20 us syncs.
+    # pipeline waits L / N = 0.67 ms at layer 0; the sidecar would hide even that: 0.67 ms is
+    # 0.3% of the step, under SIMPLER_WITHIN (1%), so pipeline
+    quick = costs(load_ms=20.0, prefill_ms=194.0, layers=30, layer_sync_ms=0.02, prompt_tokens=71,
+                  sidecar_ms_per_token_rank=1e-6, sidecar_workers_free=1)
+    c = choose(quick)
+    assert c.estimates_ms[LoraMode.CPU_ASSIST] < c.estimates_ms[LoraMode.PIPELINE]
+    assert (c.mode, c.reason) == (LoraMode.PIPELINE, AutoReason.PREFILL_HIDES_LOAD)
+    # load factor 1.5: 290 ms against the same prefill: pipeline ~100 ms late, cpu-assist 0.6
+    slow = choose(costs(**{**quick.__dict__, "load_ms": 290.0}))
+    assert (slow.mode, slow.reason) == (LoraMode.CPU_ASSIST, AutoReason.SIDECAR_HIDES_LOAD)
+    # a load that would wait 5 ms at layer 0 (2.6% of the step): worth the sidecar
+    mid = choose(costs(**{**quick.__dict__, "load_ms": 150.0}))
+    assert mid.mode is LoraMode.CPU_ASSIST
